@@ -1,0 +1,3 @@
+"""microtune: fine-tune pretrained transformers with a few thousand parameters per task."""
+
+__version__ = "0.1.0"

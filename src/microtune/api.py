@@ -1,0 +1,399 @@
+"""The library's front door: train, evaluate, merge and export, as plain functions.
+
+The CLI is a thin layer over these; notebooks and scripts call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microtune import __version__
+from microtune.arch import arch_for
+from microtune.artifact import (
+    artifact_bytes,
+    fingerprint,
+    load_artifact,
+    save_artifact,
+    write_json,
+    write_tensors,
+)
+from microtune.data import encode
+from microtune.errors import MicrotuneError
+from microtune.methods import build_method
+from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
+from microtune.tasks import Example, Task, get_task, load_examples
+from microtune.train import TrainConfig, Trainer, evaluate, predict
+
+METRICS_FILE = "metrics.json"
+HEAD_FILE = "head.safetensors"
+EXPORT_FILE = "microtune_export.json"
+
+
+def default_readout(model_type_is_causal: bool) -> str:
+    """Mean pooling for encoders (what sentence encoders such as MiniLM were trained for), the
+    last token for decoders (the only one that has seen the whole sequence)."""
+    return "last" if model_type_is_causal else "mean"
+
+
+def task_record(task: Task) -> dict[str, Any]:
+    return {
+        "name": task.name,
+        "num_labels": task.num_labels,
+        "metrics": list(task.metrics),
+        "text_columns": list(task.text_columns),
+        "label_names": list(task.label_names),
+        "dev_split": task.dev_split,
+    }
+
+
+def task_from_record(record: dict[str, Any]) -> Task:
+    return Task(
+        record["name"],
+        tuple(record["text_columns"]),
+        record["num_labels"],
+        tuple(record["metrics"]),
+        record["dev_split"],
+        tuple(record["label_names"]),
+    )
+
+
+def load_split(
+    task: Task,
+    split: str,
+    data_dir=None,
+    data_file=None,
+    text_columns=None,
+    label_column: str = "label",
+    limit: int | None = None,
+) -> list[Example]:
+    examples = load_examples(task, split, data_dir, data_file, text_columns, label_column)
+    return examples[:limit] if limit else examples
+
+
+def train(
+    task: str,
+    method: str,
+    output_dir: str | os.PathLike,
+    *,
+    model: str = DEFAULT_MODEL,
+    method_options: dict[str, Any] | None = None,
+    readout: str | None = None,
+    head_dropout: float = 0.0,
+    train_config: TrainConfig | None = None,
+    data_dir: str | None = None,
+    train_file: str | None = None,
+    dev_file: str | None = None,
+    text_columns: tuple[str, ...] | None = None,
+    label_column: str = "label",
+    max_length: int = 128,
+    max_train_examples: int | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train one method on one task; writes the artifact and metrics.json into output_dir."""
+    started = time.time()
+    task_spec = get_task(task)
+    config = train_config or TrainConfig(max_steps=1000)
+    output_dir = Path(output_dir)
+    train_examples = load_split(
+        task_spec, "train", data_dir, train_file, text_columns, label_column, max_train_examples
+    )
+    dev_examples = load_split(
+        task_spec, task_spec.dev_split, data_dir, dev_file, text_columns, label_column
+    )
+
+    torch.manual_seed(config.seed)
+    backbone, tokenizer = load_backbone(model)
+    base_fingerprint = fingerprint(backbone)
+    method_obj = build_method(method, method_options)
+
+    head_config = HeadConfig(
+        num_labels=task_spec.num_labels,
+        readout=readout or default_readout(arch_for(backbone).causal),
+        head_dropout=head_dropout,
+    )
+    task_model = TaskModel(backbone, head_config, method_obj, mask_token_id=tokenizer.mask_token_id)
+
+    with_mask = head_config.readout == "mask"
+    train_rows = encode(tokenizer, train_examples, max_length, with_mask)
+    dev_rows = encode(tokenizer, dev_examples, max_length, with_mask)
+    dev_labels = [e.label for e in dev_examples]
+    trainer = Trainer(
+        task_model,
+        config,
+        train_rows,
+        [e.label for e in train_examples],
+        tokenizer.pad_token_id,
+        output_dir,
+        evaluate_fn=lambda m: evaluate(
+            m, task_spec, dev_rows, dev_labels, tokenizer.pad_token_id, config.eval_batch_size
+        ),
+        main_metric=task_spec.main_metric,
+    )
+    train_started = time.time()
+    dev_metrics = trainer.fit(resume=resume)
+    train_seconds = time.time() - train_started
+
+    size = save_artifact(
+        output_dir,
+        task_model,
+        method_name=method,
+        base_model=model,
+        base_fingerprint=base_fingerprint,
+        task=task_record(task_spec),
+        max_length=max_length,
+    )
+    trainer.remove_checkpoint()
+    report = {
+        "task": task_spec.name,
+        "method": method,
+        "model": model,
+        "seed": config.seed,
+        "steps": trainer.total_steps,
+        "train_examples": len(train_examples),
+        "metrics": dev_metrics,
+        "trainable_parameters": task_model.count_trainable(),
+        "artifact_bytes": size,
+        "train_time_s": round(train_seconds, 2),
+        "wall_time_s": round(time.time() - started, 2),
+        "torch_threads": torch.get_num_threads(),
+        "library_version": __version__,
+    }
+    write_json(output_dir / METRICS_FILE, report)
+    return report
+
+
+def evaluate_artifact(
+    artifact_dir: str | os.PathLike,
+    *,
+    task: str | None = None,
+    split: str | None = None,
+    model: str | None = None,
+    data_dir: str | None = None,
+    data_file: str | None = None,
+    text_columns: tuple[str, ...] | None = None,
+    label_column: str = "label",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Metrics of a saved artifact on one split (default: the task's dev split)."""
+    task_model, tokenizer, config = load_artifact(artifact_dir, model)
+    task_spec = get_task(task) if task else task_from_record(config["task"])
+    if task_spec.num_labels != config["head"]["num_labels"]:
+        raise MicrotuneError(
+            f"task {task_spec.name} has {task_spec.num_labels} labels but the artifact's head "
+            f"has {config['head']['num_labels']}; evaluate on the task it was trained for"
+        )
+    examples = load_split(
+        task_spec, split or task_spec.dev_split, data_dir, data_file, text_columns, label_column
+    )
+    rows = encode(tokenizer, examples, config["max_length"], config["head"]["readout"] == "mask")
+    return evaluate(
+        task_model, task_spec, rows, [e.label for e in examples], tokenizer.pad_token_id, batch_size
+    )
+
+
+def export_merged(
+    task_model: TaskModel, tokenizer, config: dict[str, Any], output_dir: str | os.PathLike
+) -> str:
+    """Write a merged task model as a standard model folder; returns the format written.
+
+    "sequence-classification": `AutoModelForSequenceClassification.from_pretrained(dir)` loads
+    it (BERT with the pooler read-out). "backbone+head": `AutoModel` loads the backbone and
+    `head.safetensors` holds the linear head over the read-out named in microtune_export.json.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if task_model.method is not None:
+        task_model.merge()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    backbone = task_model.backbone
+    head = task_model.head_config
+    classifier = task_model.arch.seq_cls_classifier
+    if head.readout == "pooler" and classifier:
+        cls_config = backbone.config.__class__.from_dict(backbone.config.to_dict())
+        cls_config.num_labels = head.num_labels
+        cls_config.problem_type = (
+            "regression" if head.num_labels == 1 else "single_label_classification"
+        )
+        label_names = config["task"].get("label_names") or []
+        if label_names:
+            cls_config.id2label = dict(enumerate(label_names))
+            cls_config.label2id = {name: i for i, name in enumerate(label_names)}
+        full = AutoModelForSequenceClassification.from_config(cls_config)
+        getattr(full, full.base_model_prefix).load_state_dict(backbone.state_dict())
+        getattr(full, classifier).load_state_dict(task_model.head.linear.state_dict())
+        full.save_pretrained(output_dir)
+        export_format = "sequence-classification"
+    else:
+        backbone.save_pretrained(output_dir)
+        write_tensors(output_dir / HEAD_FILE, task_model.head.linear.state_dict())
+        export_format = "backbone+head"
+    tokenizer.save_pretrained(output_dir)
+    write_json(
+        output_dir / EXPORT_FILE,
+        {
+            "format": export_format,
+            "readout": head.readout,
+            "num_labels": head.num_labels,
+            "mask_token_id": task_model.mask_token_id,
+            "task": config["task"],
+            "method": config["method"],
+            "base_model": config["base_model"],
+            "library_version": __version__,
+        },
+    )
+    return export_format
+
+
+def merge_artifact(
+    artifact_dir: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None
+) -> dict[str, Any]:
+    """Load an artifact, fold it into the base weights, and write the export folder."""
+    task_model, tokenizer, config = load_artifact(artifact_dir, model)
+    if not task_model.method.mergeable:
+        raise MicrotuneError(
+            f"method '{config['method']}' adds modules that cannot fold into the base weights; "
+            "serve the artifact unmerged with `microtune eval` or the Python API"
+        )
+    export_format = export_merged(task_model, tokenizer, config, output_dir)
+    return {
+        "output": str(output_dir),
+        "format": export_format,
+        "parameters": sum(p.numel() for p in task_model.backbone.parameters()),
+    }
+
+
+def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
+    """What `microtune info --artifact` prints: method, sizes, base model, metrics if present."""
+    from microtune.artifact import read_artifact_config
+    from microtune.methods import method_class
+
+    config = read_artifact_config(artifact_dir)
+    summary = {
+        "method": config["method"],
+        "mergeable": method_class(config["method"]).mergeable,
+        "task": config["task"]["name"],
+        "readout": config["head"]["readout"],
+        "artifact_bytes": artifact_bytes(artifact_dir),
+        "base_model": config["base_model"],
+        "method_config": config["method_config"],
+        "library_version": config["library_version"],
+    }
+    metrics_path = Path(artifact_dir) / METRICS_FILE
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        summary["metrics"] = metrics.get("metrics")
+        summary["trainable_parameters"] = metrics.get("trainable_parameters")
+    return summary
+
+
+def load_exported(folder: str | os.PathLike):
+    """Load an export folder with plain transformers; returns a function inputs -> logits.
+
+    This is what a deployment does (the README shows the same few lines without microtune).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from microtune.heads import read_out
+
+    folder = Path(folder)
+    info = json.loads((folder / EXPORT_FILE).read_text())
+    if info["format"] == "sequence-classification":
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        return lambda **inputs: model(**inputs).logits, model
+    backbone = AutoModel.from_pretrained(folder).eval()
+    head = load_file(folder / HEAD_FILE)
+
+    def logits(**inputs):
+        out = backbone(**inputs)
+        features = read_out(
+            info["readout"],
+            out.last_hidden_state,
+            inputs["attention_mask"],
+            inputs["input_ids"],
+            info["mask_token_id"],
+            getattr(out, "pooler_output", None),
+        )
+        return features @ head["weight"].T + head["bias"]
+
+    return logits, backbone
+
+
+def _time_forward(forward, batches_, repeats: int = 3) -> float:
+    """Best-of-`repeats` seconds to run every batch once."""
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for inputs in batches_:
+                forward(**inputs)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def export_and_check(
+    artifact_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    model: str | None = None,
+    data_dir: str | None = None,
+    examples: int = 256,
+) -> dict[str, Any]:
+    """Merge and export, then reload with plain transformers and compare against the unmerged
+    artifact on dev examples: max |logit difference|, and inference time of the merged model
+    against the base model, timed side by side."""
+    from microtune.data import batches
+
+    unmerged, tokenizer, config = load_artifact(artifact_dir, model)
+    if not unmerged.method.mergeable:
+        raise MicrotuneError(f"method '{config['method']}' cannot be merged; nothing to export")
+    task_spec = task_from_record(config["task"])
+    dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)
+    rows = encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
+    unmerged_logits = predict(unmerged, rows, tokenizer.pad_token_id)
+    export_format = export_merged(unmerged, tokenizer, config, output_dir)
+
+    exported_logits_fn, exported_backbone = load_exported(output_dir)
+    inputs = [b for b, _ in batches(rows, [0] * len(rows), 64, tokenizer.pad_token_id)]
+    with torch.no_grad():
+        exported_logits = torch.cat([exported_logits_fn(**b) for b in inputs]).numpy()
+    base, _ = load_backbone(model or config["base_model"]["name"])
+    base.eval()
+    plain = getattr(exported_backbone, exported_backbone.base_model_prefix, exported_backbone)
+    # Interleave so both see the same machine state; backbones only (the head is one matmul).
+    base_s, merged_s = [], []
+    for _ in range(3):
+        base_s.append(_time_forward(base, inputs, 1))
+        merged_s.append(_time_forward(plain, inputs, 1))
+    base_params = sum(p.numel() for p in base.parameters())
+    merged_params = sum(p.numel() for p in plain.parameters())
+    return {
+        "output": str(output_dir),
+        "format": export_format,
+        "examples": len(rows),
+        "max_abs_logit_diff": float(abs(exported_logits - unmerged_logits).max()),
+        "base_parameters": base_params,
+        "merged_parameters": merged_params,
+        "base_forward_s": round(min(base_s), 4),
+        "merged_forward_s": round(min(merged_s), 4),
+        "merged_over_base_time": round(min(merged_s) / min(base_s), 3),
+    }
+
+
+__all__ = [
+    "train",
+    "evaluate_artifact",
+    "merge_artifact",
+    "export_merged",
+    "export_and_check",
+    "artifact_summary",
+    "load_exported",
+    "predict",
+]

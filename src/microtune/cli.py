@@ -1,0 +1,369 @@
+"""The command line: `microtune train | eval | merge | export | info`.
+
+Thin by design: it parses, calls `microtune.api`, and prints. Method options are generated from
+the methods' config dataclasses, so a new method's options appear here with their documentation
+and no CLI change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import typing
+from typing import Any
+
+from microtune import __version__
+from microtune.errors import MicrotuneError
+from microtune.heads import READOUTS
+from microtune.methods import METHODS, MethodConfig
+from microtune.model import DEFAULT_MODEL
+from microtune.tasks import TASKS
+from microtune.train import TrainConfig
+
+DEFAULT_METHOD = "slash"
+DEFAULT_MAX_STEPS = 1000
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Per-field help from a dataclass docstring's `Attributes:` section (Google style)."""
+    docs: dict[str, str] = {}
+    current = None
+    in_attributes = False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_attributes = True
+            continue
+        if not in_attributes or not stripped:
+            continue
+        match = re.match(r"^(\w+): (.*)$", stripped)
+        if match and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            current = match.group(1)
+            docs[current] = match.group(2)
+        elif current:
+            docs[current] += " " + stripped
+    return docs
+
+
+def _method_option_specs() -> dict[str, dict[str, Any]]:
+    """Every method-config field across methods: its type, help text and owning methods."""
+    specs: dict[str, dict[str, Any]] = {}
+    for name, method in sorted(METHODS.items()):
+        config_cls = method.config_class
+        hints = typing.get_type_hints(config_cls)
+        docs = {**field_docs(MethodConfig), **field_docs(config_cls)}
+        for field in dataclasses.fields(config_cls):
+            spec = specs.setdefault(
+                field.name,
+                {
+                    "type": hints[field.name],
+                    "methods": [],
+                    "help": docs.get(field.name, ""),
+                    "defaults": {},
+                },
+            )
+            spec["methods"].append(name)
+            spec["defaults"][name] = field.default
+    return specs
+
+
+def _scalar_type(hint: Any) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "method options", "apply to the methods named in brackets; defaults per method"
+    )
+    for field, spec in _method_option_specs().items():
+        hint = _scalar_type(spec["type"])
+        defaults = ", ".join(f"{m}={d}" for m, d in spec["defaults"].items())
+        text = f"{spec['help']} [{', '.join(spec['methods'])}; default {defaults}]"
+        flag = "--" + field.replace("_", "-")
+        if hint is bool:
+            group.add_argument(
+                flag,
+                dest=f"method_{field}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+        else:
+            group.add_argument(
+                flag,
+                dest=f"method_{field}",
+                type=hint,
+                default=None,
+                help=text,
+                metavar=field.upper(),
+            )
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options the user set, checked against the chosen method."""
+    config_cls = METHODS[args.method].config_class
+    allowed = {f.name for f in dataclasses.fields(config_cls)}
+    chosen = {
+        key[len("method_") :]: value
+        for key, value in vars(args).items()
+        if key.startswith("method_") and value is not None
+    }
+    wrong = sorted(set(chosen) - allowed)
+    if wrong:
+        flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
+        raise MicrotuneError(f"{flags} does not apply to method '{args.method}'")
+    return chosen
+
+
+def _add_data_options(parser: argparse.ArgumentParser, training: bool) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data-dir",
+        help="folder laid out like ../shared/data "
+        "(glue/<task>/<split>.jsonl); without it, data comes from the hub",
+    )
+    if training:
+        group.add_argument("--train-file", help="your own CSV/TSV/JSON/JSONL training file")
+        group.add_argument("--dev-file", help="your own dev file (same format)")
+        group.add_argument(
+            "--max-train-examples",
+            type=int,
+            help="use only the first N training examples (quick runs)",
+        )
+    else:
+        group.add_argument("--data-file", help="your own CSV/TSV/JSON/JSONL file to evaluate")
+    group.add_argument(
+        "--text-columns",
+        type=lambda s: tuple(s.split(",")),
+        help="comma-separated text column(s) in your files "
+        "(default: the task's, e.g. sentence1,sentence2)",
+    )
+    group.add_argument("--label-column", default="label", help="label column (default: label)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microtune",
+        description="Fine-tune a pretrained transformer with a few thousand parameters per task, "
+        "then merge it away: zero added inference latency.",
+    )
+    parser.add_argument("--version", action="version", version=f"microtune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a method on a task; writes the artifact and metrics.json",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train one method on one task. Writes the artifact (adapter.safetensors + "
+        "microtune.json), metrics.json and train_log.jsonl into --output.",
+    )
+    train.add_argument("--task", required=True, choices=sorted(TASKS), help="task name")
+    train.add_argument(
+        "--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="fine-tuning method"
+    )
+    train.add_argument("--output", required=True, help="artifact folder to write")
+    train.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="base model: hub id or local folder (the default is packaged)",
+    )
+    length = train.add_mutually_exclusive_group()
+    length.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps (default {DEFAULT_MAX_STEPS} unless --epochs)",
+    )
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data")
+    train.add_argument("--seed", type=int, default=0, help="data order, init and dropout seed")
+    train.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: the method's, e.g. slash 2e-2)",
+    )
+    train.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.06,
+        help="fraction of steps with linear warmup, then linear decay",
+    )
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    train.add_argument(
+        "--eval-every",
+        type=int,
+        default=250,
+        help="dev evaluation every N steps (0: only at the end)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="atomic checkpoint every N steps (0: never)",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue from --output's checkpoint if there is one"
+    )
+    train.add_argument(
+        "--readout",
+        choices=READOUTS,
+        default=None,
+        help="sequence feature: mean (encoders' default), first ([CLS]/<s>), "
+        "mask (a mask token appended to the first sentence), last (decoders' "
+        "default), pooler (BERT's pooler)",
+    )
+    train.add_argument(
+        "--head-dropout", type=float, default=0.0, help="dropout before the linear head"
+    )
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_data_options(train, training=True)
+    _add_method_options(train)
+
+    evaluate = commands.add_parser("eval", help="evaluate an artifact; prints one JSON object")
+    evaluate.add_argument("--artifact", required=True, help="artifact folder")
+    evaluate.add_argument("--task", choices=sorted(TASKS), help="task (default: the artifact's)")
+    evaluate.add_argument("--split", help="split name (default: the task's dev split)")
+    evaluate.add_argument("--model", help="base model, if not where the artifact says")
+    _add_data_options(evaluate, training=False)
+
+    for name, text in (
+        ("merge", "fold an artifact into the base weights and write a standard model folder"),
+        (
+            "export",
+            "merge, write the model folder, and check it loads and matches with plain transformers",
+        ),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--artifact", required=True, help="artifact folder")
+        sub.add_argument("--output", required=True, help="model folder to write")
+        sub.add_argument("--model", help="base model, if not where the artifact says")
+        if name == "export":
+            sub.add_argument("--data-dir", help="folder of the task's data, for the check")
+            sub.add_argument(
+                "--check-examples",
+                type=int,
+                default=256,
+                help="dev examples to compare merged and unmerged outputs on",
+            )
+
+    info = commands.add_parser("info", help="describe an artifact, or list what is supported")
+    info.add_argument("--artifact", help="artifact folder to describe")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from microtune.api import train
+
+    max_steps = args.max_steps
+    if max_steps is None and args.epochs is None:
+        max_steps = DEFAULT_MAX_STEPS
+    config = TrainConfig(
+        learning_rate=args.lr or METHODS[args.method].default_learning_rate,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=max_steps,
+        epochs=args.epochs,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    return train(
+        args.task,
+        args.method,
+        args.output,
+        model=args.model,
+        method_options=_method_options(args),
+        readout=args.readout,
+        head_dropout=args.head_dropout,
+        train_config=config,
+        data_dir=args.data_dir,
+        train_file=args.train_file,
+        dev_file=args.dev_file,
+        text_columns=args.text_columns,
+        label_column=args.label_column,
+        max_length=args.max_length,
+        max_train_examples=args.max_train_examples,
+        resume=args.resume,
+    )
+
+
+def _info(args: argparse.Namespace) -> dict[str, Any]:
+    from microtune.api import artifact_summary
+    from microtune.arch import ARCHITECTURES
+
+    if args.artifact:
+        return artifact_summary(args.artifact)
+    return {
+        "version": __version__,
+        "default_model": DEFAULT_MODEL,
+        "methods": {
+            name: {"mergeable": m.mergeable, "default_lr": m.default_learning_rate}
+            for name, m in sorted(METHODS.items())
+        },
+        "tasks": {
+            name: {"num_labels": t.num_labels, "metrics": list(t.metrics)}
+            for name, t in TASKS.items()
+        },
+        "architectures": sorted(ARCHITECTURES),
+        "readouts": list(READOUTS),
+    }
+
+
+def run(argv: list[str] | None = None) -> Any:
+    args = build_parser().parse_args(argv)
+    from microtune import api
+
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return api.evaluate_artifact(
+            args.artifact,
+            task=args.task,
+            split=args.split,
+            model=args.model,
+            data_dir=args.data_dir,
+            data_file=args.data_file,
+            text_columns=args.text_columns,
+            label_column=args.label_column,
+        )
+    if args.command == "merge":
+        return api.merge_artifact(args.artifact, args.output, args.model)
+    if args.command == "export":
+        return api.export_and_check(
+            args.artifact,
+            args.output,
+            model=args.model,
+            data_dir=args.data_dir,
+            examples=args.check_examples,
+        )
+    return _info(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = run(argv)
+    except MicrotuneError as error:
+        print(f"microtune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "microtune: interrupted; `train --resume` continues from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Read-outs (which hidden state represents the sequence) and the task head on top of it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# first: position 0 ([CLS] / <s>); mean: average over non-padding tokens; mask: the [MASK] /
+# <mask> token appended to the first sentence; last: the last non-padding token (decoders);
+# pooler: the backbone's own pooler output (BERT's dense+tanh over [CLS]).
+READOUTS = ("first", "mean", "mask", "last", "pooler")
+
+
+def read_out(
+    readout: str,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask_token_id: int | None = None,
+    pooled: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce hidden states (B, T, D) to one feature per example (B, D)."""
+    if readout == "first":
+        return hidden[:, 0]
+    if readout == "mean":
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    if readout == "last":
+        # Right padding: the last real token sits at (number of real tokens - 1).
+        last = attention_mask.long().sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if readout == "mask":
+        is_mask = input_ids == mask_token_id
+        if not bool(is_mask.any(1).all()):
+            raise ValueError("mask read-out: an example has no mask token; encode with it")
+        position = is_mask.long().argmax(1)  # the first mask token of each row
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), position]
+    if readout == "pooler":
+        if pooled is None:
+            raise ValueError("pooler read-out: this backbone has no pooler; use first or mean")
+        return pooled
+    raise ValueError(f"read-out '{readout}' is unknown; use one of {READOUTS}")
+
+
+class TaskHead(nn.Module):
+    """Dropout then one linear layer: num_labels logits, or 1 output for regression."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(features))

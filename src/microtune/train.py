@@ -37,7 +37,7 @@ class TrainConfig:
     """Optimisation settings.
 
     Attributes:
-        learning_rate: peak learning rate of AdamW.
+        learning_rate: peak learning rate of AdamW (None: the method's default).
         batch_size: examples per forward pass (micro-batch).
         grad_accum: micro-batches per optimizer step (logical batch = batch_size * grad_accum).
         max_steps: optimizer steps to run; takes precedence over epochs.
@@ -52,7 +52,7 @@ class TrainConfig:
         progress: show a progress bar.
     """
 
-    learning_rate: float = 2e-2
+    learning_rate: float | None = None
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int | None = None
@@ -75,7 +75,7 @@ class TrainConfig:
             raise MicrotuneError(f"--epochs must be positive, got {self.epochs}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise MicrotuneError("--batch-size and --grad-accum must be at least 1")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             raise MicrotuneError(f"--lr must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise MicrotuneError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -155,6 +155,8 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.evaluate_fn = evaluate_fn
         self.main_metric = main_metric
+        if config.learning_rate is None:
+            raise MicrotuneError("TrainConfig.learning_rate is not set (api.train fills it in)")
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise MicrotuneError("the model has no trainable parameters")

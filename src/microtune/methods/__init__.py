@@ -5,11 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from microtune.errors import MicrotuneError
+from microtune.methods.adapter import Adapter, AdapterConfig
 from microtune.methods.base import Method, MethodConfig
+from microtune.methods.bitfit import BitFit, BitFitConfig
+from microtune.methods.full import Full, FullConfig
+from microtune.methods.jrwarp import JRWARP, JRWARPConfig
+from microtune.methods.linear import LinearProbe, LinearProbeConfig
+from microtune.methods.lora import LoRA, LoRAConfig
 from microtune.methods.slash import SLaSh, SLaShConfig
+from microtune.methods.warp import WARP, WARPConfig
 
 METHODS: dict[str, type[Method]] = {
     SLaSh.name: SLaSh,
+    JRWARP.name: JRWARP,
+    WARP.name: WARP,
+    Full.name: Full,
+    LinearProbe.name: LinearProbe,
+    BitFit.name: BitFit,
+    LoRA.name: LoRA,
+    Adapter.name: Adapter,
 }
 
 
@@ -30,10 +44,24 @@ def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
 
 __all__ = [
     "METHODS",
+    "Adapter",
+    "AdapterConfig",
+    "BitFit",
+    "BitFitConfig",
+    "Full",
+    "FullConfig",
+    "JRWARP",
+    "JRWARPConfig",
+    "LinearProbe",
+    "LinearProbeConfig",
+    "LoRA",
+    "LoRAConfig",
     "Method",
     "MethodConfig",
     "SLaSh",
     "SLaShConfig",
+    "WARP",
+    "WARPConfig",
     "build_method",
     "method_class",
 ]

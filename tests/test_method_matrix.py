@@ -1,0 +1,177 @@
+"""Every registered method × every mapped architecture: the contract each method must keep.
+
+Methods join automatically from `microtune.methods.METHODS`. Per pair: it attaches and runs,
+an optimizer step moves only trainable tensors, an artifact reloads to bit-identical logits,
+and a mergeable method folds away exactly into a stock `transformers` model (a non-mergeable
+one must refuse to merge instead).
+"""
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from microtune.api import artifact_summary, default_readout, task_record
+from microtune.arch import arch_for
+from microtune.artifact import fingerprint, load_artifact, save_artifact
+from microtune.errors import MicrotuneError
+from microtune.methods import METHODS, build_method
+from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.tasks import get_task
+from microtune.train import loss_fn
+
+from .conftest import ARCH_TYPES, tiny_batch
+
+# Options that keep a method small on the tiny models; methods not listed use their defaults.
+TINY_OPTIONS = {"slash": {"d": 16}, "jrwarp": {"d": 16}, "lora": {"rank": 4}}
+METHOD_NAMES = sorted(METHODS)
+LABELS = torch.tensor([0, 1, 1, 0])
+# BitFit on Llama (no biases) warns that only the head trains; test_baselines.py checks that.
+pytestmark = pytest.mark.filterwarnings("ignore:bitfit.*no biases:UserWarning")
+MATRIX = pytest.mark.parametrize("model_type", ARCH_TYPES)
+EVERY_METHOD = pytest.mark.parametrize("method_name", METHOD_NAMES)
+
+
+def build(method_name: str, folder):
+    """(task model in eval mode, tokenizer, base fingerprint) for one method on one model."""
+    backbone, tokenizer = load_backbone(str(folder))
+    base_fingerprint = fingerprint(backbone)
+    torch.manual_seed(0)
+    method = build_method(method_name, TINY_OPTIONS.get(method_name, {}))
+    head = HeadConfig(num_labels=2, readout=default_readout(arch_for(backbone).causal))
+    model = TaskModel(backbone, head, method, mask_token_id=tokenizer.mask_token_id)
+    return model.eval(), tokenizer, base_fingerprint
+
+
+def every_tensor(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Clones of all parameters and buffers (non-persistent ones included)."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return {name: t.detach().clone() for name, t in tensors.items()}
+
+
+def perturb(model: TaskModel, include_head: bool = True) -> None:
+    """Move every trainable tensor off its initial value (LoRA's B, for one, starts at zero)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.trainable_state().items():
+            if include_head or not name.startswith("head."):
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.add_(noise.to(parameter.dtype) * 0.05)
+
+
+def logits(model: TaskModel, tokenizer) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tiny_batch(tokenizer, pair=True))
+
+
+@MATRIX
+@EVERY_METHOD
+def test_attach_and_forward(method_name, model_type, tiny_model_dirs):
+    model, tokenizer, _ = build(method_name, tiny_model_dirs[model_type])
+    out = logits(model, tokenizer)
+    assert out.shape == (4, 2)
+    assert torch.isfinite(out).all()
+    trainable = model.trainable_state()
+    assert {"head.linear.weight", "head.linear.bias"} <= set(trainable)
+    counts = model.count_trainable()
+    assert counts["total"] == sum(p.numel() for p in trainable.values())
+
+
+@MATRIX
+@EVERY_METHOD
+def test_one_step_changes_only_trainable_tensors(method_name, model_type, tiny_model_dirs):
+    model, tokenizer, _ = build(method_name, tiny_model_dirs[model_type])
+    trainable = model.trainable_state()
+    before = every_tensor(model)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    loss_fn(model(**tiny_batch(tokenizer, pair=True)), LABELS).backward()
+    optimizer.step()
+
+    after = every_tensor(model)
+    assert set(after) == set(before)
+    for name, value in after.items():
+        if name in trainable:
+            gradient = trainable[name].grad
+            if gradient is not None and gradient.abs().sum() > 0:
+                assert not torch.equal(value, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(value, before[name]), f"frozen {name} changed"
+    assert not torch.equal(after["head.linear.weight"], before["head.linear.weight"])
+
+
+@MATRIX
+@EVERY_METHOD
+def test_artifact_round_trip_is_bit_identical(method_name, model_type, tiny_model_dirs, tmp_path):
+    folder = tiny_model_dirs[model_type]
+    model, tokenizer, base_fingerprint = build(method_name, folder)
+    perturb(model)
+    expected = logits(model, tokenizer)
+    save_artifact(
+        tmp_path,
+        model,
+        method_name=method_name,
+        base_model=str(folder),
+        base_fingerprint=base_fingerprint,
+        task=task_record(get_task("sst2")),
+        max_length=32,
+    )
+    reloaded, reloaded_tokenizer, config = load_artifact(tmp_path)
+    assert config["method"] == method_name
+    assert torch.equal(logits(reloaded, reloaded_tokenizer), expected)
+    summary = artifact_summary(tmp_path)
+    assert summary["trainable_parameters"] == model.count_trainable()
+    assert summary["mergeable"] is METHODS[method_name].mergeable
+    assert 0 < summary["tensor_bytes"] < summary["artifact_bytes"]
+
+
+@MATRIX
+@EVERY_METHOD
+def test_merge_is_exact_and_gives_a_stock_model(method_name, model_type, tiny_model_dirs, tmp_path):
+    folder = tiny_model_dirs[model_type]
+    model, tokenizer, _ = build(method_name, folder)
+    if not METHODS[method_name].mergeable:
+        with pytest.raises(MicrotuneError, match="cannot be merged"):
+            model.merge()
+        return
+    before_training = logits(model, tokenizer)
+    perturb(model, include_head=False)
+    unmerged = logits(model, tokenizer)
+    if model.count_trainable()["method"]:
+        # Otherwise parity below would hold for a method that does nothing at all.
+        assert (unmerged - before_training).abs().max() > 1e-4
+
+    model.merge()
+    merged = logits(model, tokenizer)
+    assert model.method is None
+    assert (unmerged - merged).abs().max().item() <= 1e-5
+
+    base, _ = load_backbone(str(folder))
+    backbone = model.backbone
+    assert [type(m) for m in backbone.modules()] == [type(m) for m in base.modules()]
+    base_names, merged_names = set(base.state_dict()), set(backbone.state_dict())
+    if merged_names != base_names:
+        # Only where a merge must create biases (Llama), announced by the config's bias flags.
+        arch = arch_for(base)
+        assert arch.bias_flags, f"merge changed parameter names: {merged_names ^ base_names}"
+        assert base_names < merged_names
+        assert all(name.endswith(".bias") for name in merged_names - base_names)
+        assert any(getattr(backbone.config, flag) for flag in arch.bias_flags.values())
+
+    # A stock model class loads the merged weights and computes the same function.
+    batch = tiny_batch(tokenizer)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    backbone.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        expected = backbone(**inputs).last_hidden_state
+        assert torch.equal(reloaded(**inputs).last_hidden_state, expected)
+
+
+@EVERY_METHOD
+def test_every_method_is_listed_with_a_learning_rate(method_name):
+    from microtune.cli import run
+
+    info = run(["info"])["methods"][method_name]
+    assert info["mergeable"] is METHODS[method_name].mergeable
+    assert 0 < info["default_lr"] < 1

@@ -1,0 +1,189 @@
+"""The trainer: determinism, crash and resume, atomic checkpoints, accumulation, schedule."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from microtune import api
+from microtune.train import CHECKPOINT_FILE, LOG_FILE, TrainConfig, Trainer, linear_schedule
+
+from .conftest import WORDS
+
+
+@pytest.fixture(scope="module")
+def toy_files(tmp_path_factory):
+    """A small sentiment task in the tiny vocabulary: 'good/great/fun/best/love' is positive."""
+    rng = random.Random(0)
+    positive = {"good", "great", "fun", "best", "love"}
+    folder = tmp_path_factory.mktemp("toy")
+    for split, size in (("train", 96), ("dev", 32)):
+        rows = []
+        for _ in range(size):
+            words = rng.sample(WORDS, 5)
+            rows.append({"sentence": " ".join(words), "label": int(bool(positive & set(words)))})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def run(tmp_path, toy_files, model_dir, name, resume=False, **config):
+    settings = dict(
+        max_steps=12,
+        batch_size=8,
+        checkpoint_every=4,
+        eval_every=0,
+        seed=3,
+        progress=False,
+        learning_rate=0.05,
+    )
+    settings.update(config)
+    return api.train(
+        "sst2",
+        "slash",
+        tmp_path / name,
+        model=str(model_dir),
+        method_options={"d": 16},
+        train_config=TrainConfig(**settings),
+        train_file=str(toy_files / "train.jsonl"),
+        dev_file=str(toy_files / "dev.jsonl"),
+        resume=resume,
+    )
+
+
+def test_same_seed_same_result_and_other_seed_differs(tmp_path, toy_files, tiny_model_dirs):
+    bert = tiny_model_dirs["bert"]
+    first = run(tmp_path, toy_files, bert, "a")
+    second = run(tmp_path, toy_files, bert, "b")
+    third = run(tmp_path, toy_files, bert, "c", seed=4)
+    tensors = [load_file(tmp_path / n / "adapter.safetensors") for n in "abc"]
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    assert not torch.equal(tensors[0]["method.z"], tensors[2]["method.z"])
+    assert first["metrics"] == second["metrics"]
+    assert first["trainable_parameters"] == third["trainable_parameters"]
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(
+    tmp_path, toy_files, tiny_model_dirs, monkeypatch
+):
+    bert = tiny_model_dirs["bert"]
+    reference = run(tmp_path, toy_files, bert, "whole", eval_every=4)
+
+    original_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def crash_at_step_ten(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise RuntimeError("simulated crash")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_ten)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, toy_files, bert, "crashed", eval_every=4)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    folder = tmp_path / "crashed"
+    assert (folder / CHECKPOINT_FILE).is_file()
+    assert not (folder / "adapter.safetensors").exists()  # no artifact from a failed run
+    assert not list(folder.glob("*.tmp"))
+
+    resumed = run(tmp_path, toy_files, bert, "crashed", eval_every=4, resume=True)
+    assert resumed["metrics"] == reference["metrics"]
+    whole = load_file(tmp_path / "whole" / "adapter.safetensors")
+    again = load_file(folder / "adapter.safetensors")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+    assert not (folder / CHECKPOINT_FILE).exists()  # removed once the artifact is written
+    steps = [
+        json.loads(line)["step"]
+        for line in (folder / LOG_FILE).read_text().splitlines()
+        if "loss" in line
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # no duplicated log lines
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(
+    tmp_path, toy_files, tiny_model_dirs, monkeypatch
+):
+    import microtune.artifact as artifact
+
+    bert = tiny_model_dirs["bert"]
+    real_save = artifact.save_file
+    writes = {"n": 0}
+
+    def failing_second_write(tensors, path, metadata=None):
+        writes["n"] += 1
+        if writes["n"] == 2:
+            with open(path, "wb") as handle:
+                handle.write(b"half")  # a torn write ...
+            raise OSError("disk full")  # ... then the failure
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(artifact, "save_file", failing_second_write)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, toy_files, bert, "torn")
+    folder = tmp_path / "torn"
+    assert not list(folder.glob(".*tmp"))
+    checkpoint = load_file(folder / CHECKPOINT_FILE)  # still the intact first checkpoint
+    assert "method.z" in {k.removeprefix("model.") for k in checkpoint}
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dirs):
+    from microtune.methods import build_method
+    from microtune.model import HeadConfig, TaskModel, load_backbone
+
+    from .conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    rng = random.Random(1)
+    rows = [tokenizer(" ".join(rng.sample(WORDS, 4))) for _ in range(16)]
+    rows = [{k: list(v) for k, v in r.items()} for r in rows]
+    labels = [i % 2 for i in range(16)]
+    results = []
+    for batch_size, accum in ((16, 1), (8, 2), (4, 4)):
+        torch.manual_seed(0)
+        backbone, _ = load_backbone(str(tiny_model_dirs["bert"]))
+        model = TaskModel(
+            backbone, HeadConfig(num_labels=2, readout="mean"), build_method("slash", {"d": 16})
+        )
+        config = TrainConfig(
+            learning_rate=0.05,
+            max_steps=1,
+            batch_size=batch_size,
+            grad_accum=accum,
+            warmup_ratio=0.0,
+            progress=False,
+            checkpoint_every=0,
+            eval_every=0,
+        )
+        trainer = Trainer(model, config, rows, labels, tokenizer.pad_token_id, "/tmp/unused")
+        # Same examples in the same order: one logical batch of all 16.
+        trainer._micro_batches = lambda bs=batch_size: _in_order(rows, labels, bs, tokenizer)
+        trainer.fit()
+        results.append(model.method.z.detach().clone())
+    # Equal-size micro-batches: the mean of means is the mean.
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+    assert torch.allclose(results[0], results[2], atol=1e-6)
+
+
+def _in_order(rows, labels, batch_size, tokenizer):
+    from microtune.data import batches
+
+    yield from batches(rows, labels, batch_size, tokenizer.pad_token_id)
+
+
+def test_warmup_then_linear_decay():
+    factor = linear_schedule(warmup_steps=4, total_steps=20)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(12) == pytest.approx(0.5)
+    assert factor(20) == 0.0
+
+
+def test_training_length_is_required_and_validated():
+    from microtune.errors import MicrotuneError
+
+    with pytest.raises(MicrotuneError, match="--max-steps N or --epochs E"):
+        TrainConfig()
+    with pytest.raises(MicrotuneError, match="--lr must be positive"):
+        TrainConfig(max_steps=1, learning_rate=0)
+    assert TrainConfig(epochs=2, batch_size=8, grad_accum=2).total_steps(33) == 6

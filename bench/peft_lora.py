@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 from microtune.api import load_split
 from microtune.data import batches, encode, epoch_order
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
 from microtune.tasks import get_task
 from microtune.train import evaluate, linear_schedule, loss_fn, predict
 
@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="base model folder or hub id")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -119,12 +120,12 @@ def build_runs(args: argparse.Namespace) -> tuple[Run, Run, object, list[str]]:
         options["target_modules"] = args.target_modules
     head = HeadConfig(num_labels=2, readout="mean")
 
-    backbone, tokenizer = load_backbone()
+    backbone, tokenizer = load_backbone(args.model)
     torch.manual_seed(args.seed)
     ours = TaskModel(backbone, head, build_method("lora", options))
     paths = ours.method.target_paths()
 
-    reference_backbone, _ = load_backbone()
+    reference_backbone, _ = load_backbone(args.model)
     config = LoraConfig(
         r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, target_modules=paths
     )

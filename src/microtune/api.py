@@ -43,6 +43,21 @@ def default_readout(model_type_is_causal: bool) -> str:
     return "last" if model_type_is_causal else "mean"
 
 
+def resolve_device(device: str) -> torch.device:
+    """ "auto" is the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise MicrotuneError(
+            f"device '{device}' is not a torch device; use auto, cpu or cuda"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MicrotuneError("--device cuda: no GPU is visible to torch; use --device cpu")
+    return resolved
+
+
 def task_record(task: Task) -> dict[str, Any]:
     return {
         "name": task.name,
@@ -96,6 +111,7 @@ def train(
     max_length: int = 128,
     max_train_examples: int | None = None,
     resume: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Train one method on one task; writes the artifact and metrics.json into output_dir."""
     started = time.time()
@@ -122,6 +138,7 @@ def train(
         head_dropout=head_dropout,
     )
     task_model = TaskModel(backbone, head_config, method_obj, mask_token_id=tokenizer.mask_token_id)
+    task_model.to(resolve_device(device))
 
     with_mask = head_config.readout == "mask"
     train_rows = encode(tokenizer, train_examples, max_length, with_mask)
@@ -165,6 +182,7 @@ def train(
         "artifact_bytes": size,
         "train_time_s": round(train_seconds, 2),
         "wall_time_s": round(time.time() - started, 2),
+        "device": str(next(task_model.parameters()).device),
         "torch_threads": torch.get_num_threads(),
         "library_version": __version__,
     }

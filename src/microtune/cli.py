@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--head-dropout", type=float, default=0.0, help="dropout before the linear head"
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--device",
+        default="auto",
+        help="where to train: auto (the GPU if there is one), cpu, cuda, cuda:1",
+    )
     _add_data_options(train, training=True)
     _add_method_options(train)
 
@@ -299,6 +304,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         max_length=args.max_length,
         max_train_examples=args.max_train_examples,
         resume=args.resume,
+        device=args.device,
     )
 
 

@@ -80,7 +80,7 @@ def main() -> None:
         print(f"{name:<10} {median:>9.3f} {min(values):>8.3f} {median / base_median:>7.3f}")
     print(f"max |logit merged - unmerged| = {difference:.2e}")
     print(
-        f"parameters: base {sum(p.numel() for p in base.parameters()):,}, merged backbone "
+        f"backbone parameters: base {sum(p.numel() for p in base.backbone.parameters()):,}, merged "
         f"{sum(p.numel() for p in merged.backbone.parameters()):,}"
     )
 

@@ -18,13 +18,22 @@ from typing import Any
 from microtune import __version__
 from microtune.errors import MicrotuneError
 from microtune.heads import READOUTS
-from microtune.methods import METHODS, MethodConfig
+from microtune.methods import METHODS
 from microtune.model import DEFAULT_MODEL
 from microtune.tasks import TASKS
 from microtune.train import TrainConfig
 
 DEFAULT_METHOD = "slash"
 DEFAULT_MAX_STEPS = 1000
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None / False of options that are unset unless given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -54,7 +63,10 @@ def _method_option_specs() -> dict[str, dict[str, Any]]:
     for name, method in sorted(METHODS.items()):
         config_cls = method.config_class
         hints = typing.get_type_hints(config_cls)
-        docs = {**field_docs(MethodConfig), **field_docs(config_cls)}
+        # A subclass documents its own fields; inherited ones keep their base's text.
+        docs: dict[str, str] = {}
+        for klass in reversed(config_cls.__mro__):
+            docs.update(field_docs(klass))
         for field in dataclasses.fields(config_cls):
             spec = specs.setdefault(
                 field.name,
@@ -157,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a method on a task; writes the artifact and metrics.json",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Train one method on one task. Writes the artifact (adapter.safetensors + "
         "microtune.json), metrics.json and train_log.jsonl into --output.",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -273,6 +274,8 @@ class Trainer:
             desc="train",
             unit="step",
             dynamic_ncols=True,
+            # In a log file (no terminal) every redraw is a new line: redraw rarely there.
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
         running_loss, running_count = 0.0, 0
         started = time.time()

@@ -25,15 +25,16 @@ Z_INITS = ("normal", "zeros")
 class ProjectedZConfig(MethodConfig):
     """Options of every method that trains z through a projection bank.
 
-    Subclasses repeat these in their own docstring: the CLI reads each config's `Attributes:`.
-
     Attributes:
         d: length of the trainable vector z.
         projection_seed: seed of the projection bank; the artifact stores it, not the matrices.
         projection_init: "normal" N(0, 1/d) or "uniform" with the same variance.
-        projection_std_scale: multiplies the projections' standard deviation.
-        z_init: "normal" N(0, 1/d), or "zeros".
-        memory_lean: keep no projection matrix in memory; regenerate each from its seed.
+        projection_std_scale: multiplies the projections' standard deviation (2, 0.5, or
+            sqrt(2), sqrt(0.5) for the variance-scaled variants).
+        z_init: "normal" N(0, 1/d), or "zeros" (SLaSh then starts exactly at the pretrained
+            function; JR-WARP's prompt starts as a zero vector).
+        memory_lean: keep no projection matrix in memory: regenerate W_l from its seed in the
+            forward and backward pass (less memory, more time; same gradients).
         dropout: keep backbone dropout while training (the original code turned it off).
     """
 

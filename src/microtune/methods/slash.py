@@ -16,32 +16,20 @@ from torch import nn
 
 from microtune.arch import ArchSpec, ensure_bias, output_dim
 from microtune.errors import MicrotuneError
-from microtune.methods.projected import Z_INITS, ProjectedZConfig, ProjectedZMethod, init_z
+from microtune.methods.projected import ProjectedZConfig, ProjectedZMethod
 
 # Where the shift is added, as the arch part whose output (and bias) receives it.
 POSITIONS = ("output", "intermediate", "attention")
-# Z_INITS and init_z lived here before JR-WARP shared them; still importable from here.
-__all__ = ["POSITIONS", "Z_INITS", "SLaSh", "SLaShConfig", "init_z", "site_part"]
 
 
 @dataclass
 class SLaShConfig(ProjectedZConfig):
-    """SLaSh options.
+    """SLaSh options: those of ProjectedZConfig, plus where the shift goes.
 
     Attributes:
-        d: length of the trainable vector z.
         position: "output" (after the FFN's second linear, folds into its bias), "intermediate"
             (the FFN's first linear, before the activation) or "attention" (after the attention
             LayerNorm in post-LN models; on the attention output projection in pre-LN ones).
-        projection_seed: seed of the projection bank; the artifact stores it, not the matrices.
-        projection_init: "normal" N(0, 1/d) or "uniform" with the same variance.
-        projection_std_scale: multiplies the projections' standard deviation (2, 0.5, or
-            sqrt(2), sqrt(0.5) for the variance-scaled variants).
-        z_init: "normal" N(0, 1/d), or "zeros" (SLaSh then starts exactly at the pretrained
-            function; JR-WARP's prompt starts as a zero vector).
-        memory_lean: keep no projection matrix in memory: regenerate W_l from its seed in the
-            forward and backward pass (less memory, more time; same gradients).
-        dropout: keep backbone dropout while training (the original code turned it off).
     """
 
     method_label: ClassVar[str] = "slash"

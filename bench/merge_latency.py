@@ -15,25 +15,17 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from microtune.api import time_forward
 from microtune.artifact import load_artifact
 from microtune.data import batches, encode
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel, load_backbone
 from microtune.tasks import get_task, load_examples
-
-
-def time_once(forward, inputs) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        for batch in inputs:
-            forward(**batch)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -64,10 +56,10 @@ def main() -> None:
 
     contenders = {"base": base, "unmerged": unmerged, "merged": merged}
     seconds = {name: [] for name in contenders}
-    time_once(base, inputs[:1])  # warm-up
+    time_forward(base, inputs[:1], 1)  # warm-up
     for _ in range(args.rounds):
         for name, model in contenders.items():
-            seconds[name].append(time_once(model, inputs))
+            seconds[name].append(time_forward(model, inputs, 1))
 
     base_median = statistics.median(seconds["base"])
     print(

@@ -65,7 +65,7 @@ TINY_CONFIGS = {
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=48,
-        max_position_embeddings=64,
+        max_position_embeddings=160,
     ),
     "roberta": lambda: RobertaConfig(
         vocab_size=VOCAB_SIZE,
@@ -73,7 +73,7 @@ TINY_CONFIGS = {
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=48,
-        max_position_embeddings=80,
+        max_position_embeddings=162,
         pad_token_id=0,
     ),
     "distilbert": lambda: DistilBertConfig(
@@ -82,7 +82,7 @@ TINY_CONFIGS = {
         n_layers=2,
         n_heads=2,
         hidden_dim=48,
-        max_position_embeddings=64,
+        max_position_embeddings=160,
     ),
     "gpt2": lambda: GPT2Config(
         vocab_size=VOCAB_SIZE,
@@ -90,7 +90,7 @@ TINY_CONFIGS = {
         n_layer=2,
         n_head=2,
         n_inner=48,
-        n_positions=64,
+        n_positions=160,
         bos_token_id=2,
         eos_token_id=3,
     ),
@@ -101,7 +101,7 @@ TINY_CONFIGS = {
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=64,
+        max_position_embeddings=160,
     ),
 }
 ARCH_TYPES = tuple(TINY_CONFIGS)

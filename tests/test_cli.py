@@ -59,41 +59,16 @@ def test_info_lists_methods_tasks_and_architectures(capsys):
 
 
 def test_bad_input_is_a_one_line_error(capsys, tmp_path, data_dir):
-    out = str(tmp_path / "out")
-    err = error_of(
-        capsys, ["train", "--task", "sst2", "--output", out, "--data-dir", str(tmp_path)]
-    )
+    train = ["train", "--task", "sst2", "--output", str(tmp_path / "out")]
+    err = error_of(capsys, [*train, "--data-dir", str(tmp_path)])
     assert "no 'train' split for sst2" in err and "--data-dir" in err
-    err = error_of(
-        capsys,
-        [
-            "train",
-            "--task",
-            "sst2",
-            "--output",
-            out,
-            "--data-dir",
-            str(data_dir),
-            "--position",
-            "middle",
-        ],
-    )
+    train += ["--data-dir", str(data_dir)]
+    err = error_of(capsys, [*train, "--position", "middle"])
     assert "position 'middle' unknown" in err
-    err = error_of(
-        capsys,
-        [
-            "train",
-            "--task",
-            "sst2",
-            "--output",
-            out,
-            "--data-dir",
-            str(data_dir),
-            "--model",
-            str(tmp_path / "nowhere"),
-        ],
-    )
+    err = error_of(capsys, [*train, "--model", str(tmp_path / "nowhere")])
     assert "could not load model" in err
+    err = error_of(capsys, [*train, "--method", "slash", "--rank", "4"])
+    assert err == "microtune: error: --rank does not apply to method 'slash'"
     err = error_of(capsys, ["eval", "--artifact", str(tmp_path)])
     assert "is not a microtune artifact" in err
     assert not (tmp_path / "out").exists()  # nothing half-written
@@ -198,3 +173,18 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert "usage: microtune " + command in capsys.readouterr().out
+
+
+def test_more_bad_training_input_is_refused_before_work(capsys, tmp_path, data_dir):
+    train = ["train", "--task", "sst2", "--data-dir", str(data_dir), "--output"]
+    err = error_of(capsys, [*train, str(tmp_path / "a"), "--max-length", "100000"])
+    assert "--max-length 100000 is out of range for this model; use 8 to 510" in err
+    err = error_of(capsys, [*train, str(tmp_path / "a"), "--head-dropout", "2"])
+    assert "--head-dropout must be in [0, 1)" in err
+    err = error_of(capsys, [*train, str(tmp_path / "a"), "--max-train-examples", "0"])
+    assert "--max-train-examples must be at least 1" in err
+    (tmp_path / "file").write_text("x")
+    err = error_of(capsys, [*train, str(tmp_path / "file")])
+    assert "is a file; name a folder" in err
+    err = error_of(capsys, [*train, str(tmp_path / "a"), "--train-file", str(tmp_path / "f")])
+    assert "give --train-file and --dev-file together" in err

@@ -129,3 +129,25 @@ def test_metrics_match_their_definitions():
     regression = compute_metrics(("pearson", "spearman"), *scores)
     assert regression["pearson"] == pytest.approx(pearsonr(*scores)[0])
     assert regression["spearman"] == pytest.approx(spearmanr(*scores)[0]) == 1.0
+
+
+def test_a_bad_row_anywhere_names_its_row(tmp_path):
+    good = json.dumps({"sentence": "fine", "label": 1})
+    path = tmp_path / "rows.jsonl"
+    path.write_text(good + "\n" + json.dumps({"sentence": "no label"}) + "\n")
+    with pytest.raises(MicrotuneError, match=r"row 2: missing column\(s\) \['label'\]"):
+        load_examples(get_task("sst2"), "train", data_file=path)
+    path.write_text(good + '\n{"sentence": "torn\n')
+    with pytest.raises(MicrotuneError, match="line 2: not valid JSON"):
+        load_examples(get_task("sst2"), "train", data_file=path)
+    path.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "label": "n/a"}) + "\n")
+    with pytest.raises(MicrotuneError, match="label 'n/a' is not a number"):
+        load_examples(get_task("stsb"), "train", data_file=path)
+
+
+def test_offline_switch_accepts_the_hubs_true_values(monkeypatch):
+    from microtune.hub import is_offline
+
+    for value, expected in (("1", True), ("true", True), ("ON", True), ("0", False), ("", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert is_offline() is expected

@@ -187,3 +187,63 @@ def test_training_length_is_required_and_validated():
     with pytest.raises(MicrotuneError, match="--lr must be positive"):
         TrainConfig(max_steps=1, learning_rate=0)
     assert TrainConfig(epochs=2, batch_size=8, grad_accum=2).total_steps(33) == 6
+
+
+def test_resume_refuses_changed_settings_and_survives_a_torn_log_line(
+    tmp_path, toy_files, tiny_model_dirs, monkeypatch
+):
+    from microtune.errors import MicrotuneError
+
+    bert = tiny_model_dirs["bert"]
+    original_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def crash_at_step_six(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("simulated crash")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_six)
+    with pytest.raises(RuntimeError):
+        run(tmp_path, toy_files, bert, "run")
+    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    with pytest.raises(MicrotuneError, match=r"other settings \(train_config.seed\)"):
+        run(tmp_path, toy_files, bert, "run", resume=True, seed=5)
+    with (tmp_path / "run" / LOG_FILE).open("a") as log:
+        log.write('{"step": 7, "lo')  # what a kill in the middle of a write leaves
+    resumed = run(tmp_path, toy_files, bert, "run", resume=True)
+    assert resumed["steps"] == 12
+
+
+def test_counters_must_not_be_negative():
+    from microtune.errors import MicrotuneError
+
+    with pytest.raises(MicrotuneError, match="--eval-every and --checkpoint-every must be >= 0"):
+        TrainConfig(max_steps=1, eval_every=-1)
+
+
+def test_eval_reads_your_files_with_the_columns_training_used(tmp_path, toy_files, tiny_model_dirs):
+    for split in ("train", "dev"):
+        rows = [
+            json.loads(line)
+            for line in (toy_files / f"{split}.jsonl").read_text().split("\n")
+            if line
+        ]
+        (tmp_path / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": r["sentence"], "y": r["label"]}) + "\n" for r in rows)
+        )
+    report = api.train(
+        "sst2",
+        "slash",
+        tmp_path / "art",
+        model=str(tiny_model_dirs["bert"]),
+        method_options={"d": 16},
+        text_columns=("text",),
+        label_column="y",
+        train_file=str(tmp_path / "train.jsonl"),
+        dev_file=str(tmp_path / "dev.jsonl"),
+        train_config=TrainConfig(max_steps=3, eval_every=0, progress=False),
+    )
+    again = api.evaluate_artifact(tmp_path / "art", data_file=str(tmp_path / "dev.jsonl"))
+    assert again == report["metrics"]

@@ -21,16 +21,17 @@ from microtune.artifact import (
     artifact_bytes,
     fingerprint,
     load_artifact,
+    read_artifact_config,
     save_artifact,
     write_json,
     write_tensors,
 )
 from microtune.data import encode
 from microtune.errors import MicrotuneError
-from microtune.methods import build_method
+from microtune.methods import build_method, method_class
 from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
-from microtune.tasks import Example, Task, get_task, load_examples
-from microtune.train import TrainConfig, Trainer, evaluate, predict
+from microtune.tasks import TASKS, Example, Task, get_task, load_examples
+from microtune.train import DEFAULT_MAX_STEPS, TrainConfig, Trainer, evaluate, predict
 
 METRICS_FILE = "metrics.json"
 HEAD_FILE = "head.safetensors"
@@ -58,18 +59,25 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def task_record(task: Task) -> dict[str, Any]:
+def task_record(
+    task: Task, text_columns: tuple[str, ...] | None = None, label_column: str = "label"
+) -> dict[str, Any]:
+    """The task as an artifact stores it, with the columns its training data used."""
     return {
         "name": task.name,
         "num_labels": task.num_labels,
         "metrics": list(task.metrics),
-        "text_columns": list(task.text_columns),
+        "text_columns": list(text_columns or task.text_columns),
+        "label_column": label_column,
         "label_names": list(task.label_names),
         "dev_split": task.dev_split,
     }
 
 
 def task_from_record(record: dict[str, Any]) -> Task:
+    """The registered task of that name (with its hub source), else one rebuilt from the record."""
+    if record["name"] in TASKS:
+        return get_task(record["name"])
     return Task(
         record["name"],
         tuple(record["text_columns"]),
@@ -78,6 +86,17 @@ def task_from_record(record: dict[str, Any]) -> Task:
         record["dev_split"],
         tuple(record["label_names"]),
     )
+
+
+def check_max_length(backbone, max_length: int) -> None:
+    """--max-length must leave room for special tokens and fit the position table."""
+    # RoBERTa-style tables start after the padding index, so keep two positions in reserve.
+    limit = getattr(backbone.config, "max_position_embeddings", None)
+    upper = limit - 2 if limit else None
+    if max_length < 8 or (upper is not None and max_length > upper):
+        raise MicrotuneError(
+            f"--max-length {max_length} is out of range for this model; use 8 to {upper or 'any'}"
+        )
 
 
 def load_split(
@@ -90,7 +109,7 @@ def load_split(
     limit: int | None = None,
 ) -> list[Example]:
     examples = load_examples(task, split, data_dir, data_file, text_columns, label_column)
-    return examples[:limit] if limit else examples
+    return examples if limit is None else examples[:limit]
 
 
 def train(
@@ -116,8 +135,16 @@ def train(
     """Train one method on one task; writes the artifact and metrics.json into output_dir."""
     started = time.time()
     task_spec = get_task(task)
-    config = train_config or TrainConfig(max_steps=1000)
+    config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MicrotuneError(f"--output {output_dir} is a file; name a folder")
+    if (train_file is None) != (dev_file is None):
+        raise MicrotuneError("give --train-file and --dev-file together (or --data-dir)")
+    if max_train_examples is not None and max_train_examples < 1:
+        raise MicrotuneError(f"--max-train-examples must be at least 1, got {max_train_examples}")
+    if os.path.isdir(model):
+        model = os.path.abspath(model)  # the artifact must find it from anywhere
     train_examples = load_split(
         task_spec, "train", data_dir, train_file, text_columns, label_column, max_train_examples
     )
@@ -127,6 +154,7 @@ def train(
 
     torch.manual_seed(config.seed)
     backbone, tokenizer = load_backbone(model)
+    check_max_length(backbone, max_length)
     base_fingerprint = fingerprint(backbone)
     method_obj = build_method(method, method_options)
     if config.learning_rate is None:
@@ -155,6 +183,16 @@ def train(
             m, task_spec, dev_rows, dev_labels, tokenizer.pad_token_id, config.eval_batch_size
         ),
         main_metric=task_spec.main_metric,
+        run_signature={
+            "model": model,
+            "base_fingerprint": base_fingerprint,
+            "method": method,
+            "method_config": method_obj.config.to_dict(),
+            "head": dataclasses.asdict(head_config),
+            "task": task_record(task_spec, text_columns, label_column),
+            "max_length": max_length,
+            "train_examples": len(train_examples),
+        },
     )
     train_started = time.time()
     dev_metrics = trainer.fit(resume=resume)
@@ -166,7 +204,7 @@ def train(
         method_name=method,
         base_model=model,
         base_fingerprint=base_fingerprint,
-        task=task_record(task_spec),
+        task=task_record(task_spec, text_columns, label_column),
         max_length=max_length,
     )
     trainer.remove_checkpoint()
@@ -199,19 +237,29 @@ def evaluate_artifact(
     data_dir: str | None = None,
     data_file: str | None = None,
     text_columns: tuple[str, ...] | None = None,
-    label_column: str = "label",
+    label_column: str | None = None,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Metrics of a saved artifact on one split (default: the task's dev split)."""
+    """Metrics of a saved artifact on one split (default: the task's dev split).
+
+    Columns default to those the artifact was trained with."""
     task_model, tokenizer, config = load_artifact(artifact_dir, model)
     task_spec = get_task(task) if task else task_from_record(config["task"])
+    if task is None or task == config["task"]["name"]:
+        text_columns = text_columns or tuple(config["task"]["text_columns"])
+        label_column = label_column or config["task"].get("label_column", "label")
     if task_spec.num_labels != config["head"]["num_labels"]:
         raise MicrotuneError(
             f"task {task_spec.name} has {task_spec.num_labels} labels but the artifact's head "
             f"has {config['head']['num_labels']}; evaluate on the task it was trained for"
         )
     examples = load_split(
-        task_spec, split or task_spec.dev_split, data_dir, data_file, text_columns, label_column
+        task_spec,
+        split or task_spec.dev_split,
+        data_dir,
+        data_file,
+        text_columns,
+        label_column or "label",
     )
     rows = encode(tokenizer, examples, config["max_length"], config["head"]["readout"] == "mask")
     return evaluate(
@@ -277,12 +325,8 @@ def merge_artifact(
     artifact_dir: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None
 ) -> dict[str, Any]:
     """Load an artifact, fold it into the base weights, and write the export folder."""
+    method_class(read_artifact_config(artifact_dir)["method"]).require_mergeable()
     task_model, tokenizer, config = load_artifact(artifact_dir, model)
-    if not task_model.method.mergeable:
-        raise MicrotuneError(
-            f"method '{config['method']}' adds modules that cannot fold into the base weights; "
-            "serve the artifact unmerged with `microtune eval` or the Python API"
-        )
     export_format = export_merged(task_model, tokenizer, config, output_dir)
     return {
         "output": str(output_dir),
@@ -293,10 +337,8 @@ def merge_artifact(
 
 def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     """What `microtune info --artifact` prints: method, sizes, base model, metrics if present."""
-    from microtune.artifact import read_artifact_config
-    from microtune.methods import method_class
-
     config = read_artifact_config(artifact_dir)
+    stored = stored_tensor_summary(artifact_dir)  # first: it says clearly if a file is missing
     summary = {
         "method": config["method"],
         "mergeable": method_class(config["method"]).mergeable,
@@ -307,7 +349,7 @@ def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
         "method_config": config["method_config"],
         "library_version": config["library_version"],
     }
-    summary.update(stored_tensor_summary(artifact_dir))
+    summary.update(stored)
     metrics_path = Path(artifact_dir) / METRICS_FILE
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
@@ -367,7 +409,7 @@ def load_exported(folder: str | os.PathLike):
     return logits, backbone
 
 
-def _time_forward(forward, batches_, repeats: int = 3) -> float:
+def time_forward(forward, batches_, repeats: int = 3) -> float:
     """Best-of-`repeats` seconds to run every batch once."""
     best = float("inf")
     with torch.no_grad():
@@ -392,9 +434,10 @@ def export_and_check(
     against the base model, timed side by side."""
     from microtune.data import batches
 
+    if examples < 1:
+        raise MicrotuneError(f"--check-examples must be at least 1, got {examples}")
+    method_class(read_artifact_config(artifact_dir)["method"]).require_mergeable()
     unmerged, tokenizer, config = load_artifact(artifact_dir, model)
-    if not unmerged.method.mergeable:
-        raise MicrotuneError(f"method '{config['method']}' cannot be merged; nothing to export")
     task_spec = task_from_record(config["task"])
     dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)
     rows = encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
@@ -411,8 +454,8 @@ def export_and_check(
     # Interleave so both see the same machine state; backbones only (the head is one matmul).
     base_s, merged_s = [], []
     for _ in range(3):
-        base_s.append(_time_forward(base, inputs, 1))
-        merged_s.append(_time_forward(plain, inputs, 1))
+        base_s.append(time_forward(base, inputs, 1))
+        merged_s.append(time_forward(plain, inputs, 1))
     base_params = sum(p.numel() for p in base.parameters())
     merged_params = sum(p.numel() for p in plain.parameters())
     return {

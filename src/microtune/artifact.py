@@ -28,8 +28,6 @@ from microtune.model import HeadConfig, TaskModel, load_backbone
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "microtune.json"
 FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def fingerprint(backbone: nn.Module) -> str:
@@ -52,7 +50,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

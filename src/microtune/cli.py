@@ -21,17 +21,16 @@ from microtune.heads import READOUTS
 from microtune.methods import METHODS
 from microtune.model import DEFAULT_MODEL
 from microtune.tasks import TASKS
-from microtune.train import TrainConfig
+from microtune.train import DEFAULT_MAX_STEPS, TrainConfig
 
 DEFAULT_METHOD = "slash"
-DEFAULT_MAX_STEPS = 1000
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the None / False of options that are unset unless given."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False):
+        if action.default is None or action.default is False:  # `in` would also hide 0
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -77,6 +76,8 @@ def _method_option_specs() -> dict[str, dict[str, Any]]:
                     "defaults": {},
                 },
             )
+            # One flag serves every method with this field, so the meaning must agree.
+            assert spec["type"] == hints[field.name], f"{field.name}: types differ across methods"
             spec["methods"].append(name)
             spec["defaults"][name] = field.default
     return specs
@@ -154,7 +155,13 @@ def _add_data_options(parser: argparse.ArgumentParser, training: bool) -> None:
         help="comma-separated text column(s) in your files "
         "(default: the task's, e.g. sentence1,sentence2)",
     )
-    group.add_argument("--label-column", default="label", help="label column (default: label)")
+    group.add_argument(
+        "--label-column",
+        default="label" if training else None,
+        help="label column (default: label"
+        + ("" if training else "; for eval, the column the artifact was trained with")
+        + ")",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

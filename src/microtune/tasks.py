@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from microtune.errors import MicrotuneError
+from microtune.hub import is_offline
 
 
 @dataclass(frozen=True)
@@ -102,19 +103,39 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise MicrotuneError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".json", ".jsonl"):
+        raise MicrotuneError(
+            f"data file {path}: unsupported type '{suffix}'; use csv, tsv, json(l)"
+        )
     with open(path, encoding="utf-8", newline="") as handle:
         if suffix in (".csv", ".tsv"):
             return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in handle if line.strip()]
-        if suffix == ".json":
-            text = handle.read()
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError:  # JSON lines saved as .json
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
-            return data["data"] if isinstance(data, dict) and "data" in data else data
-    raise MicrotuneError(f"data file {path}: unsupported type '{suffix}'; use csv, tsv, json(l)")
+        text = handle.read()
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # perhaps JSON lines saved as .json
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            return data["data"]
+        if isinstance(data, list):
+            return data
+    return _json_lines(text, path)
+
+
+def _json_lines(text: str, path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MicrotuneError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise MicrotuneError(f"{path}, line {number}: expected a JSON object per line")
+        rows.append(row)
+    return rows
 
 
 def split_file(data_dir: str | os.PathLike, task: Task, split: str) -> Path:
@@ -131,7 +152,10 @@ def split_file(data_dir: str | os.PathLike, task: Task, split: str) -> Path:
 
 def _convert_label(task: Task, value, source: str) -> float | int:
     if task.is_regression:
-        return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise MicrotuneError(f"{source}: label {value!r} is not a number") from None
     if isinstance(value, str) and value in task.label_names:
         return task.label_names.index(value)
     try:
@@ -165,12 +189,15 @@ def rows_to_examples(
             f"{source}: missing column(s) {missing}; found {sorted(rows[0])}. "
             "Map yours with --text-columns and --label-column"
         )
-    return [
-        Example(
-            tuple(str(row[c]) for c in columns), _convert_label(task, row[label_column], source)
-        )
-        for row in rows
-    ]
+    examples = []
+    for number, row in enumerate(rows, 1):
+        where = f"{source}, row {number}"
+        absent = [c for c in (*columns, label_column) if c not in row]
+        if absent:
+            raise MicrotuneError(f"{where}: missing column(s) {absent}")
+        label = _convert_label(task, row[label_column], where)
+        examples.append(Example(tuple(str(row[c]) for c in columns), label))
+    return examples
 
 
 def load_examples(
@@ -194,7 +221,7 @@ def load_examples(
 
 
 def _hub_rows(task: Task, split: str) -> list[dict]:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if is_offline():
         raise MicrotuneError(
             f"no data for {task.name}: offline and no --data-dir; pass --data-dir ../shared/data"
         )

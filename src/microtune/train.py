@@ -30,6 +30,7 @@ from microtune.metrics import compute_metrics
 from microtune.tasks import Task
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor epochs is given (CLI and api.train)
 LOG_FILE = "train_log.jsonl"
 
 
@@ -78,6 +79,10 @@ class TrainConfig:
             raise MicrotuneError("--batch-size and --grad-accum must be at least 1")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise MicrotuneError(f"--lr must be positive, got {self.learning_rate}")
+        if self.eval_every < 0 or self.checkpoint_every < 0 or self.log_every < 1:
+            raise MicrotuneError(
+                "--eval-every and --checkpoint-every must be >= 0 (0: off), log_every >= 1"
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise MicrotuneError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -86,6 +91,10 @@ class TrainConfig:
             return self.max_steps
         per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))
         return max(1, math.ceil(self.epochs * per_epoch))
+
+
+# Settings that may differ between a run and its resumption: they do not change the result.
+_RESUMABLE = ("progress", "eval_every", "checkpoint_every", "log_every", "eval_batch_size")
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -147,6 +156,7 @@ class Trainer:
         output_dir: str | os.PathLike,
         evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         main_metric: str | None = None,
+        run_signature: dict | None = None,
     ):
         self.model = model
         self.config = config
@@ -156,6 +166,11 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.evaluate_fn = evaluate_fn
         self.main_metric = main_metric
+        # What must not change between a run and its resumption (method, head, base model...).
+        self.run_signature = {
+            **(run_signature or {}),
+            "train_config": {k: v for k, v in asdict(config).items() if k not in _RESUMABLE},
+        }
         if config.learning_rate is None:
             raise MicrotuneError("TrainConfig.learning_rate is not set (api.train fills it in)")
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -189,13 +204,15 @@ class Trainer:
             for key, value in values.items():
                 tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():  # dropout on the GPU draws from the CUDA generator
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
         meta = {
             "step": self.step,
             "epoch": self.epoch,
             "micro_batch": self.micro_batch,
             "param_groups": state["param_groups"],
-            "param_names": list(self.parameters),
-            "train_config": asdict(self.config),
+            "param_shapes": {n: list(p.shape) for n, p in self.parameters.items()},
+            "run_signature": self.run_signature,
             "last_metrics": self.last_metrics,
         }
         write_tensors(self.checkpoint_path, tensors, metadata={"json": json.dumps(meta)})
@@ -204,10 +221,14 @@ class Trainer:
         with safe_open(self.checkpoint_path, framework="pt") as handle:
             meta = json.loads(handle.metadata()["json"])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        if meta["param_names"] != list(self.parameters):
+        changed = _differences(meta["run_signature"], self.run_signature)
+        if changed or meta["param_shapes"] != {
+            n: list(p.shape) for n, p in self.parameters.items()
+        }:
             raise MicrotuneError(
-                f"{self.checkpoint_path} was written for other trainable parameters; "
-                "resume with the same method and options, or remove the checkpoint"
+                f"{self.checkpoint_path} was written by a run with other settings "
+                f"({', '.join(changed) or 'trainable parameters'}); resume with the same "
+                "command, or remove the checkpoint to start over"
             )
         with torch.no_grad():
             for name, parameter in self.parameters.items():
@@ -219,6 +240,8 @@ class Trainer:
                 optimizer_state["state"].setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict(optimizer_state)
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.step, self.epoch, self.micro_batch = meta["step"], meta["epoch"], meta["micro_batch"]
         self.scheduler.last_epoch = self.step
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
@@ -237,7 +260,7 @@ class Trainer:
             kept = [
                 line
                 for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= self.step
+                if _log_step(line) is not None and _log_step(line) <= self.step
             ]
             path.write_text("".join(line + "\n" for line in kept))
 
@@ -323,3 +346,23 @@ class Trainer:
     def remove_checkpoint(self) -> None:
         if self.checkpoint_path.is_file():
             self.checkpoint_path.unlink()
+
+
+def _log_step(line: str) -> int | None:
+    """The step of a JSONL log line; None for a line torn by a crash mid-write."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return None
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two nested dicts."""
+    names = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names

@@ -72,9 +72,17 @@ class Method(nn.Module):
         Returns the arch parts (e.g. "ffn_out") where a bias had to be created, so the caller
         can switch on the matching config flags. Non-mergeable methods raise MicrotuneError.
         """
-        raise MicrotuneError(
-            f"method '{self.name}' cannot be merged into the base weights; serve it unmerged"
-        )
+        self.require_mergeable()
+        raise NotImplementedError  # a mergeable method overrides merge
+
+    @classmethod
+    def require_mergeable(cls) -> None:
+        """The one refusal for methods whose modules cannot fold into the base weights."""
+        if not cls.mergeable:
+            raise MicrotuneError(
+                f"method '{cls.name}' cannot be merged: its modules cannot fold into the base "
+                "weights; serve the artifact unmerged with `microtune eval` or the Python API"
+            )
 
     def detach(self) -> None:
         for handle in self._hooks:

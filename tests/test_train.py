@@ -52,6 +52,23 @@ def run(tmp_path, toy_files, model_dir, name, resume=False, **config):
     )
 
 
+def run_until_crash(tmp_path, toy_files, model_dir, name, crash_step, **config):
+    """Start a run whose optimizer raises at its `crash_step`-th step, as a crash would."""
+    original_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def crashing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == crash_step:
+            raise RuntimeError("simulated crash")
+        return original_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", crashing_step)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(tmp_path, toy_files, model_dir, name, **config)
+
+
 def test_same_seed_same_result_and_other_seed_differs(tmp_path, toy_files, tiny_model_dirs):
     bert = tiny_model_dirs["bert"]
     first = run(tmp_path, toy_files, bert, "a")
@@ -64,25 +81,11 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path, toy_files, tiny_
     assert first["trainable_parameters"] == third["trainable_parameters"]
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(
-    tmp_path, toy_files, tiny_model_dirs, monkeypatch
-):
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, toy_files, tiny_model_dirs):
     bert = tiny_model_dirs["bert"]
     reference = run(tmp_path, toy_files, bert, "whole", eval_every=4)
 
-    original_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def crash_at_step_ten(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise RuntimeError("simulated crash")
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_ten)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path, toy_files, bert, "crashed", eval_every=4)
-    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    run_until_crash(tmp_path, toy_files, bert, "crashed", 10, eval_every=4)
     folder = tmp_path / "crashed"
     assert (folder / CHECKPOINT_FILE).is_file()
     assert not (folder / "adapter.safetensors").exists()  # no artifact from a failed run
@@ -190,24 +193,12 @@ def test_training_length_is_required_and_validated():
 
 
 def test_resume_refuses_changed_settings_and_survives_a_torn_log_line(
-    tmp_path, toy_files, tiny_model_dirs, monkeypatch
+    tmp_path, toy_files, tiny_model_dirs
 ):
     from microtune.errors import MicrotuneError
 
     bert = tiny_model_dirs["bert"]
-    original_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def crash_at_step_six(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("simulated crash")
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_six)
-    with pytest.raises(RuntimeError):
-        run(tmp_path, toy_files, bert, "run")
-    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    run_until_crash(tmp_path, toy_files, bert, "run", 6)
     with pytest.raises(MicrotuneError, match=r"other settings \(train_config.seed\)"):
         run(tmp_path, toy_files, bert, "run", resume=True, seed=5)
     with (tmp_path / "run" / LOG_FILE).open("a") as log:

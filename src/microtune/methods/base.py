@@ -7,6 +7,7 @@ parameters and hooks, and later folds itself back into the weights with `merge`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,7 +44,7 @@ class MethodConfig:
         return cls(**values)
 
 
-class Method(nn.Module):
+class Method(nn.Module, abc.ABC):
     """Base class of every fine-tuning method. Subclasses set the class attributes below."""
 
     name: ClassVar[str]
@@ -58,9 +59,9 @@ class Method(nn.Module):
         self.config = config
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
+    @abc.abstractmethod
     def attach(self, backbone: nn.Module, arch: ArchSpec) -> None:
         """Add this method's parameters and hooks to a frozen backbone, in place."""
-        raise NotImplementedError
 
     def run_backbone(self, backbone: nn.Module, **inputs: torch.Tensor) -> Any:
         """Run the backbone; prompt methods override this to add positions to the input."""
@@ -73,7 +74,7 @@ class Method(nn.Module):
         can switch on the matching config flags. Non-mergeable methods raise MicrotuneError.
         """
         self.require_mergeable()
-        raise NotImplementedError  # a mergeable method overrides merge
+        raise TypeError(f"{type(self).__name__} is mergeable, so it must override merge")
 
     @classmethod
     def require_mergeable(cls) -> None:

@@ -9,6 +9,7 @@ positions are dropped from the output again, so read-outs index the original tok
 
 from __future__ import annotations
 
+import abc
 from functools import partial
 from typing import Any
 
@@ -77,13 +78,13 @@ class PromptMethod(Method):
     num_prompts: int
     mergeable = False
 
+    @abc.abstractmethod
     def layer_prompts(self) -> dict[int, torch.Tensor]:
         """Prompt vectors (k, D) by block index, for one forward pass.
 
         Block 0's vectors replace the placeholders; a later block's vectors are added to the
         prompt positions before that block runs. Blocks not in the dict leave them alone.
         """
-        raise NotImplementedError
 
     def attach_prompts(self, backbone: nn.Module, arch: ArchSpec) -> None:
         self._takes_token_types = arch.token_type_ids

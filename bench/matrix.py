@@ -8,6 +8,11 @@ matplotlib) quality_vs_parameters.png into --output.
 
     python bench/matrix.py --methods slash,jrwarp,warp --tasks sst2,rte --seeds 0,1,2 \\
         --max-steps 1000 --output runs/bench-prompts
+
+A method entry may carry options after a colon, as `name:key=value+key=value`; each key is the
+method's CLI flag without dashes (`lr` sets the learning rate), so one grid can hold variants:
+
+    python bench/matrix.py --methods lora pafi:k=73728 pafi:k=73728+mask=largest --tasks sst2
 """
 
 from __future__ import annotations
@@ -25,8 +30,23 @@ from pathlib import Path
 from microtune.tasks import get_task
 
 
+def parse_method(entry: str) -> tuple[str, list[str]]:
+    """`pafi:k=73728+mask=largest` -> ("pafi", ["--k", "73728", "--mask", "largest"])."""
+    name, _, options = entry.partition(":")
+    flags: list[str] = []
+    for option in filter(None, options.split("+")):
+        key, _, value = option.partition("=")
+        flag = "--" + key.replace("_", "-")
+        if value.lower() in ("true", "false"):  # boolean flags are --x / --no-x
+            flags.append(flag if value.lower() == "true" else "--no-" + flag[2:])
+        else:
+            flags += [flag, value]
+    return name, flags
+
+
 def run_one(args: argparse.Namespace, method: str, task: str, seed: int) -> dict:
-    folder = Path(args.output) / "runs" / f"{method}-{task}-s{seed}"
+    folder = Path(args.output) / "runs" / f"{method.replace(':', '_')}-{task}-s{seed}"
+    method_name, method_flags = parse_method(method)
     if not (folder / "metrics.json").is_file():
         command = [
             sys.executable,
@@ -36,7 +56,8 @@ def run_one(args: argparse.Namespace, method: str, task: str, seed: int) -> dict
             "--task",
             task,
             "--method",
-            method,
+            method_name,
+            *method_flags,
             "--output",
             str(folder),
             "--seed",
@@ -54,6 +75,8 @@ def run_one(args: argparse.Namespace, method: str, task: str, seed: int) -> dict
             args.device,
             "--batch-size",
             str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
         ]
         if args.model:
             command += ["--model", args.model]
@@ -103,7 +126,8 @@ def summarise(results: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"{args.max_steps} steps of batch {args.batch_size}, seeds {args.seeds}, "
+        f"{args.max_steps} steps of batch {args.batch_size}, max length {args.max_length}, "
+        f"seeds {args.seeds}, "
         f"device {rows[0]['device'] if rows else '?'}",
         "",
         "| task | method | metric | mean ± std | trainable (method + head) | stored bytes "
@@ -153,11 +177,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="slash,jrwarp,warp")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["slash", "jrwarp", "warp"],
+        help="method entries, space-separated: name or name:key=value+key=value",
+    )
     parser.add_argument("--tasks", default="sst2,rte")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--model", default=None, help="base model (default: packaged MiniLM)")
     parser.add_argument("--device", default="auto")
@@ -169,7 +199,8 @@ def main() -> None:
     grid = [
         (m, t, int(s))
         for t in args.tasks.split(",")
-        for m in args.methods.split(",")
+        for entry in args.methods
+        for m in (entry.split(",") if ":" not in entry else [entry])
         for s in args.seeds.split(",")
     ]
     started = time.time()

@@ -15,19 +15,32 @@ from microtune.arch import arch_for
 from microtune.artifact import fingerprint, load_artifact, save_artifact
 from microtune.errors import MicrotuneError
 from microtune.methods import METHODS, build_method
+from microtune.methods.slash import SLaSh, site_part
 from microtune.model import HeadConfig, TaskModel, load_backbone
 from microtune.tasks import get_task
 from microtune.train import loss_fn
 
-from .conftest import ARCH_TYPES, tiny_batch
+from .conftest import FAMILY_TYPES, tiny_batch
 
 # Options that keep a method small on the tiny models; methods not listed use their defaults.
-TINY_OPTIONS = {"slash": {"d": 16}, "jrwarp": {"d": 16}, "lora": {"rank": 4}}
+TINY_OPTIONS = {
+    "slash": {"d": 16},
+    "jrwarp": {"d": 16},
+    "lora": {"rank": 4},
+    "pafi": {"k": 0.01},
+    "hiwi": {"r": 4},
+}
+# Per-architecture options where a method's default cannot apply (HiWi's bias variant needs
+# FFN biases, which Llama lacks; test_pafi_hiwi.py checks the refusal).
+ARCH_OPTIONS = {("hiwi", "llama"): {"variant": "weight"}}
+# The other families whose FFN has no biases (ModernBERT by default, the Llama-like decoders).
+NO_FFN_BIAS = ("modernbert", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+ARCH_OPTIONS.update({("hiwi", model_type): {"variant": "weight"} for model_type in NO_FFN_BIAS})
 METHOD_NAMES = sorted(METHODS)
 LABELS = torch.tensor([0, 1, 1, 0])
 # BitFit on Llama (no biases) warns that only the head trains; test_baselines.py checks that.
 pytestmark = pytest.mark.filterwarnings("ignore:bitfit.*no biases:UserWarning")
-MATRIX = pytest.mark.parametrize("model_type", ARCH_TYPES)
+MATRIX = pytest.mark.parametrize("model_type", FAMILY_TYPES)
 EVERY_METHOD = pytest.mark.parametrize("method_name", METHOD_NAMES)
 
 
@@ -36,7 +49,11 @@ def build(method_name: str, folder):
     backbone, tokenizer = load_backbone(str(folder))
     base_fingerprint = fingerprint(backbone)
     torch.manual_seed(0)
-    method = build_method(method_name, TINY_OPTIONS.get(method_name, {}))
+    options = {
+        **TINY_OPTIONS.get(method_name, {}),
+        **ARCH_OPTIONS.get((method_name, backbone.config.model_type), {}),
+    }
+    method = build_method(method_name, options)
     head = HeadConfig(num_labels=2, readout=default_readout(arch_for(backbone).causal))
     model = TaskModel(backbone, head, method, mask_token_id=tokenizer.mask_token_id)
     return model.eval(), tokenizer, base_fingerprint
@@ -121,8 +138,20 @@ def test_artifact_round_trip_is_bit_identical(method_name, model_type, tiny_mode
     assert torch.equal(logits(reloaded, reloaded_tokenizer), expected)
     summary = artifact_summary(tmp_path)
     assert summary["trainable_parameters"] == model.count_trainable()
+    assert summary["stored_parameters"] == model.count_stored()
     assert summary["mergeable"] is METHODS[method_name].mergeable
     assert 0 < summary["tensor_bytes"] < summary["artifact_bytes"]
+
+
+def folds_into_a_bias_no_stock_model_has(model: TaskModel) -> bool:
+    """SLaSh whose site has no bias and no config flag to add one (the FFN output of Mistral,
+    Qwen2/3, Gemma 1-3, Phi-3): no stock model can carry the folded shift, so merging refuses
+    (the artifact still serves unmerged)."""
+    if not isinstance(model.method, SLaSh):
+        return False
+    part = site_part(model.arch, model.method.config.position)
+    site = model.arch.block_part(model.backbone, 0, part)
+    return site.bias is None and part not in model.arch.bias_flags
 
 
 @MATRIX
@@ -137,6 +166,14 @@ def test_merge_is_exact_and_gives_a_stock_model(method_name, model_type, tiny_mo
     before_training = logits(model, tokenizer)
     perturb(model, include_head=False)
     unmerged = logits(model, tokenizer)
+    if folds_into_a_bias_no_stock_model_has(model):
+        weights = every_tensor(model.backbone)
+        with pytest.raises(MicrotuneError, match="has no bias and no config flag.*unmerged"):
+            model.merge()
+        # Refused before touching anything: the unmerged model still serves, unchanged.
+        assert all(torch.equal(t, weights[n]) for n, t in every_tensor(model.backbone).items())
+        assert torch.equal(logits(model, tokenizer), unmerged)
+        return
     if model.count_trainable()["method"]:
         # Otherwise parity below would hold for a method that does nothing at all.
         assert (unmerged - before_training).abs().max() > 1e-4

@@ -131,7 +131,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(
     assert "method.z" in {k.removeprefix("model.") for k in checkpoint}
 
 
-def test_gradient_accumulation_matches_one_big_batch(tiny_model_dirs):
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dirs, tmp_path):
     from microtune.methods import build_method
     from microtune.model import HeadConfig, TaskModel, load_backbone
 
@@ -159,9 +159,10 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dirs):
             checkpoint_every=0,
             eval_every=0,
         )
-        trainer = Trainer(model, config, rows, labels, tokenizer.pad_token_id, "/tmp/unused")
         # Same examples in the same order: one logical batch of all 16.
-        trainer._micro_batches = lambda bs=batch_size: _in_order(rows, labels, bs, tokenizer)
+        trainer = Trainer(
+            model, config, rows, labels, tokenizer.pad_token_id, tmp_path, sampler=_InOrder()
+        )
         trainer.fit()
         results.append(model.method.z.detach().clone())
     # Equal-size micro-batches: the mean of means is the mean.
@@ -169,10 +170,25 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dirs):
     assert torch.allclose(results[0], results[2], atol=1e-6)
 
 
-def _in_order(rows, labels, batch_size, tokenizer):
-    from microtune.data import batches
+class _InOrder:
+    """A sampler whose every epoch is one logical batch of the 16 rows, in order."""
 
-    yield from batches(rows, labels, batch_size, tokenizer.pad_token_id)
+    batches_per_epoch = 1
+
+    def epoch(self, epoch):
+        return [list(range(16))]
+
+
+def test_shuffled_sampler_cuts_the_seeded_epoch_order():
+    from microtune.data import epoch_order
+    from microtune.train import ShuffledSampler
+
+    sampler = ShuffledSampler(num_examples=10, batch_size=4, seed=3)
+    assert sampler.batches_per_epoch == 3
+    assert sum(sampler.epoch(2), []) == epoch_order(10, 3, 2)
+    assert [len(b) for b in sampler.epoch(0)] == [4, 4, 2]
+    fixed = ShuffledSampler(num_examples=10, batch_size=4, seed=3, drop_last=True)
+    assert [len(b) for b in fixed.epoch(0)] == [4, 4]
 
 
 def test_warmup_then_linear_decay():

@@ -30,6 +30,7 @@ from microtune.data import encode
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method, method_class
 from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
+from microtune.privacy import DPConfig, private_plugins
 from microtune.tasks import TASKS, Example, Task, get_task, load_examples
 from microtune.train import DEFAULT_MAX_STEPS, TrainConfig, Trainer, evaluate, predict
 
@@ -131,8 +132,12 @@ def train(
     max_train_examples: int | None = None,
     resume: bool = False,
     device: str = "auto",
+    privacy: DPConfig | None = None,
 ) -> dict[str, Any]:
-    """Train one method on one task; writes the artifact and metrics.json into output_dir."""
+    """Train one method on one task; writes the artifact and metrics.json into output_dir.
+
+    With `privacy`, training is DP-SGD (`microtune.privacy`): ε spent is metrics.json's
+    `epsilon`, and both metrics.json and the artifact carry the full "privacy" record."""
     started = time.time()
     task_spec = get_task(task)
     config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
@@ -172,6 +177,12 @@ def train(
     train_rows = encode(tokenizer, train_examples, max_length, with_mask)
     dev_rows = encode(tokenizer, dev_examples, max_length, with_mask)
     dev_labels = [e.label for e in dev_examples]
+    plugins: dict[str, Any] = {}
+    if privacy is not None:
+        plan, sampler, step, callbacks = private_plugins(
+            privacy, task_model, config, len(train_rows)
+        )
+        plugins = {"sampler": sampler, "step": step, "callbacks": callbacks}
     trainer = Trainer(
         task_model,
         config,
@@ -192,11 +203,14 @@ def train(
             "task": task_record(task_spec, text_columns, label_column),
             "max_length": max_length,
             "train_examples": len(train_examples),
+            "privacy": dataclasses.asdict(privacy) if privacy else None,
         },
+        **plugins,
     )
     train_started = time.time()
     dev_metrics = trainer.fit(resume=resume)
     train_seconds = time.time() - train_started
+    privacy_record = plan.record(plugins["step"].private_steps) if privacy else None
 
     size = save_artifact(
         output_dir,
@@ -206,6 +220,7 @@ def train(
         base_fingerprint=base_fingerprint,
         task=task_record(task_spec, text_columns, label_column),
         max_length=max_length,
+        extra={"privacy": privacy_record} if privacy else None,
     )
     trainer.remove_checkpoint()
     report = {
@@ -213,7 +228,7 @@ def train(
         "method": method,
         "model": model,
         "seed": config.seed,
-        "steps": trainer.total_steps,
+        "steps": trainer.step,
         "train_examples": len(train_examples),
         "metrics": dev_metrics,
         "trainable_parameters": task_model.count_trainable(),
@@ -224,6 +239,8 @@ def train(
         "torch_threads": torch.get_num_threads(),
         "library_version": __version__,
     }
+    if privacy is not None:
+        report.update(epsilon=privacy_record["epsilon"], privacy=privacy_record)
     write_json(output_dir / METRICS_FILE, report)
     return report
 
@@ -302,11 +319,25 @@ def export_merged(
         export_format = "sequence-classification"
     else:
         backbone.save_pretrained(output_dir)
-        write_tensors(output_dir / HEAD_FILE, task_model.head.linear.state_dict())
+        write_head(task_model, output_dir)
         export_format = "backbone+head"
     tokenizer.save_pretrained(output_dir)
+    write_export_record(task_model, config, output_dir, export_format)
+    return export_format
+
+
+def write_head(task_model: TaskModel, output_dir: str | os.PathLike) -> None:
+    """`head.safetensors`: the linear head that goes beside an exported backbone."""
+    write_tensors(Path(output_dir) / HEAD_FILE, task_model.head.linear.state_dict())
+
+
+def write_export_record(
+    task_model: TaskModel, config: dict[str, Any], output_dir: str | os.PathLike, export_format: str
+) -> None:
+    """`microtune_export.json`: how to turn the exported folder's outputs into logits."""
+    head = task_model.head_config
     write_json(
-        output_dir / EXPORT_FILE,
+        Path(output_dir) / EXPORT_FILE,
         {
             "format": export_format,
             "readout": head.readout,
@@ -318,7 +349,6 @@ def export_merged(
             "library_version": __version__,
         },
     )
-    return export_format
 
 
 def merge_artifact(
@@ -350,6 +380,10 @@ def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
         "library_version": config["library_version"],
     }
     summary.update(stored)
+    # Trained numbers as recorded at save time; older artifacts stored exactly what trained.
+    summary["trainable_parameters"] = config.get("parameters", {}).get(
+        "trained", stored["stored_parameters"]
+    )
     metrics_path = Path(artifact_dir) / METRICS_FILE
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
@@ -358,8 +392,8 @@ def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def stored_tensor_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
-    """Bytes of the artifact's tensor file and the trainable parameters it stores (head and
-    method, as `TaskModel.count_trainable`), read from the safetensors header alone."""
+    """Bytes of the artifact's tensor file and the numbers it stores (head and method, as
+    `TaskModel.count_stored`), read from the safetensors header alone."""
     from safetensors import safe_open
 
     from microtune.artifact import TENSORS_FILE
@@ -373,13 +407,15 @@ def stored_tensor_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
             numel = math.prod(tensors.get_slice(name).get_shape())
             counts["head" if name.startswith("head.") else "method"] += numel
     counts["total"] = counts["head"] + counts["method"]
-    return {"tensor_bytes": path.stat().st_size, "trainable_parameters": counts}
+    return {"tensor_bytes": path.stat().st_size, "stored_parameters": counts}
 
 
-def load_exported(folder: str | os.PathLike):
+def load_exported(folder: str | os.PathLike, base_model: str | None = None):
     """Load an export folder with plain transformers; returns a function inputs -> logits.
 
     This is what a deployment does (the README shows the same few lines without microtune).
+    A "peft+head" folder (`microtune.peft_format`) loads with peft over `base_model` (default:
+    the base model it names).
     """
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForSequenceClassification
@@ -391,7 +427,12 @@ def load_exported(folder: str | os.PathLike):
     if info["format"] == "sequence-classification":
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         return lambda **inputs: model(**inputs).logits, model
-    backbone = AutoModel.from_pretrained(folder).eval()
+    if info["format"] == "peft+head":
+        from microtune.peft_format import load_peft
+
+        backbone = load_peft(folder, base_model)
+    else:
+        backbone = AutoModel.from_pretrained(folder).eval()
     head = load_file(folder / HEAD_FILE)
 
     def logits(**inputs):

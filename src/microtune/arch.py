@@ -1,14 +1,22 @@
 """Where things live inside each supported `transformers` architecture.
 
-This is the one file to touch to support a new model type: add an `ArchSpec` to `ARCHITECTURES`
-and a tiny-config entry to `tests/conftest.py`. Paths are dotted attribute paths; `blocks` is
-relative to the backbone (what `AutoModel` returns), the per-block paths are relative to one
-block.
+`ARCHITECTURES` declares one `ArchSpec` per `model_type`; families that share a layout share
+one spec (Llama, Mistral, Qwen2 and Qwen3 differ only in their bias flags). Paths are dotted
+attribute paths: `blocks` and `embeddings` from the backbone (what `AutoModel` returns), the
+per-block paths from one block. Every entry was read off the `transformers` source and is
+checked by the method x architecture matrix on a tiny random config (`tests/conftest.py`).
+
+A model type that is not declared is mapped by structure (`microtune.discovery`) when that is
+unambiguous; `arch_for` refuses it otherwise. To declare a new family, add an `ArchSpec` here
+and a tiny config in `tests/conftest.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +25,7 @@ from microtune.errors import MicrotuneError
 
 
 class UnsupportedModelError(MicrotuneError):
-    """The model type has no entry in the architecture map."""
+    """The model type is neither declared in the architecture map nor discoverable."""
 
 
 @dataclass(frozen=True)
@@ -28,21 +36,29 @@ class ArchSpec:
         blocks: the ModuleList of transformer blocks, from the backbone.
         attn_out: the attention output projection (before the residual add).
         attn_norm: the LayerNorm applied after the attention residual (post-LN models only).
-        ffn_in: the FFN's first linear, whose output goes into the activation.
+        ffn_in: the FFN's first linear, whose output goes into the activation. Where gate and
+            up projections are fused into one linear (Phi-3, ModernBERT) it is that linear,
+            twice the intermediate size wide.
         ffn_out: the FFN's second linear (down projection), before the residual add.
-        norms: every normalisation layer of a block.
+        norms: every normalisation layer of a block, in the order the block calls them.
         embeddings: the token embedding table, from the backbone.
-        pooler: the backbone's pooler module, if the family has one.
+        pooler: the backbone's pooler module (fed the whole sequence), if the family has one.
         pre_norm: True for pre-LayerNorm blocks (GPT-2, Llama).
         causal: True for decoders (causal attention; read the last token).
         bias_flags: config attributes that switch on the biases of a layer family, for families
             whose linears have none (Llama). A method that creates a bias there sets the flag
-            when exporting, so the merged model is still a stock `transformers` model.
+            when exporting, so the merged model is still a stock `transformers` model. A part
+            with no bias and no flag (Mistral's FFN) cannot take a created bias: such merges
+            are refused.
         attention: query, key and value projections (default LoRA targets are query and value).
         token_type_ids: the backbone takes segment ids (BERT-style pair encoding).
         seq_cls_classifier: attribute of `AutoModelForSequenceClassification` that holds the
             final linear when that class reads the backbone's pooler (BERT); None where the
             pooler read-out cannot be exported to that class.
+        weight_candidates: block-relative paths of the layers whose weights PaFi may select
+            from; empty (the default, right for every family so far): every Linear (or GPT-2
+            Conv1D) inside a block, i.e. attention q, k, v, output and every FFN linear.
+        config_assumes: config values the paths rely on; another value is refused.
     """
 
     blocks: str
@@ -59,6 +75,8 @@ class ArchSpec:
     bias_flags: dict[str, str] = field(default_factory=dict)
     token_type_ids: bool = False
     seq_cls_classifier: str | None = None
+    weight_candidates: tuple[str, ...] = ()
+    config_assumes: dict[str, Any] = field(default_factory=dict)
 
     def blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return get_submodule(backbone, self.blocks)
@@ -74,6 +92,7 @@ class ArchSpec:
         return len(self.blocks_of(backbone))
 
 
+# BERT and the encoders that kept its layout: post-LN, a LayerNorm after each residual add.
 _BERT = ArchSpec(
     blocks="encoder.layer",
     attn_out="attention.output.dense",
@@ -87,11 +106,77 @@ _BERT = ArchSpec(
     token_type_ids=True,
     seq_cls_classifier="classifier",
 )
+# RoBERTa's (and XLM-R's) classification head reads <s> through its own dense+tanh, not the
+# pooler, so the pooler read-out has no `AutoModelForSequenceClassification` equivalent.
+_ROBERTA = replace(_BERT, seq_cls_classifier=None)
+
+# Pre-LN decoders with SwiGLU: act(gate(x)) * up(x); the gate is the linear whose output enters
+# the activation. Whether a linear has a bias is a config flag in some families, fixed in
+# others: Mistral has none anywhere, Qwen2 has fixed q/k/v biases but none on o_proj or the FFN,
+# Qwen3 and Gemma switch attention biases with `attention_bias` and have no FFN biases at all.
+_LLAMA = ArchSpec(
+    blocks="layers",
+    attn_out="self_attn.o_proj",
+    attn_norm=None,
+    ffn_in="mlp.gate_proj",
+    ffn_out="mlp.down_proj",
+    norms=("input_layernorm", "post_attention_layernorm"),
+    embeddings="embed_tokens",
+    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    pre_norm=True,
+    causal=True,
+    bias_flags={"ffn_in": "mlp_bias", "ffn_out": "mlp_bias", "attn_out": "attention_bias"},
+)
+_ATTENTION_BIAS_ONLY = {"attn_out": "attention_bias"}
+# Gemma's RMSNorm scales by (1 + weight), which no method here relies on: norms are read for
+# their width only. Its embedding layer multiplies by sqrt(hidden size) itself, so prompts
+# initialised from what enters block 0 (WARP) carry the scale.
+_GEMMA = replace(_LLAMA, bias_flags=_ATTENTION_BIAS_ONLY)
+# Gemma 2 and 3 add a norm on each sub-layer's output before the residual add ("sandwich"):
+# still pre-LN in the sense used here (no norm after the residual add), so attn_norm is None.
+_GEMMA2 = replace(
+    _GEMMA,
+    norms=(
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
+)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT,
-    # RoBERTa's classification head reads <s> through its own dense+tanh, not the pooler.
-    "roberta": ArchSpec(**{**_BERT.__dict__, "seq_cls_classifier": None}),
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
+    # No pooler; when embedding_size != hidden_size an `embeddings_project` linear sits between
+    # the embeddings and block 0 (prompts are written after it, at block 0's input).
+    "electra": replace(_ROBERTA, pooler=None),
+    # DeBERTa-v2/v3: BERT's block with disentangled relative attention (its relative embeddings
+    # live on the encoder, outside the blocks); no pooler in the backbone (the classification
+    # model's ContextPooler is its own), and v3 checkpoints have type_vocab_size 0.
+    "deberta-v2": replace(
+        _ROBERTA,
+        attention=(
+            "attention.self.query_proj",
+            "attention.self.key_proj",
+            "attention.self.value_proj",
+        ),
+        pooler=None,
+        token_type_ids=False,
+    ),
+    # MPNet keeps its output projection inside the attention module (`attention.attn.o`) and
+    # its LayerNorm one level up; its classification head is RoBERTa-style, not the pooler.
+    "mpnet": ArchSpec(
+        blocks="encoder.layer",
+        attn_out="attention.attn.o",
+        attn_norm="attention.LayerNorm",
+        ffn_in="intermediate.dense",
+        ffn_out="output.dense",
+        norms=("attention.LayerNorm", "output.LayerNorm"),
+        embeddings="embeddings.word_embeddings",
+        attention=("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+        pooler="pooler",
+    ),
     "distilbert": ArchSpec(
         blocks="transformer.layer",
         attn_out="attention.out_lin",
@@ -101,6 +186,44 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         norms=("sa_layer_norm", "output_layer_norm"),
         embeddings="embeddings.word_embeddings",
         attention=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+    ),
+    # ALBERT applies ONE shared layer num_hidden_layers times. Its blocks here are the distinct
+    # layer modules (one for every released checkpoint), so everything a method attaches to a
+    # block acts per module: identically at each of the L applications. A per-layer shift
+    # (SLaSh) is therefore one shift per shared layer, added at every application and folded
+    # exactly into the shared bias (a shift differing per application could not fold into that
+    # one bias, so it is not offered); LoRA and adapters are shared across depth like the
+    # weights. Prompt methods write the prompt at block 0's input, i.e. before EVERY
+    # application: on ALBERT, WARP's prompt is re-inserted at each layer (a deep prompt shared
+    # across depth). The pooler is a bare Linear fed [CLS] alone, which the prompt hooks cannot
+    # handle, so it is not mapped (no pooler read-out).
+    "albert": ArchSpec(
+        blocks="encoder.albert_layer_groups.0.albert_layers",
+        attn_out="attention.dense",
+        attn_norm="attention.LayerNorm",
+        ffn_in="ffn",
+        ffn_out="ffn_output",
+        norms=("attention.LayerNorm", "full_layer_layer_norm"),
+        embeddings="embeddings.word_embeddings",
+        attention=("attention.query", "attention.key", "attention.value"),
+        token_type_ids=True,
+        config_assumes={"num_hidden_groups": 1},
+    ),
+    # ModernBERT: pre-LN, fused q/k/v (Wqkv) and fused input+gate (Wi, 2F wide), no biases by
+    # default (`mlp_bias`, `attention_bias`; `norm_bias` for the LayerNorms). Block 0's
+    # attn_norm is an Identity (the embeddings end in a norm), so only mlp_norm is a norm in
+    # every block. Its `pooler` is not in the backbone (ModernBertForSequenceClassification's).
+    "modernbert": ArchSpec(
+        blocks="layers",
+        attn_out="attn.Wo",
+        attn_norm=None,
+        ffn_in="mlp.Wi",
+        ffn_out="mlp.Wo",
+        norms=("mlp_norm",),
+        embeddings="embeddings.tok_embeddings",
+        attention=("attn.Wqkv", "attn.Wqkv", "attn.Wqkv"),
+        pre_norm=True,
+        bias_flags={"ffn_in": "mlp_bias", "ffn_out": "mlp_bias", "attn_out": "attention_bias"},
     ),
     "gpt2": ArchSpec(
         blocks="h",
@@ -115,28 +238,90 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         pre_norm=True,
         causal=True,
     ),
-    "llama": ArchSpec(
+    # GPT-NeoX (Pythia): parallel residual x + attn(ln1(x)) + mlp(ln2(x)) by default; each
+    # sub-layer's output projection still ends its branch, so shifts fold into their biases.
+    "gpt_neox": ArchSpec(
         blocks="layers",
-        attn_out="self_attn.o_proj",
+        attn_out="attention.dense",
         attn_norm=None,
-        # SwiGLU: act(gate(x)) * up(x); the gate is the linear whose output enters the activation.
-        ffn_in="mlp.gate_proj",
-        ffn_out="mlp.down_proj",
+        ffn_in="mlp.dense_h_to_4h",
+        ffn_out="mlp.dense_4h_to_h",
         norms=("input_layernorm", "post_attention_layernorm"),
-        embeddings="embed_tokens",
+        embeddings="embed_in",
+        attention=(
+            "attention.query_key_value",
+            "attention.query_key_value",
+            "attention.query_key_value",
+        ),
+        pre_norm=True,
+        causal=True,
+        bias_flags=_ATTENTION_BIAS_ONLY,
+    ),
+    # OPT keeps fc1/fc2 on the block. It is pre-LN except OPT-350m (do_layer_norm_before
+    # False); there too the attention position's shift goes on out_proj (before the residual
+    # and the LayerNorm), which folds exactly into its bias: attn_norm stays None.
+    "opt": ArchSpec(
+        blocks="decoder.layers",
+        attn_out="self_attn.out_proj",
+        attn_norm=None,
+        ffn_in="fc1",
+        ffn_out="fc2",
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+        embeddings="decoder.embed_tokens",
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         pre_norm=True,
         causal=True,
-        bias_flags={"ffn_in": "mlp_bias", "ffn_out": "mlp_bias", "attn_out": "attention_bias"},
+        bias_flags={"ffn_in": "enable_bias", "ffn_out": "enable_bias", "attn_out": "enable_bias"},
+    ),
+    "llama": _LLAMA,
+    "mistral": replace(_LLAMA, bias_flags={}),
+    "qwen2": replace(_LLAMA, bias_flags={}),
+    "qwen3": replace(_LLAMA, bias_flags=_ATTENTION_BIAS_ONLY),
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA2,
+    # `gemma3_text` is Gemma 3 1B (text only). `gemma3` checkpoints (4B and up) build a
+    # vision-language model whose config nests the text settings: not declared.
+    "gemma3_text": _GEMMA2,
+    # Phi-3 fuses q/k/v (qkv_proj) and gate+up (gate_up_proj, 2F wide, gate first); no biases
+    # and no flag to add them.
+    "phi3": replace(
+        _LLAMA,
+        ffn_in="mlp.gate_up_proj",
+        attention=("self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.qkv_proj"),
+        bias_flags={},
     ),
 }
 
+# Specs found by structure, per backbone instance (discovery runs a short forward pass).
+_DISCOVERED: weakref.WeakKeyDictionary[nn.Module, ArchSpec] = weakref.WeakKeyDictionary()
+
 
 def arch_for(model_or_type: nn.Module | str) -> ArchSpec:
-    """The spec for a model (or a `model_type` string); a one-line error if unsupported."""
-    model_type = (
-        model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
-    )
+    """The spec for a model (or a `model_type` string); a one-line error if unsupported.
+
+    A model whose type is not declared is mapped by structure (`microtune.discovery`); a type
+    string can only consult the declared map.
+    """
+    if isinstance(model_or_type, str):
+        return _declared(model_or_type)
+    model = model_or_type
+    model_type = model.config.model_type
+    spec = ARCHITECTURES.get(model_type) or _DISCOVERED.get(model)
+    if spec is None:
+        from microtune.discovery import discover_arch
+
+        spec = _DISCOVERED[model] = discover_arch(model)
+    for key, expected in spec.config_assumes.items():
+        value = getattr(model.config, key, None)
+        if value != expected:
+            raise UnsupportedModelError(
+                f"{model_type} with {key}={value} is not supported: the architecture map "
+                f"assumes {key}={expected} (add an ArchSpec in microtune/arch.py)"
+            )
+    return spec
+
+
+def _declared(model_type: str) -> ArchSpec:
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
@@ -147,19 +332,49 @@ def arch_for(model_or_type: nn.Module | str) -> ArchSpec:
         ) from None
 
 
+def describe(backbone: nn.Module) -> dict[str, Any]:
+    """The map `arch_for` uses for this backbone, as plain data (`microtune inspect`)."""
+    arch = arch_for(backbone)
+    ffn_out = arch.block_part(backbone, 0, "ffn_out")
+    model_type = backbone.config.model_type
+    return {
+        "source": "declared" if model_type in ARCHITECTURES else "discovered",
+        "model_type": model_type,
+        "num_blocks": arch.num_layers(backbone),
+        "num_hidden_layers": getattr(backbone.config, "num_hidden_layers", None),
+        "hidden_size": output_dim(ffn_out),
+        "intermediate_size": input_dim(ffn_out),
+        "map": dataclasses.asdict(arch),
+    }
+
+
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def input_dim(module: nn.Module) -> int:
+    """Width of a Linear's (or GPT-2 Conv1D's) input."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if is_conv1d(module):
+        return module.weight.shape[0]
+    raise TypeError(f"cannot tell the input width of {type(module).__name__}")
 
 
 def output_dim(module: nn.Module) -> int:
     """Width of a layer's output: Linear, GPT-2's Conv1D (weight is (in, out)) or a norm."""
     if isinstance(module, nn.Linear):
         return module.out_features
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return module.weight.shape[1]
     if hasattr(module, "normalized_shape"):
         return int(module.normalized_shape[0])
-    if hasattr(module, "weight") and module.weight.dim() == 1:  # RMSNorm variants
+    if getattr(module, "weight", None) is not None and module.weight.dim() == 1:  # RMSNorms
         return module.weight.shape[0]
     raise TypeError(f"cannot tell the output width of {type(module).__name__}")
 

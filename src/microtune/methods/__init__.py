@@ -9,9 +9,11 @@ from microtune.methods.adapter import Adapter, AdapterConfig
 from microtune.methods.base import Method, MethodConfig
 from microtune.methods.bitfit import BitFit, BitFitConfig
 from microtune.methods.full import Full, FullConfig
+from microtune.methods.hiwi import HiWi, HiWiConfig
 from microtune.methods.jrwarp import JRWARP, JRWARPConfig
 from microtune.methods.linear import LinearProbe, LinearProbeConfig
 from microtune.methods.lora import LoRA, LoRAConfig
+from microtune.methods.pafi import PaFi, PaFiConfig
 from microtune.methods.slash import SLaSh, SLaShConfig
 from microtune.methods.warp import WARP, WARPConfig
 
@@ -24,6 +26,8 @@ METHODS: dict[str, type[Method]] = {
     BitFit.name: BitFit,
     LoRA.name: LoRA,
     Adapter.name: Adapter,
+    PaFi.name: PaFi,
+    HiWi.name: HiWi,
 }
 
 
@@ -50,6 +54,8 @@ __all__ = [
     "BitFitConfig",
     "Full",
     "FullConfig",
+    "HiWi",
+    "HiWiConfig",
     "JRWARP",
     "JRWARPConfig",
     "LinearProbe",
@@ -58,6 +64,8 @@ __all__ = [
     "LoRAConfig",
     "Method",
     "MethodConfig",
+    "PaFi",
+    "PaFiConfig",
     "SLaSh",
     "SLaShConfig",
     "WARP",

@@ -8,6 +8,7 @@ parameters and hooks, and later folds itself back into the weights with `merge`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -53,6 +54,9 @@ class Method(nn.Module, abc.ABC):
     mergeable: ClassVar[bool] = True
     # A learning rate that works for this method with AdamW on a GLUE task.
     default_learning_rate: ClassVar[float] = 1e-3
+    # False for a method whose forward mixes the examples of a batch: no per-example gradient
+    # exists, so DP training refuses it before the first step.
+    supports_per_example: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig):
         super().__init__()
@@ -66,6 +70,15 @@ class Method(nn.Module, abc.ABC):
     def run_backbone(self, backbone: nn.Module, **inputs: torch.Tensor) -> Any:
         """Run the backbone; prompt methods override this to add positions to the input."""
         return backbone(**inputs)
+
+    def per_example_parameters(
+        self, batch_size: int
+    ) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]] | None:
+        """Optional fast path for DP: a context in which each of this method's trainable tensors
+        is replaced by a per-example leaf of shape (batch_size, *shape) that row b of the batch
+        alone uses; it yields the leaves by parameter name (e.g. {"z": z_b}). None (the
+        default): DP uses the general `torch.func` path (`microtune.per_example`)."""
+        return None
 
     def merge(self, backbone: nn.Module, arch: ArchSpec) -> list[str]:
         """Fold this method into the backbone's weights and detach it.
@@ -85,7 +98,61 @@ class Method(nn.Module, abc.ABC):
                 "weights; serve the artifact unmerged with `microtune eval` or the Python API"
             )
 
+    # -- what the artifact stores: by default exactly what trains --------------------------
+
+    def stored_state(self, trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors an artifact stores for this method, named as the caller likes to see them.
+
+        Args:
+            trainable: the task model's trainable tensors besides the head, by their names in
+                `TaskModel.named_parameters()` (e.g. "method.z", "backbone.encoder...bias").
+
+        The default stores them unchanged. A method that stores something else (PaFi's values
+        without indices, HiWi's computed biases instead of its adapter) overrides this and
+        `load_stored_state` together.
+        """
+        return dict(trainable)
+
+    def stored_metadata(self) -> dict[str, Any]:
+        """JSON-serialisable facts the artifact records beside the tensors (e.g. a mask hash)."""
+        return {}
+
+    def load_stored_state(
+        self,
+        stored: dict[str, torch.Tensor],
+        trainable: dict[str, torch.Tensor],
+        metadata: dict[str, Any],
+    ) -> None:
+        """Put what `stored_state` wrote back into a freshly attached method.
+
+        Args:
+            stored: the artifact's tensors besides the head.
+            trainable: the task model's trainable tensors besides the head (as `stored_state`).
+            metadata: what `stored_metadata` returned at save time ({} for older artifacts).
+        """
+        copy_matching(stored, trainable)
+
     def detach(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+
+
+def copy_matching(stored: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
+    """Copy stored tensors into same-named targets; names and shapes must match one to one."""
+    if set(stored) != set(targets):
+        missing = sorted(set(targets) - set(stored))[:3]
+        extra = sorted(set(stored) - set(targets))[:3]
+        raise MicrotuneError(
+            f"artifact tensors do not fit the model: missing {missing}, unexpected {extra}"
+        )
+    wrong = [n for n, t in targets.items() if tuple(stored[n].shape) != tuple(t.shape)]
+    if wrong:
+        name = wrong[0]
+        raise MicrotuneError(
+            f"artifact tensor {name} has shape {tuple(stored[name].shape)} but the model expects "
+            f"{tuple(targets[name].shape)}; load it with the options it was trained with"
+        )
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(stored[name])

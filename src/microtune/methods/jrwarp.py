@@ -45,11 +45,13 @@ class JRWARP(PromptMethod, ProjectedZMethod):
         self.attach_prompts(backbone, arch)
 
     def prompt_vectors(self) -> dict[int, torch.Tensor]:
-        """z W_l as a (1, D) prompt, for every block l."""
-        return {layer: self.projected(layer)[None] for layer in range(len(self.bank.widths))}
+        """z W_l as a (1, D) prompt, for every block l ((B, 1, D) rows in the DP path)."""
+        vectors = (self.projected(layer) for layer in range(len(self.bank.widths)))
+        return {layer: v[None] if v.dim() == 1 else v[:, None] for layer, v in enumerate(vectors)}
 
     def layer_prompts(self) -> dict[int, torch.Tensor]:
-        if (torch.is_grad_enabled() and self.z.requires_grad) or not self.cache_prompts:
+        training = torch.is_grad_enabled() and self.z.requires_grad
+        if training or not self.cache_prompts or self._z_rows is not None:
             return self.prompt_vectors()
         # Inference: the prompts are constants of z. Comparing values (O(d)) rather than a
         # version counter also catches writes through `z.data`.

@@ -7,7 +7,9 @@ forward and backward pass of a custom autograd function (no projection memory).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -78,6 +80,7 @@ class ProjectedZMethod(Method):
         super().__init__(config)
         self.z = nn.Parameter(init_z(config.d, config.z_init))
         self.bank: ProjectionBank | None = None
+        self._z_rows: torch.Tensor | None = None  # per-example z_b (B, d) inside the DP path
 
     def build_bank(self, widths: tuple[int, ...], device: torch.device) -> None:
         """Create the bank for layers of these widths; store the matrices unless memory-lean."""
@@ -103,7 +106,21 @@ class ProjectedZMethod(Method):
         return getattr(self, f"projection_{layer}")
 
     def projected(self, layer: int) -> torch.Tensor:
-        """z W_l, differentiable in z on both paths."""
+        """z W_l (D,), differentiable in z on both paths; (B, D) rows z_b W_l in the DP path."""
+        z = self.z if self._z_rows is None else self._z_rows
         if self.config.memory_lean:
-            return project_from_seed(self.z, self.bank, layer)
-        return self.z @ self.projection(layer)
+            return project_from_seed(z, self.bank, layer)
+        return z @ self.projection(layer)
+
+    def per_example_parameters(self, batch_size: int):
+        """z replaced by a leaf z_b of shape (B, d): one backward of the summed loss gives
+        ∂L_b/∂z = Σ_l g_{b,l} W_lᵀ in row b (methods.md §7), no per-example weight gradient."""
+        return self._per_example_z(batch_size)
+
+    @contextlib.contextmanager
+    def _per_example_z(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        self._z_rows = self.z.detach().expand(batch_size, -1).clone().requires_grad_(True)
+        try:
+            yield {"z": self._z_rows}
+        finally:
+            self._z_rows = None

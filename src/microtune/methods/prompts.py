@@ -10,6 +10,7 @@ positions are dropped from the output again, so read-outs index the original tok
 from __future__ import annotations
 
 import abc
+import sys
 from functools import partial
 from typing import Any
 
@@ -23,9 +24,12 @@ from microtune.methods.base import Method
 def original_position_ids(backbone: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The position ids the backbone would use for `input_ids` (right-padded) on its own."""
     embeddings = getattr(backbone, "embeddings", None)
-    from_ids = getattr(embeddings, "create_position_ids_from_input_ids", None)
-    if from_ids is not None:
-        # RoBERTa family: counted from padding_idx + 1, padding tokens at padding_idx.
+    # RoBERTa family (a method) and MPNet (a function of the modeling module): positions
+    # counted from padding_idx + 1, padding tokens at padding_idx.
+    from_ids = getattr(embeddings, "create_position_ids_from_input_ids", None) or getattr(
+        sys.modules.get(type(embeddings).__module__), "create_position_ids_from_input_ids", None
+    )
+    if from_ids is not None and hasattr(embeddings, "padding_idx"):
         return from_ids(input_ids, embeddings.padding_idx)
     batch, length = input_ids.shape
     return torch.arange(length, device=input_ids.device).expand(batch, length)

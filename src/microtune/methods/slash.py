@@ -79,10 +79,22 @@ class SLaSh(ProjectedZMethod):
         return self.projected(layer)
 
     def _add_shift(self, layer: int, module: nn.Module, inputs, output: torch.Tensor):
-        return output + self.shift(layer).to(output.dtype)
+        shift = self.shift(layer)
+        if shift.dim() == 2:  # per-example rows (B, D) in the DP path: one per sequence
+            shift = shift[:, None]
+        return output + shift.to(output.dtype)
 
     @torch.no_grad()
     def merge(self, backbone: nn.Module, arch: ArchSpec) -> list[str]:
+        part = site_part(arch, self.config.position)
+        if part not in arch.bias_flags and any(site.bias is None for site in self._sites):
+            # Checked before any weight changes: no stock model of this family has a bias there.
+            raise MicrotuneError(
+                f"slash: cannot merge at position '{self.config.position}' on "
+                f"{backbone.config.model_type}: its {getattr(arch, part)} has no bias and no "
+                "config flag adds one, so no stock model can hold the shift; serve the artifact "
+                "unmerged (`microtune eval`, `microtune.load`)"
+            )
         created = []
         for layer, site in enumerate(self._sites):
             bias, was_created = ensure_bias(site)

@@ -1,0 +1,166 @@
+"""LoRA artifacts in `peft`'s format, so `PeftModel.from_pretrained` serves them.
+
+microtune's LoRA is peft's LoRA (same A (r, in) and B (out, r), same alpha / r scale, see
+`bench/peft_lora.py`), so the export is a renaming. `export_peft` writes into one folder:
+
+- `adapter_config.json`: peft's LoraConfig: r, lora_alpha, lora_dropout, target_modules (the
+  full paths of the layers LoRA was attached to), fan_in_fan_out for GPT-2's Conv1D, whose
+  weight is (in, out), and task type FEATURE_EXTRACTION, so it loads on `AutoModel`;
+- `adapter_model.safetensors`: A and B under peft's names,
+  `base_model.model.<layer path>.lora_A.weight` and `....lora_B.weight`;
+- `head.safetensors` and `microtune_export.json`, exactly as the merged "backbone+head" export,
+  with the format "peft+head"; and the tokenizer.
+
+Writing needs no peft; loading does (`pip install 'microtune[peft]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microtune.api import (
+    EXPORT_FILE,
+    load_exported,
+    load_split,
+    task_from_record,
+    write_export_record,
+    write_head,
+)
+from microtune.artifact import (
+    fingerprint,
+    load_artifact,
+    read_artifact_config,
+    write_json,
+    write_tensors,
+)
+from microtune.data import batches, encode
+from microtune.errors import MicrotuneError
+from microtune.methods.lora import LoRA, is_conv1d
+from microtune.model import load_backbone
+from microtune.train import predict
+
+PEFT_FORMAT = "peft+head"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# peft's PeftModel wraps the base model as base_model (LoraModel) . model (the backbone).
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_tensors(method: LoRA) -> dict[str, torch.Tensor]:
+    """A and B of every target, named as peft's `save_pretrained` names them."""
+    tensors = {}
+    for path, factors in zip(method.target_paths(), method.factors.values(), strict=True):
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = factors.A
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = factors.B
+    return tensors
+
+
+def peft_config(method: LoRA, backbone: torch.nn.Module, base_model: str) -> dict[str, Any]:
+    """peft's `adapter_config.json` for this LoRA (fields a LoraConfig reads; the rest default)."""
+    paths = method.target_paths()
+    alpha = method.config.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "FEATURE_EXTRACTION",
+        "base_model_name_or_path": base_model,
+        "r": method.config.rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": method.config.lora_dropout,
+        "target_modules": paths,
+        # One flag for the model; peft corrects it per layer, so set it when any is a Conv1D.
+        "fan_in_fan_out": any(is_conv1d(backbone.get_submodule(p)) for p in paths),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def export_peft(
+    artifact_dir: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None
+) -> dict[str, Any]:
+    """Write a LoRA artifact in peft's format with the head beside it; refuses other methods.
+
+    Returns the output folder, format, number of target layers and LoRA numbers written."""
+    method_name = read_artifact_config(artifact_dir)["method"]
+    if method_name != "lora":
+        raise MicrotuneError(
+            f"--format peft needs a LoRA artifact, but {artifact_dir} holds '{method_name}'; "
+            "export it with --format merged"
+        )
+    task_model, tokenizer, config = load_artifact(artifact_dir, model)
+    method = task_model.method
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tensors = peft_tensors(method)
+    write_tensors(output_dir / ADAPTER_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    write_json(
+        output_dir / ADAPTER_CONFIG_FILE,
+        peft_config(method, task_model.backbone, config["base_model"]["name"]),
+    )
+    write_head(task_model, output_dir)
+    tokenizer.save_pretrained(output_dir)
+    write_export_record(task_model, config, output_dir, PEFT_FORMAT)
+    return {
+        "output": str(output_dir),
+        "format": PEFT_FORMAT,
+        "targets": len(method.target_paths()),
+        "lora_parameters": sum(t.numel() for t in tensors.values()),
+    }
+
+
+def load_peft(folder: str | os.PathLike, base_model: str | None = None):
+    """The exported folder's backbone as peft serves it: `PeftModel.from_pretrained` over the
+    base model (default: the one the export names; its weights must match the fingerprint)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise MicrotuneError(
+            "loading a peft export needs peft: pip install 'microtune[peft]'"
+        ) from None
+    info = json.loads((Path(folder) / EXPORT_FILE).read_text())
+    name = base_model or info["base_model"]["name"]
+    backbone, _ = load_backbone(name)
+    if fingerprint(backbone) != info["base_model"]["fingerprint"]:
+        raise MicrotuneError(
+            f"base model mismatch: {folder} was exported from '{info['base_model']['name']}' "
+            f"but '{name}' has other weights; pass the original base model"
+        )
+    return PeftModel.from_pretrained(backbone, str(folder)).eval()
+
+
+def export_peft_and_check(
+    artifact_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    model: str | None = None,
+    data_dir: str | None = None,
+    examples: int = 256,
+) -> dict[str, Any]:
+    """`export_peft`, then load the folder with peft and compare its logits (through the head)
+    with the unmerged artifact's on dev examples: max |logit difference|."""
+    if examples < 1:
+        raise MicrotuneError(f"--check-examples must be at least 1, got {examples}")
+    report = export_peft(artifact_dir, output_dir, model)
+    unmerged, tokenizer, config = load_artifact(artifact_dir, model)
+    task_spec = task_from_record(config["task"])
+    dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)
+    rows = encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
+    expected = predict(unmerged, rows, tokenizer.pad_token_id)
+    peft_logits, _ = load_exported(output_dir, base_model=model)
+    with torch.no_grad():
+        found = torch.cat(
+            [
+                peft_logits(**inputs)
+                for inputs, _ in batches(rows, [0] * len(rows), 64, tokenizer.pad_token_id)
+            ]
+        ).numpy()
+    report.update(examples=len(rows), max_abs_logit_diff=float(abs(found - expected).max()))
+    return report

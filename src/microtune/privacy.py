@@ -1,0 +1,362 @@
+"""Differentially private training (DP-SGD, methods.md §7): the one privacy engine.
+
+What lives here: `DPConfig` (the user's settings), `PrivacyPlan` (σ, δ, q and the step budget
+resolved for one training set, accounted by Opacus' maintained PRV or RDP accountant),
+`PoissonSampler` (the sampling the accountant assumes), `DPStep` (per-example gradients, flat
+clipping, one Gaussian draw per logical batch, then AdamW) and `PrivacyBudgetCallback` (ε spent
+in the log and progress bar; stops before the target would be exceeded). `private_plugins`
+builds the three plug-ins the trainer takes.
+
+Dropout: a DP step runs the model in eval mode, so backbone, head and LoRA dropout are off and
+each example's gradient is a function of that example and the parameters alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from microtune.errors import MicrotuneError
+from microtune.per_example import PerExampleGradients, check_supported
+from microtune.train import AdamWStep, ShuffledSampler, TrainConfig, TrainerCallback
+
+SAMPLINGS = ("poisson", "shuffle")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass
+class DPConfig:
+    """Differential privacy settings (DP-SGD). Training is private when epsilon or sigma is set.
+
+    Attributes:
+        epsilon: target ε. σ is calibrated so the planned steps spend at most this, and training
+            stops before a step would exceed it.
+        delta: target δ (default 1/(2N) for N training examples).
+        sigma: noise multiplier σ to use instead of calibrating one; with epsilon also set,
+            training stops before the budget runs out.
+        clip: per-example L2 clipping norm C, flat over every trainable tensor (head included).
+        batch: logical batch size: the expected size for Poisson sampling (rate q = batch / N),
+            the fixed size for shuffled batches. Noise is added once per logical batch; the
+            micro-batch (--batch-size) only bounds memory. 2048 as in the seed paper's private
+            setting: large batches average the noise away.
+        sampling: "poisson" (each example joins each batch independently with rate q: what the
+            accountant assumes, exact) or "shuffle" (fixed-size batches of a shuffled epoch: an
+            approximation, reported as such).
+        accountant: "prv" (Opacus' PRV accountant, tight) or "rdp" (Rényi DP, looser).
+        noise_seed: seed of the noise generator, for reproducible runs and tests only: whoever
+            knows it can remove the noise. Default: drawn from the operating system's secure
+            randomness and never written anywhere but the checkpoint.
+    """
+
+    epsilon: float | None = None
+    delta: float | None = None
+    sigma: float | None = None
+    clip: float = 1.0
+    batch: int = 2048
+    sampling: str = "poisson"
+    accountant: str = "prv"
+    noise_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epsilon is None and self.sigma is None:
+            raise MicrotuneError("DP training needs a target epsilon or a noise multiplier sigma")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise MicrotuneError(f"DP epsilon must be positive, got {self.epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise MicrotuneError(f"DP delta must be in (0, 1), got {self.delta}")
+        if self.sigma is not None and not self.sigma > 0:
+            raise MicrotuneError(f"DP sigma must be positive, got {self.sigma}")
+        if not self.clip > 0:
+            raise MicrotuneError(f"DP clip norm must be positive, got {self.clip}")
+        if self.batch < 1:
+            raise MicrotuneError(f"DP logical batch must be at least 1, got {self.batch}")
+        if self.sampling not in SAMPLINGS:
+            raise MicrotuneError(f"DP sampling '{self.sampling}' unknown; use {SAMPLINGS}")
+        if self.accountant not in ACCOUNTANTS:
+            raise MicrotuneError(f"DP accountant '{self.accountant}' unknown; use {ACCOUNTANTS}")
+
+
+# -- accounting (Opacus' accountants; nothing hand-written) ----------------------------------
+
+
+def _check_accounting(sample_rate: float, steps: int, delta: float, accountant: str) -> None:
+    if not 0 < sample_rate <= 1:
+        raise MicrotuneError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise MicrotuneError(f"steps must be at least 1, got {steps}")
+    if not 0 < delta < 1:
+        raise MicrotuneError(f"delta must be in (0, 1), got {delta}")
+    if accountant not in ACCOUNTANTS:
+        raise MicrotuneError(f"accountant '{accountant}' unknown; use {ACCOUNTANTS}")
+
+
+def epsilon_spent(
+    sigma: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
+) -> float:
+    """ε after `steps` subsampled Gaussian steps, from Opacus' accountant (0 for no steps)."""
+    from opacus.accountants import create_accountant
+
+    if steps == 0:
+        return 0.0
+    _check_accounting(sample_rate, steps, delta, accountant)
+    if not sigma > 0:
+        raise MicrotuneError(f"sigma must be positive, got {sigma}")
+    account = create_accountant(mechanism=accountant)
+    account.history = [(sigma, sample_rate, steps)]
+    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" on tiny runs
+        warnings.simplefilter("ignore", UserWarning)
+        return float(account.get_epsilon(delta=delta))
+
+
+def calibrate_sigma(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """The smallest σ (to a tolerance of 0.1% of ε) whose `steps` steps spend at most ε."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    _check_accounting(sample_rate, steps, delta, accountant)
+    if not epsilon > 0:
+        raise MicrotuneError(f"epsilon must be positive, got {epsilon}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=1e-3 * epsilon,
+                )
+            )
+    except ValueError as error:  # "The privacy budget is too low."
+        raise MicrotuneError(f"cannot reach epsilon={epsilon}: {error}; raise it") from None
+
+
+@dataclass
+class PrivacyPlan:
+    """σ, δ, q and the budget of one private run, resolved from a DPConfig and the data size."""
+
+    config: DPConfig
+    num_examples: int
+    planned_steps: int
+    sigma: float
+    delta: float
+
+    @classmethod
+    def resolve(cls, config: DPConfig, num_examples: int, planned_steps: int) -> PrivacyPlan:
+        if config.batch > num_examples:
+            raise MicrotuneError(
+                f"DP logical batch {config.batch} exceeds the {num_examples} training examples; "
+                "lower it"
+            )
+        delta = config.delta if config.delta is not None else 1 / (2 * num_examples)
+        sample_rate = config.batch / num_examples
+        sigma = config.sigma
+        if sigma is None:
+            sigma = calibrate_sigma(
+                config.epsilon, delta, sample_rate, planned_steps, config.accountant
+            )
+        return cls(config, num_examples, planned_steps, sigma, delta)
+
+    @property
+    def sample_rate(self) -> float:
+        return self.config.batch / self.num_examples
+
+    def epsilon(self, steps: int) -> float:
+        return epsilon_spent(
+            self.sigma, self.sample_rate, steps, self.delta, self.config.accountant
+        )
+
+    def allowed_steps(self) -> int | None:
+        """The most steps whose ε stays within the target (None: no target, no limit); at least
+        the planned steps are checked, so a calibrated plan costs one accountant call."""
+        target = self.config.epsilon
+        if target is None or self.epsilon(self.planned_steps) <= target:
+            return None
+        low, high = 0, self.planned_steps  # ε(low) <= target < ε(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.epsilon(middle) <= target else (low, middle)
+        return low
+
+    def record(self, steps: int) -> dict[str, Any]:
+        """What metrics.json and the artifact record about the privacy of a run of `steps`."""
+        c = self.config
+        return {
+            "epsilon": self.epsilon(steps),
+            "target_epsilon": c.epsilon,
+            "delta": self.delta,
+            "sigma": self.sigma,
+            "clip": c.clip,
+            "sample_rate": self.sample_rate,
+            "logical_batch": c.batch,
+            "sampling": c.sampling,
+            "sampling_exact": c.sampling == "poisson",
+            "sampling_note": (
+                "Poisson sampling, as the accountant assumes"
+                if c.sampling == "poisson"
+                else "APPROXIMATION: shuffled fixed-size batches accounted as Poisson sampling"
+            ),
+            "steps": steps,
+            "planned_steps": self.planned_steps,
+            "accountant": c.accountant,
+            "noise_divisor": "expected logical batch size q*N"
+            if c.sampling == "poisson"
+            else "logical batch size",
+            "dropout": "off",
+            "noise_seed": c.noise_seed,  # None: secret, as privacy needs
+        }
+
+
+# -- the sampler -----------------------------------------------------------------------------
+
+
+def _seed(*parts: Any) -> int:
+    digest = hashlib.sha256(":".join(map(str, ("microtune", *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class PoissonSampler:
+    """Each example joins each logical batch independently with probability q = batch / N.
+
+    Batch sizes vary (mean q·N). An "epoch" is N // batch logical batches drawn from a generator
+    seeded by (seed, epoch): a pure function of (seed, epoch), so resume replays them.
+    """
+
+    num_examples: int
+    expected_batch: int
+    seed: int
+
+    @property
+    def sample_rate(self) -> float:
+        return self.expected_batch / self.num_examples
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, self.num_examples // self.expected_batch)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(_seed("poisson", self.seed, epoch))
+        draws = torch.rand(self.batches_per_epoch, self.num_examples, generator=generator)
+        return [torch.nonzero(row < self.sample_rate).flatten().tolist() for row in draws]
+
+
+# -- the step --------------------------------------------------------------------------------
+
+
+class DPStep(AdamWStep):
+    """DP-SGD's gradient, then the AdamW update of `AdamWStep`.
+
+    Per logical batch: per-example gradients of every trainable tensor, each example's flat L2
+    norm clipped to C, the clipped gradients summed, N(0, σ²C²) noise added once, and the sum
+    divided by the expected logical batch size q·N (Poisson) or the fixed size (shuffle). The
+    noise generator's state and the number of private steps go into checkpoints.
+    """
+
+    def __init__(self, plan: PrivacyPlan):
+        super().__init__()
+        self.plan = plan
+        seed = plan.config.noise_seed
+        self.noise = torch.Generator().manual_seed(
+            secrets.randbits(63) if seed is None else _seed("dp-noise", seed)
+        )
+        self.private_steps = 0
+        self.per_example: PerExampleGradients | None = None
+
+    def bind(self, model: nn.Module, parameters, config: TrainConfig, total_steps: int) -> None:
+        super().bind(model, parameters, config, total_steps)
+        self.per_example = PerExampleGradients(model, parameters)  # refuses before any step
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.eval()  # no dropout: an example's gradient depends on it and the parameters only
+
+    def gradients(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
+        clip, sigma = self.plan.config.clip, self.plan.sigma
+        sums = {name: torch.zeros_like(p) for name, p in self.parameters.items()}
+        loss_sum, count = 0.0, 0
+        for inputs, labels in micro_batches:
+            for losses, grads in self.per_example(inputs, labels):
+                norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0)
+                factors = (clip / (norms.sqrt() + 1e-6)).clamp(max=1.0)
+                for name, grad in grads.items():
+                    sums[name] += torch.tensordot(factors.to(grad.dtype), grad, dims=1)
+                loss_sum += float(losses.sum())
+                count += len(losses)
+        for name, parameter in self.parameters.items():
+            # Drawn on the CPU in float32 in a fixed order: the same noise on every device.
+            noise = torch.randn(parameter.shape, generator=self.noise) * (sigma * clip)
+            total = sums[name] + noise.to(device=parameter.device, dtype=parameter.dtype)
+            parameter.grad = total / self.plan.config.batch
+        self.private_steps += 1
+        return loss_sum / max(count, 1)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().state()
+        tensors["dp.noise_rng"] = self.noise.get_state()
+        meta["private_steps"] = self.private_steps
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        self.noise.set_state(tensors["dp.noise_rng"])
+        self.private_steps = meta["private_steps"]
+
+
+class PrivacyBudgetCallback(TrainerCallback):
+    """Logs ε spent (log lines and progress bar) and stops before a step would exceed the target."""
+
+    def __init__(self, plan: PrivacyPlan, step: DPStep):
+        self.plan = plan
+        self.step = step
+        self.allowed: int | None = None
+
+    def on_train_begin(self, trainer) -> None:
+        self.allowed = self.plan.allowed_steps()
+        if self.allowed == 0:
+            raise MicrotuneError(
+                f"one step with sigma={self.plan.sigma:.4g} already spends more than "
+                f"epsilon={self.plan.config.epsilon}; raise sigma or epsilon"
+            )
+
+    def on_step_begin(self, trainer) -> None:
+        if self.allowed is not None and self.step.private_steps >= self.allowed:
+            spent = self.plan.epsilon(self.step.private_steps)
+            trainer.stop(
+                f"privacy budget: epsilon {spent:.4f} spent; one more step would exceed the "
+                f"target {self.plan.config.epsilon}"
+            )
+
+    def on_step_end(self, trainer, logs: dict[str, Any]) -> None:
+        if trainer.is_log_step():
+            trainer.live["epsilon"] = round(self.plan.epsilon(self.step.private_steps), 4)
+
+
+def private_plugins(
+    dp: DPConfig, model: nn.Module, config: TrainConfig, num_examples: int
+) -> tuple[PrivacyPlan, Any, DPStep, list[TrainerCallback]]:
+    """(plan, sampler, step, callbacks) of a private run; the trainer needs nothing else.
+
+    Unsupported models are refused here, before any calibration or step."""
+    check_supported(model)
+    if config.grad_accum != 1:
+        raise MicrotuneError(
+            "--grad-accum does not apply to DP training: the logical batch is --dp-batch and "
+            "--batch-size the micro-batch"
+        )
+    if dp.sampling == "poisson":
+        sampler = PoissonSampler(num_examples, dp.batch, config.seed)
+    else:  # fixed size: drop the last, smaller batch of each epoch
+        sampler = ShuffledSampler(num_examples, dp.batch, config.seed, drop_last=True)
+    plan = PrivacyPlan.resolve(dp, num_examples, config.steps_for(sampler.batches_per_epoch))
+    step = DPStep(plan)
+    return plan, sampler, step, [PrivacyBudgetCallback(plan, step)]

@@ -1,0 +1,206 @@
+"""Serving a trained artifact from Python: `microtune.load` and the model it returns.
+
+    import microtune
+
+    model = microtune.load("runs/sst2")
+    model.predict(["a gripping film", "dull"])  # [{"label": "positive", "score": ...}, ...]
+    model.merge()                              # fold into the base weights: same outputs
+    model.save_pretrained("runs/sst2-merged")  # the standard export folder (`microtune merge`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microtune.api import export_merged, resolve_device
+from microtune.artifact import CONFIG_FILE, TENSORS_FILE, load_artifact
+from microtune.data import encode
+from microtune.errors import MicrotuneError
+from microtune.hub import is_offline
+from microtune.methods import method_class
+from microtune.model import TaskModel
+from microtune.tasks import Example
+from microtune.train import predict
+
+# One input: a text, a tuple of texts (sentence pairs), or a mapping with the task's columns.
+Input = str | Sequence[str] | Mapping[str, str]
+
+
+class TunedModel:
+    """A base model with a trained artifact applied, ready for inference.
+
+    Attributes:
+        task_model: the `TaskModel` (backbone, method, read-out, head), in eval mode.
+        tokenizer: the base model's tokenizer.
+        config: the artifact's `microtune.json` (method, head, task record, base model).
+    """
+
+    def __init__(self, task_model: TaskModel, tokenizer, config: dict[str, Any]):
+        self.task_model = task_model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @property
+    def text_columns(self) -> tuple[str, ...]:
+        """The task's text columns: one for single sentences, two for sentence pairs."""
+        return tuple(self.config["task"]["text_columns"])
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names from the task record, else LABEL_0, LABEL_1, ... (as transformers)."""
+        count = self.task_model.head_config.num_labels
+        names = self.config["task"].get("label_names") or []
+        return list(names) if len(names) == count else [f"LABEL_{i}" for i in range(count)]
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task_model.head_config.num_labels == 1
+
+    @property
+    def merged(self) -> bool:
+        """True once the method is folded into the backbone's weights (or there is none)."""
+        return self.task_model.method is None
+
+    def logits(self, inputs: Input | Iterable[Input], batch_size: int = 64) -> torch.Tensor:
+        """Logits (N, num_labels) of the inputs, in order, on the CPU.
+
+        Args:
+            inputs: a text, a pair of texts, a mapping with the task's text columns, or a
+                list of those; pair tasks need two texts per input.
+            batch_size: inputs per forward pass.
+        """
+        examples = self._examples(inputs)
+        if not examples:
+            return torch.empty(0, self.task_model.head_config.num_labels)
+        with_mask = self.task_model.head_config.readout == "mask"
+        rows = encode(self.tokenizer, examples, self.config["max_length"], with_mask)
+        return torch.from_numpy(
+            predict(self.task_model, rows, self.tokenizer.pad_token_id, batch_size)
+        )
+
+    def predict(
+        self, inputs: Input | Iterable[Input], batch_size: int = 64
+    ) -> list[dict[str, Any]]:
+        """One {"label", "score"} per input: the most probable label name and its softmax
+        probability; for regression (STS-B) the label is None and the score the prediction."""
+        logits = self.logits(inputs, batch_size)
+        if self.is_regression:
+            return [{"label": None, "score": float(value)} for value in logits[:, 0]]
+        scores, indices = logits.softmax(-1).max(-1)
+        names = self.label_names
+        return [
+            {"label": names[i], "score": float(s)}
+            for i, s in zip(indices.tolist(), scores, strict=True)
+        ]
+
+    def merge(self) -> TunedModel:
+        """Fold the method into the backbone's weights, in place: the same outputs (to float
+        rounding) at the base model's speed. Refuses methods that cannot merge."""
+        method_class(self.config["method"]).require_mergeable()
+        self.task_model.merge()
+        return self
+
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Merge (in place) and write the standard export folder, as `microtune merge` does;
+        returns its format ("backbone+head" or "sequence-classification")."""
+        self.merge()
+        return export_merged(self.task_model, self.tokenizer, self.config, folder)
+
+    def _examples(self, inputs: Input | Iterable[Input]) -> list[Example]:
+        items = [inputs] if isinstance(inputs, (str, Mapping)) else list(inputs)
+        columns = self.text_columns
+        examples = []
+        for index, item in enumerate(items):
+            if isinstance(item, Mapping):
+                missing = [c for c in columns if c not in item]
+                if missing:
+                    raise MicrotuneError(
+                        f"input {index} has no '{missing[0]}'; give the task's text columns "
+                        f"{', '.join(columns)}"
+                    )
+                texts = tuple(item[c] for c in columns)
+            else:
+                texts = (item,) if isinstance(item, str) else tuple(item)
+            if len(texts) != len(columns) or not all(isinstance(t, str) for t in texts):
+                shown = json.dumps(texts, default=str)[:60]
+                raise MicrotuneError(
+                    f"input {index} is {shown}; task {self.config['task']['name']} takes "
+                    f"{len(columns)} text(s) per input ({', '.join(columns)}): give "
+                    + ("texts" if len(columns) == 1 else "pairs (a, b) or dicts with those keys")
+                )
+            examples.append(Example(texts, 0))
+        return examples
+
+
+def resolve_artifact(artifact: str | os.PathLike) -> Path:
+    """A local artifact folder: the folder itself, or a hub repo id fetched when online."""
+    path = Path(artifact)
+    if path.is_dir():
+        return path
+    name = str(artifact)
+    if is_offline() or name.count("/") != 1 or path.is_absolute():
+        raise MicrotuneError(
+            f"artifact '{name}' is not a folder"
+            + (" (HF_HUB_OFFLINE is set, so it is not fetched from the hub)" if is_offline() else "")
+            + "; pass the folder `microtune train --output` wrote"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(name, allow_patterns=[CONFIG_FILE, TENSORS_FILE, "metrics.json"])
+        )
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [repr(error)])[0]
+        raise MicrotuneError(
+            f"could not fetch artifact '{name}' from the hub: {first_line}"
+        ) from None
+
+
+def load(
+    artifact: str | os.PathLike, model: str | None = None, device: str = "cpu"
+) -> TunedModel:
+    """Load a trained artifact for inference.
+
+    Args:
+        artifact: the folder `microtune train --output` wrote, or a hub repo id holding one
+            (fetched when online).
+        model: the base model, if not where the artifact says; its weights must match the
+            fingerprint the artifact stores.
+        device: where to run: cpu, cuda, cuda:1, or auto (the GPU if there is one).
+
+    Returns:
+        A `TunedModel` with `predict`, `logits`, `merge` and `save_pretrained`.
+    """
+    task_model, tokenizer, config = load_artifact(resolve_artifact(artifact), model)
+    task_model.to(resolve_device(device))
+    return TunedModel(task_model, tokenizer, config)
+
+
+def parse_input_lines(lines: Iterable[str]) -> list[Input]:
+    """Inputs from text lines (the CLI's file or stdin): a JSON object line is a mapping of
+    columns (pair tasks), any other non-empty line is one text."""
+    inputs: list[Input] = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                inputs.append(record)
+                continue
+        inputs.append(line)
+    return inputs
+
+
+__all__ = ["TunedModel", "load", "parse_input_lines", "resolve_artifact"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub during tests
@@ -220,3 +222,18 @@ def tiny_batch(tokenizer, pair: bool = False):
     texts = ["the film is good", "a very dull plot , not fun", "love it", "the worst movie"]
     seconds = ["it was great", "bad", "the story is fun and good", "hate"] if pair else None
     return tokenizer(texts, seconds, padding=True, return_tensors="pt")
+
+
+@pytest.fixture(scope="session")
+def toy_files(tmp_path_factory) -> Path:
+    """A small sentiment task in the tiny vocabulary: 'good/great/fun/best/love' is positive."""
+    rng = random.Random(0)
+    positive = {"good", "great", "fun", "best", "love"}
+    folder = tmp_path_factory.mktemp("toy")
+    for split, size in (("train", 96), ("dev", 32)):
+        rows = []
+        for _ in range(size):
+            words = rng.sample(WORDS, 5)
+            rows.append({"sentence": " ".join(words), "label": int(bool(positive & set(words)))})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

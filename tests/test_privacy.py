@@ -1,7 +1,6 @@
 """DP-SGD: exact per-example gradients, calibrated accounting, budget stops, refusals, resume."""
 
 import json
-import random
 import warnings
 
 import pytest
@@ -26,7 +25,7 @@ from microtune.privacy import (
 )
 from microtune.train import CHECKPOINT_FILE, LOG_FILE, TrainConfig
 
-from .conftest import WORDS, tiny_tokenizer
+from .conftest import tiny_tokenizer
 
 # Different lengths, so the batch is padded: padding must not leak into any example's gradient.
 TEXTS = ["the film is good", "a very dull plot , not fun and bad", "love it", "the worst movie"]
@@ -170,20 +169,6 @@ def test_poisson_batches_have_mean_qn_and_are_a_pure_function_of_seed_and_epoch(
     assert sampler.epoch(3) != PoissonSampler(1000, 50, 8).epoch(3)
     batch = sampler.epoch(0)[0]
     assert batch == sorted(set(batch)) and batch[0] >= 0 and batch[-1] < 1000
-
-
-@pytest.fixture(scope="module")
-def toy_files(tmp_path_factory):
-    rng = random.Random(0)
-    positive = {"good", "great", "fun", "best", "love"}
-    folder = tmp_path_factory.mktemp("toy-dp")
-    for split, size in (("train", 96), ("dev", 24)):
-        rows = []
-        for _ in range(size):
-            words = rng.sample(WORDS, 5)
-            rows.append({"sentence": " ".join(words), "label": int(bool(positive & set(words)))})
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
 
 
 def dp_run(tmp_path, toy_files, model_dir, name, dp, resume=False, method="slash", **config):

@@ -13,21 +13,6 @@ from microtune.train import CHECKPOINT_FILE, LOG_FILE, TrainConfig, Trainer, lin
 from .conftest import WORDS
 
 
-@pytest.fixture(scope="module")
-def toy_files(tmp_path_factory):
-    """A small sentiment task in the tiny vocabulary: 'good/great/fun/best/love' is positive."""
-    rng = random.Random(0)
-    positive = {"good", "great", "fun", "best", "love"}
-    folder = tmp_path_factory.mktemp("toy")
-    for split, size in (("train", 96), ("dev", 32)):
-        rows = []
-        for _ in range(size):
-            words = rng.sample(WORDS, 5)
-            rows.append({"sentence": " ".join(words), "label": int(bool(positive & set(words)))})
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
 def run(tmp_path, toy_files, model_dir, name, resume=False, **config):
     settings = dict(
         max_steps=12,

@@ -1,4 +1,4 @@
-"""The command line: `microtune train | eval | predict | merge | export | info`.
+"""The command line: train, eval, predict, merge, export, info, inspect and accountant.
 
 Thin by design: it parses, calls `microtune.api`, and prints. Method options are generated from
 the methods' config dataclasses, so a new method's options appear here with their documentation

@@ -41,7 +41,7 @@ from microtune.artifact import (
 from microtune.data import batches, encode
 from microtune.errors import MicrotuneError
 from microtune.methods.lora import LoRA, is_conv1d
-from microtune.model import load_backbone
+from microtune.model import TaskModel, load_backbone
 from microtune.train import predict
 
 PEFT_FORMAT = "peft+head"
@@ -83,19 +83,22 @@ def peft_config(method: LoRA, backbone: torch.nn.Module, base_model: str) -> dic
     }
 
 
-def export_peft(
-    artifact_dir: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None
-) -> dict[str, Any]:
-    """Write a LoRA artifact in peft's format with the head beside it; refuses other methods.
-
-    Returns the output folder, format, number of target layers and LoRA numbers written."""
+def load_lora_artifact(artifact_dir: str | os.PathLike, model: str | None = None):
+    """`load_artifact` for a LoRA artifact; any other method is refused before loading."""
     method_name = read_artifact_config(artifact_dir)["method"]
     if method_name != "lora":
         raise MicrotuneError(
             f"--format peft needs a LoRA artifact, but {artifact_dir} holds '{method_name}'; "
             "export it with --format merged"
         )
-    task_model, tokenizer, config = load_artifact(artifact_dir, model)
+    return load_artifact(artifact_dir, model)
+
+
+def write_peft(
+    task_model: TaskModel, tokenizer, config: dict[str, Any], output_dir: str | os.PathLike
+) -> dict[str, Any]:
+    """Write a loaded LoRA task model in peft's format with the head beside it (the model is
+    left as it was); returns the output folder, format, target layers and LoRA numbers."""
     method = task_model.method
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +117,13 @@ def export_peft(
         "targets": len(method.target_paths()),
         "lora_parameters": sum(t.numel() for t in tensors.values()),
     }
+
+
+def export_peft(
+    artifact_dir: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None
+) -> dict[str, Any]:
+    """Write a LoRA artifact in peft's format with the head beside it; refuses other methods."""
+    return write_peft(*load_lora_artifact(artifact_dir, model), output_dir)
 
 
 def load_peft(folder: str | os.PathLike, base_model: str | None = None):
@@ -148,12 +158,12 @@ def export_peft_and_check(
     with the unmerged artifact's on dev examples: max |logit difference|."""
     if examples < 1:
         raise MicrotuneError(f"--check-examples must be at least 1, got {examples}")
-    report = export_peft(artifact_dir, output_dir, model)
-    unmerged, tokenizer, config = load_artifact(artifact_dir, model)
+    unmerged, tokenizer, config = load_lora_artifact(artifact_dir, model)
     task_spec = task_from_record(config["task"])
-    dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)
+    dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)  # before writing
     rows = encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
     expected = predict(unmerged, rows, tokenizer.pad_token_id)
+    report = write_peft(unmerged, tokenizer, config, output_dir)
     peft_logits, _ = load_exported(output_dir, base_model=model)
     with torch.no_grad():
         found = torch.cat(

@@ -1,11 +1,11 @@
 """Serving a trained artifact from Python: `microtune.load` and the model it returns.
 
-    import microtune
+import microtune
 
-    model = microtune.load("runs/sst2")
-    model.predict(["a gripping film", "dull"])  # [{"label": "positive", "score": ...}, ...]
-    model.merge()                              # fold into the base weights: same outputs
-    model.save_pretrained("runs/sst2-merged")  # the standard export folder (`microtune merge`)
+model = microtune.load("runs/sst2")
+model.predict(["a gripping film", "dull"])  # [{"label": "positive", "score": ...}, ...]
+model.merge()                              # fold into the base weights: same outputs
+model.save_pretrained("runs/sst2-merged")  # the standard export folder (`microtune merge`)
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ class TunedModel:
         self.task_model = task_model
         self.tokenizer = tokenizer
         self.config = config
+
+    def __repr__(self) -> str:
+        return (
+            f"TunedModel(method={self.config['method']!r}, task={self.config['task']['name']!r}, "
+            f"base_model={self.config['base_model']['name']!r}, merged={self.merged})"
+        )
 
     @property
     def text_columns(self) -> tuple[str, ...]:
@@ -147,7 +153,11 @@ def resolve_artifact(artifact: str | os.PathLike) -> Path:
     if is_offline() or name.count("/") != 1 or path.is_absolute():
         raise MicrotuneError(
             f"artifact '{name}' is not a folder"
-            + (" (HF_HUB_OFFLINE is set, so it is not fetched from the hub)" if is_offline() else "")
+            + (
+                " (HF_HUB_OFFLINE is set, so it is not fetched from the hub)"
+                if is_offline()
+                else ""
+            )
             + "; pass the folder `microtune train --output` wrote"
         )
     from huggingface_hub import snapshot_download
@@ -163,9 +173,7 @@ def resolve_artifact(artifact: str | os.PathLike) -> Path:
         ) from None
 
 
-def load(
-    artifact: str | os.PathLike, model: str | None = None, device: str = "cpu"
-) -> TunedModel:
+def load(artifact: str | os.PathLike, model: str | None = None, device: str = "cpu") -> TunedModel:
     """Load a trained artifact for inference.
 
     Args:

@@ -220,7 +220,7 @@ class PaFi(Method):
 
     name = "pafi"
     config_class = PaFiConfig
-    default_learning_rate = 1e-4
+    default_learning_rate = 1e-3  # chosen over 1e-4 on an SST-2 slice of the training set
 
     def __init__(self, config: PaFiConfig):
         super().__init__(config)

@@ -462,6 +462,14 @@ def time_forward(forward, batches_, repeats: int = 3) -> float:
     return best
 
 
+def check_rows(tokenizer, config: dict[str, Any], data_dir: str | None, examples: int) -> list:
+    """The first `examples` dev rows of the artifact's task, encoded as it was trained: what
+    the export checks compare exported and unmerged logits on."""
+    task_spec = task_from_record(config["task"])
+    dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)
+    return encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
+
+
 def export_and_check(
     artifact_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -479,9 +487,7 @@ def export_and_check(
         raise MicrotuneError(f"--check-examples must be at least 1, got {examples}")
     method_class(read_artifact_config(artifact_dir)["method"]).require_mergeable()
     unmerged, tokenizer, config = load_artifact(artifact_dir, model)
-    task_spec = task_from_record(config["task"])
-    dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)
-    rows = encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
+    rows = check_rows(tokenizer, config, data_dir, examples)
     unmerged_logits = predict(unmerged, rows, tokenizer.pad_token_id)
     export_format = export_merged(unmerged, tokenizer, config, output_dir)
 

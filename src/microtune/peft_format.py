@@ -25,9 +25,8 @@ import torch
 
 from microtune.api import (
     EXPORT_FILE,
+    check_rows,
     load_exported,
-    load_split,
-    task_from_record,
     write_export_record,
     write_head,
 )
@@ -38,7 +37,7 @@ from microtune.artifact import (
     write_json,
     write_tensors,
 )
-from microtune.data import batches, encode
+from microtune.data import batches
 from microtune.errors import MicrotuneError
 from microtune.methods.lora import LoRA, is_conv1d
 from microtune.model import TaskModel, load_backbone
@@ -159,9 +158,7 @@ def export_peft_and_check(
     if examples < 1:
         raise MicrotuneError(f"--check-examples must be at least 1, got {examples}")
     unmerged, tokenizer, config = load_lora_artifact(artifact_dir, model)
-    task_spec = task_from_record(config["task"])
-    dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)  # before writing
-    rows = encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
+    rows = check_rows(tokenizer, config, data_dir, examples)  # before writing anything
     expected = predict(unmerged, rows, tokenizer.pad_token_id)
     report = write_peft(unmerged, tokenizer, config, output_dir)
     peft_logits, _ = load_exported(output_dir, base_model=model)

@@ -176,6 +176,27 @@ def test_shuffled_sampler_cuts_the_seeded_epoch_order():
     assert [len(b) for b in fixed.epoch(0)] == [4, 4]
 
 
+def test_length_grouped_sampler_pads_less_and_still_sees_every_example_once():
+    from microtune.train import LengthGroupedSampler, ShuffledSampler
+
+    rng = random.Random(0)
+    lengths = tuple(rng.randint(3, 60) for _ in range(1000))
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=5, group_batches=10)
+    batches = sampler.epoch(1)
+    assert len(batches) == sampler.batches_per_epoch == 63
+    assert sorted(sum(batches, [])) == list(range(1000))  # each example once per epoch
+    assert batches == sampler.epoch(1) and batches != sampler.epoch(2)  # pure of (seed, epoch)
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    shuffled = ShuffledSampler(1000, 16, seed=5).epoch(1)
+    assert padded(batches) < 0.6 * padded(shuffled)
+    # The batch order is shuffled, not sorted from long to short.
+    longest = [max(lengths[i] for i in b) for b in batches]
+    assert longest != sorted(longest, reverse=True)
+
+
 def test_warmup_then_linear_decay():
     factor = linear_schedule(warmup_steps=4, total_steps=20)
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

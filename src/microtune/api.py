@@ -15,21 +15,23 @@ from typing import Any
 
 import torch
 
-from microtune import __version__
+from microtune import __version__, folders
 from microtune.arch import arch_for
 from microtune.artifact import (
     artifact_bytes,
     fingerprint,
     load_artifact,
     read_artifact_config,
+    read_artifact_tensors,
     save_artifact,
     write_json,
     write_tensors,
 )
 from microtune.data import encode
 from microtune.errors import MicrotuneError
+from microtune.hub import resolve_artifact
 from microtune.methods import build_method, method_class
-from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
+from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, backbone_dtype, load_backbone
 from microtune.privacy import DPConfig, private_plugins
 from microtune.tasks import TASKS, Example, Task, get_task, load_examples
 from microtune.train import DEFAULT_MAX_STEPS, TrainConfig, Trainer, evaluate, predict
@@ -76,9 +78,18 @@ def task_record(
 
 
 def task_from_record(record: dict[str, Any]) -> Task:
-    """The registered task of that name (with its hub source), else one rebuilt from the record."""
+    """The registered task of that name (with its hub source), else one rebuilt from the record.
+
+    The record comes from a schema-checked artifact (`microtune.schema`: its name and dev split
+    cannot be paths); a registered name must also agree with the registry on the labels."""
     if record["name"] in TASKS:
-        return get_task(record["name"])
+        task = get_task(record["name"])
+        if task.num_labels != record["num_labels"]:
+            raise MicrotuneError(
+                f"the artifact's task '{task.name}' has {record['num_labels']} labels but the "
+                f"registered task has {task.num_labels}; re-train or restore the artifact"
+            )
+        return task
     return Task(
         record["name"],
         tuple(record["text_columns"]),
@@ -133,115 +144,130 @@ def train(
     resume: bool = False,
     device: str = "auto",
     privacy: DPConfig | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train one method on one task; writes the artifact and metrics.json into output_dir.
+
+    The folder is locked while the run lasts, and one holding files microtune did not write,
+    another run's artifact or an unfinished run's checkpoint is refused unless `resume` (the
+    checkpoint) or `overwrite` says what to do with them (`microtune.folders`).
+
+    `dtype` ("float32", "bfloat16", "float16") is the precision of the frozen base; what
+    trains (and the head) stays float32, and the artifact records the base's precision.
 
     With `privacy`, training is DP-SGD (`microtune.privacy`): ε spent is metrics.json's
     `epsilon`, and both metrics.json and the artifact carry the full "privacy" record."""
     started = time.time()
     task_spec = get_task(task)
     config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise MicrotuneError(f"--output {output_dir} is a file; name a folder")
     if (train_file is None) != (dev_file is None):
         raise MicrotuneError("give --train-file and --dev-file together (or --data-dir)")
     if max_train_examples is not None and max_train_examples < 1:
         raise MicrotuneError(f"--max-train-examples must be at least 1, got {max_train_examples}")
     if os.path.isdir(model):
         model = os.path.abspath(model)  # the artifact must find it from anywhere
-    train_examples = load_split(
-        task_spec, "train", data_dir, train_file, text_columns, label_column, max_train_examples
-    )
-    dev_examples = load_split(
-        task_spec, task_spec.dev_split, data_dir, dev_file, text_columns, label_column
-    )
-
-    torch.manual_seed(config.seed)
-    backbone, tokenizer = load_backbone(model)
-    check_max_length(backbone, max_length)
-    base_fingerprint = fingerprint(backbone)
-    method_obj = build_method(method, method_options)
-    if config.learning_rate is None:
-        config = dataclasses.replace(config, learning_rate=method_obj.default_learning_rate)
-
-    head_config = HeadConfig(
-        num_labels=task_spec.num_labels,
-        readout=readout or default_readout(arch_for(backbone).causal),
-        head_dropout=head_dropout,
-    )
-    task_model = TaskModel(backbone, head_config, method_obj, mask_token_id=tokenizer.mask_token_id)
-    task_model.to(resolve_device(device))
-
-    with_mask = head_config.readout == "mask"
-    train_rows = encode(tokenizer, train_examples, max_length, with_mask)
-    dev_rows = encode(tokenizer, dev_examples, max_length, with_mask)
-    dev_labels = [e.label for e in dev_examples]
-    plugins: dict[str, Any] = {}
-    if privacy is not None:
-        plan, sampler, step, callbacks = private_plugins(
-            privacy, task_model, config, len(train_rows)
+    with folders.training_folder(
+        output_dir,
+        resume=resume,
+        overwrite=overwrite,
+        protected=folders.base_model_folders([model]),
+    ) as output_dir:
+        train_examples = load_split(
+            task_spec, "train", data_dir, train_file, text_columns, label_column, max_train_examples
         )
-        plugins = {"sampler": sampler, "step": step, "callbacks": callbacks}
-    trainer = Trainer(
-        task_model,
-        config,
-        train_rows,
-        [e.label for e in train_examples],
-        tokenizer.pad_token_id,
-        output_dir,
-        evaluate_fn=lambda m: evaluate(
-            m, task_spec, dev_rows, dev_labels, tokenizer.pad_token_id, config.eval_batch_size
-        ),
-        main_metric=task_spec.main_metric,
-        run_signature={
-            "model": model,
-            "base_fingerprint": base_fingerprint,
-            "method": method,
-            "method_config": method_obj.config.to_dict(),
-            "head": dataclasses.asdict(head_config),
-            "task": task_record(task_spec, text_columns, label_column),
-            "max_length": max_length,
-            "train_examples": len(train_examples),
-            "privacy": dataclasses.asdict(privacy) if privacy else None,
-        },
-        **plugins,
-    )
-    train_started = time.time()
-    dev_metrics = trainer.fit(resume=resume)
-    train_seconds = time.time() - train_started
-    privacy_record = plan.record(plugins["step"].private_steps) if privacy else None
+        dev_examples = load_split(
+            task_spec, task_spec.dev_split, data_dir, dev_file, text_columns, label_column
+        )
 
-    size = save_artifact(
-        output_dir,
-        task_model,
-        method_name=method,
-        base_model=model,
-        base_fingerprint=base_fingerprint,
-        task=task_record(task_spec, text_columns, label_column),
-        max_length=max_length,
-        extra={"privacy": privacy_record} if privacy else None,
-    )
-    trainer.remove_checkpoint()
-    report = {
-        "task": task_spec.name,
-        "method": method,
-        "model": model,
-        "seed": config.seed,
-        "steps": trainer.step,
-        "train_examples": len(train_examples),
-        "metrics": dev_metrics,
-        "trainable_parameters": task_model.count_trainable(),
-        "artifact_bytes": size,
-        "train_time_s": round(train_seconds, 2),
-        "wall_time_s": round(time.time() - started, 2),
-        "device": str(next(task_model.parameters()).device),
-        "torch_threads": torch.get_num_threads(),
-        "library_version": __version__,
-    }
-    if privacy is not None:
-        report.update(epsilon=privacy_record["epsilon"], privacy=privacy_record)
-    write_json(output_dir / METRICS_FILE, report)
+        torch.manual_seed(config.seed)
+        backbone, tokenizer = load_backbone(model, dtype)
+        check_max_length(backbone, max_length)
+        base_fingerprint = fingerprint(backbone)
+        method_obj = build_method(method, method_options)
+        if config.learning_rate is None:
+            config = dataclasses.replace(config, learning_rate=method_obj.default_learning_rate)
+
+        head_config = HeadConfig(
+            num_labels=task_spec.num_labels,
+            readout=readout or default_readout(arch_for(backbone).causal),
+            head_dropout=head_dropout,
+        )
+        task_model = TaskModel(
+            backbone, head_config, method_obj, mask_token_id=tokenizer.mask_token_id
+        )
+        task_model.to(resolve_device(device))
+
+        with_mask = head_config.readout == "mask"
+        train_rows = encode(tokenizer, train_examples, max_length, with_mask)
+        dev_rows = encode(tokenizer, dev_examples, max_length, with_mask)
+        dev_labels = [e.label for e in dev_examples]
+        plugins: dict[str, Any] = {}
+        if privacy is not None:
+            plan, sampler, step, callbacks = private_plugins(
+                privacy, task_model, config, len(train_rows)
+            )
+            plugins = {"sampler": sampler, "step": step, "callbacks": callbacks}
+        trainer = Trainer(
+            task_model,
+            config,
+            train_rows,
+            [e.label for e in train_examples],
+            tokenizer.pad_token_id,
+            output_dir,
+            evaluate_fn=lambda m: evaluate(
+                m, task_spec, dev_rows, dev_labels, tokenizer.pad_token_id, config.eval_batch_size
+            ),
+            main_metric=task_spec.main_metric,
+            run_signature={
+                "model": model,
+                "base_fingerprint": base_fingerprint,
+                "method": method,
+                "method_config": method_obj.config.to_dict(),
+                "head": dataclasses.asdict(head_config),
+                "task": task_record(task_spec, text_columns, label_column),
+                "max_length": max_length,
+                "train_examples": len(train_examples),
+                "privacy": dataclasses.asdict(privacy) if privacy else None,
+            },
+            **plugins,
+        )
+        train_started = time.time()
+        dev_metrics = trainer.fit(resume=resume)
+        train_seconds = time.time() - train_started
+        privacy_record = plan.record(plugins["step"].private_steps) if privacy else None
+
+        size = save_artifact(
+            output_dir,
+            task_model,
+            method_name=method,
+            base_model=model,
+            base_fingerprint=base_fingerprint,
+            task=task_record(task_spec, text_columns, label_column),
+            max_length=max_length,
+            extra={"privacy": privacy_record} if privacy else None,
+            tokenizer=tokenizer,
+        )
+        trainer.remove_checkpoint()
+        report = {
+            "task": task_spec.name,
+            "method": method,
+            "model": model,
+            "seed": config.seed,
+            "steps": trainer.step,
+            "train_examples": len(train_examples),
+            "metrics": dev_metrics,
+            "trainable_parameters": task_model.count_trainable(),
+            "artifact_bytes": size,
+            "train_time_s": round(train_seconds, 2),
+            "wall_time_s": round(time.time() - started, 2),
+            "device": str(next(task_model.parameters()).device),
+            "torch_threads": torch.get_num_threads(),
+            "library_version": __version__,
+        }
+        if privacy is not None:
+            report.update(epsilon=privacy_record["epsilon"], privacy=privacy_record)
+        write_json(output_dir / METRICS_FILE, report)
     return report
 
 
@@ -259,7 +285,16 @@ def evaluate_artifact(
 ) -> dict[str, float]:
     """Metrics of a saved artifact on one split (default: the task's dev split).
 
-    Columns default to those the artifact was trained with."""
+    Columns default to those the artifact was trained with. Another task than the artifact's
+    is refused unless the data is named explicitly (`data_file`): then its labels must still
+    fit the head."""
+    trained_on = read_artifact_config(artifact_dir)["task"]["name"]
+    if task is not None and task != trained_on and data_file is None:
+        raise MicrotuneError(
+            f"the artifact was trained on '{trained_on}', not '{task}'; leave out --task to "
+            f"evaluate on {trained_on}, or evaluate on other data explicitly with --data-file "
+            "(and --text-columns, --label-column), whose labels must fit the artifact's head"
+        )
     task_model, tokenizer, config = load_artifact(artifact_dir, model)
     task_spec = get_task(task) if task else task_from_record(config["task"])
     if task is None or task == config["task"]["name"]:
@@ -285,6 +320,28 @@ def evaluate_artifact(
 
 
 def export_merged(
+    task_model: TaskModel,
+    tokenizer,
+    config: dict[str, Any],
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    protected: list[tuple[str, str | os.PathLike]] | None = None,
+) -> str:
+    """Merge and write the standard model folder (`write_merged`); returns the format written.
+
+    The folder is built beside `output_dir` and moved into place once complete
+    (`folders.model_folder`): the base model's folder and the `protected` (what, path) folders
+    are refused, and a folder that is not empty is replaced only with `overwrite`."""
+    protected = [
+        *folders.export_protected(config, model=getattr(task_model.backbone, "name_or_path", None)),
+        *(protected or []),
+    ]
+    with folders.model_folder(output_dir, overwrite=overwrite, protected=protected) as staging:
+        return write_merged(task_model, tokenizer, config, staging)
+
+
+def write_merged(
     task_model: TaskModel, tokenizer, config: dict[str, Any], output_dir: str | os.PathLike
 ) -> str:
     """Write a merged task model as a standard model folder; returns the format written.
@@ -312,7 +369,10 @@ def export_merged(
         if label_names:
             cls_config.id2label = dict(enumerate(label_names))
             cls_config.label2id = {name: i for i, name in enumerate(label_names)}
-        full = AutoModelForSequenceClassification.from_config(cls_config)
+        # In the base's precision (the head too: a stock model has one dtype).
+        full = AutoModelForSequenceClassification.from_config(cls_config).to(
+            backbone_dtype(backbone)
+        )
         getattr(full, full.base_model_prefix).load_state_dict(backbone.state_dict())
         getattr(full, classifier).load_state_dict(task_model.head.linear.state_dict())
         full.save_pretrained(output_dir)
@@ -352,12 +412,22 @@ def write_export_record(
 
 
 def merge_artifact(
-    artifact_dir: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None
+    artifact_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model: str | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Load an artifact, fold it into the base weights, and write the export folder."""
-    method_class(read_artifact_config(artifact_dir)["method"]).require_mergeable()
+    """Load an artifact, fold it into the base weights, and write the export folder (a folder
+    that is not empty is replaced only with `overwrite`; see `export_merged`)."""
+    stored = read_artifact_config(artifact_dir)
+    protected = folders.export_protected(stored, artifact_dir, model)
+    folders.check_model_folder(output_dir, overwrite=overwrite, protected=protected)  # early
+    method_class(stored["method"]).require_mergeable()
     task_model, tokenizer, config = load_artifact(artifact_dir, model)
-    export_format = export_merged(task_model, tokenizer, config, output_dir)
+    export_format = export_merged(
+        task_model, tokenizer, config, output_dir, overwrite=overwrite, protected=protected
+    )
     return {
         "output": str(output_dir),
         "format": export_format,
@@ -367,8 +437,12 @@ def merge_artifact(
 
 def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     """What `microtune info --artifact` prints: method, sizes, base model, metrics if present."""
+    artifact_dir = resolve_artifact(artifact_dir)  # a hub id: its cached folder, fetched once
     config = read_artifact_config(artifact_dir)
-    stored = stored_tensor_summary(artifact_dir)  # first: it says clearly if a file is missing
+    # A torn artifact (tensor file missing, changed or not safetensors) says so in one line
+    # instead of printing metrics that no longer describe it.
+    read_artifact_tensors(artifact_dir, config)
+    stored = stored_tensor_summary(artifact_dir)
     summary = {
         "method": config["method"],
         "mergeable": method_class(config["method"]).mergeable,
@@ -386,7 +460,14 @@ def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     )
     metrics_path = Path(artifact_dir) / METRICS_FILE
     if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
+        try:
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            metrics = None
+        if not isinstance(metrics, dict):
+            raise MicrotuneError(
+                f"{metrics_path} is not a JSON object; re-train, or delete it to see the rest"
+            )
         summary["metrics"] = metrics.get("metrics")
     return summary
 
@@ -445,7 +526,8 @@ def load_exported(folder: str | os.PathLike, base_model: str | None = None):
             info["mask_token_id"],
             getattr(out, "pooler_output", None),
         )
-        return features @ head["weight"].T + head["bias"]
+        # The head stays float32 beside a lower-precision backbone.
+        return features.to(head["weight"].dtype) @ head["weight"].T + head["bias"]
 
     return logits, backbone
 
@@ -470,6 +552,25 @@ def check_rows(tokenizer, config: dict[str, Any], data_dir: str | None, examples
     return encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
 
 
+# The export check's bound on max |logit difference|, relative to the largest |logit| (at
+# least 1): a float32 merge differs by rounding alone; a half-precision base rounds the folded
+# weights to its own precision.
+EXPORT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+
+
+def check_logit_diff(
+    diff: float, reference_logits, dtype: str, output_dir: str | os.PathLike
+) -> None:
+    """Fail the export check when the exported logits differ beyond tolerance (NaN fails)."""
+    scale = max(1.0, float(abs(reference_logits).max()))  # max(1.0, nan) is 1.0
+    tolerance = EXPORT_TOLERANCE.get(dtype, 5e-2) * scale
+    if not diff <= tolerance:
+        raise MicrotuneError(
+            f"export check failed: max |logit difference| {diff:.3g} > {tolerance:.3g} between "
+            f"{output_dir} and the artifact; do not use that folder (is the artifact finite?)"
+        )
+
+
 def export_and_check(
     artifact_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -477,25 +578,36 @@ def export_and_check(
     model: str | None = None,
     data_dir: str | None = None,
     examples: int = 256,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Merge and export, then reload with plain transformers and compare against the unmerged
     artifact on dev examples: max |logit difference|, and inference time of the merged model
-    against the base model, timed side by side."""
+    against the base model, timed side by side. The output folder as in `merge_artifact`."""
     from microtune.data import batches
 
     if examples < 1:
         raise MicrotuneError(f"--check-examples must be at least 1, got {examples}")
+    protected = folders.export_protected(read_artifact_config(artifact_dir), artifact_dir, model)
+    folders.check_model_folder(output_dir, overwrite=overwrite, protected=protected)  # early
     method_class(read_artifact_config(artifact_dir)["method"]).require_mergeable()
     unmerged, tokenizer, config = load_artifact(artifact_dir, model)
     rows = check_rows(tokenizer, config, data_dir, examples)
     unmerged_logits = predict(unmerged, rows, tokenizer.pad_token_id)
-    export_format = export_merged(unmerged, tokenizer, config, output_dir)
+    export_format = export_merged(
+        unmerged, tokenizer, config, output_dir, overwrite=overwrite, protected=protected
+    )
 
     exported_logits_fn, exported_backbone = load_exported(output_dir)
     inputs = [b for b, _ in batches(rows, [0] * len(rows), 64, tokenizer.pad_token_id)]
     with torch.no_grad():
         exported_logits = torch.cat([exported_logits_fn(**b) for b in inputs]).numpy()
-    base, _ = load_backbone(model or config["base_model"]["name"])
+    diff = float(abs(exported_logits - unmerged_logits).max())
+    check_logit_diff(
+        diff, unmerged_logits, config["base_model"].get("dtype", "float32"), output_dir
+    )
+    base, _ = load_backbone(
+        model or config["base_model"]["name"], config["base_model"].get("dtype", "float32")
+    )
     base.eval()
     plain = getattr(exported_backbone, exported_backbone.base_model_prefix, exported_backbone)
     # Interleave so both see the same machine state; backbones only (the head is one matmul).
@@ -509,7 +621,7 @@ def export_and_check(
         "output": str(output_dir),
         "format": export_format,
         "examples": len(rows),
-        "max_abs_logit_diff": float(abs(exported_logits - unmerged_logits).max()),
+        "max_abs_logit_diff": diff,
         "base_parameters": base_params,
         "merged_parameters": merged_params,
         "base_forward_s": round(min(base_s), 4),

@@ -3,8 +3,10 @@
 An artifact folder holds `adapter.safetensors` (what the method stores, `TaskModel.stored_state`:
 by default the trained tensors, z and the head for SLaSh) and `microtune.json` (method and head
 config, the method's stored metadata, trained and stored parameter counts, task, base model name
-and fingerprint, library version, and the SHA-256 of the tensor file). Nothing is ever
-unpickled.
+and fingerprints of its weights and tokenizer, library version, and the SHA-256 of the tensor
+file). Nothing is ever unpickled, and nothing is trusted before it is checked: the config
+against `microtune.schema`, the tensor file against its hash, then every tensor's name, shape,
+dtype and finiteness against what the rebuilt model stores.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from microtune import __version__
 from microtune.errors import MicrotuneError
+from microtune.hub import resolve_artifact
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel, backbone_dtype, dtype_name, load_backbone
+from microtune.schema import FIX, FORMAT_VERSION, check_sizes, problem, validate_config
 
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "microtune.json"
-FORMAT_VERSION = 1
 
 
 def fingerprint(backbone: nn.Module) -> str:
@@ -39,6 +43,33 @@ def fingerprint(backbone: nn.Module) -> str:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 over what maps text to ids: the vocabulary (added tokens included), the BPE
+    merges where there are any, and the special tokens with their ids. A shuffled or swapped
+    vocabulary changes it; re-saving the same tokenizer does not."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    merges: list[str] = []
+    if backend is not None and type(backend.model).__name__ == "BPE":  # only BPE has merges
+        model = json.loads(backend.to_str()).get("model", {})
+        # tokenizers writes merges as "a b" strings or, since 0.20, as [a, b] pairs.
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    added = sorted(
+        (index, str(token), bool(getattr(token, "special", False)))
+        for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+    )
+    special = sorted(
+        (str(token), tokenizer.convert_tokens_to_ids(str(token)))
+        for token in tokenizer.all_special_tokens
+    )
+    digest = hashlib.sha256()
+    # NUL and SOH separate fields (no token holds them); one join is fast for 100k tokens.
+    for section in (vocab, [(m,) for m in merges], added, special):
+        digest.update("\x01".join("\x00".join(map(str, row)) for row in section).encode())
+        digest.update(b"\x02")
     return "sha256:" + digest.hexdigest()
 
 
@@ -63,7 +94,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
+            # Strict JSON: a NaN or infinity here is a bug upstream, never a value to write.
+            json.dump(data, handle, indent=2, sort_keys=True, allow_nan=False)
             handle.write("\n")
 
     atomic_write(path, write)
@@ -79,7 +111,11 @@ def write_tensors(
 
 
 def _file_sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:  # streamed: a large file is never held whole
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def save_artifact(
@@ -92,10 +128,12 @@ def save_artifact(
     task: dict[str, Any],
     max_length: int,
     extra: dict[str, Any] | None = None,
+    tokenizer: Any = None,
 ) -> int:
     """Write the artifact; returns its size in bytes (both files).
 
-    `extra`: further JSON records for microtune.json (e.g. "privacy" for a DP-trained run)."""
+    `extra`: further JSON records for microtune.json (e.g. "privacy" for a DP-trained run).
+    `tokenizer`: the base model's; its fingerprint is recorded and checked at load."""
     directory = Path(directory)
     tensors_path = directory / TENSORS_FILE
     write_tensors(tensors_path, model.stored_state())
@@ -114,7 +152,14 @@ def save_artifact(
         "base_model": {
             "name": base_model,
             "model_type": model.backbone.config.model_type,
+            # The precision the base was trained in (--dtype); older artifacts mean float32.
+            "dtype": dtype_name(backbone_dtype(model.backbone)),
             "fingerprint": base_fingerprint,
+            **(
+                {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+                if tokenizer is not None
+                else {}
+            ),
         },
         **(extra or {}),
         # Written last: a config that names its tensor file's hash cannot pair with a stale one.
@@ -130,20 +175,57 @@ def artifact_bytes(directory: str | os.PathLike) -> int:
 
 
 def read_artifact_config(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_FILE
+    """`microtune.json`, checked against `microtune.schema` (one-line errors); `directory` may
+    be a hub id (`owner/name[@revision]`), fetched into the hub cache (`hub.resolve_artifact`)."""
+    directory = resolve_artifact(directory)
+    path = directory / CONFIG_FILE
     if not path.is_file():
         raise MicrotuneError(f"{directory} is not a microtune artifact (no {CONFIG_FILE})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise MicrotuneError(f"{path} is not valid JSON ({error}); re-run training") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise problem(path, "(file)", f"not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise problem(path, "(top level)", "not a JSON object, so not a microtune artifact config")
     if config.get("format") != "microtune-artifact":
-        raise MicrotuneError(f"{path} is not a microtune artifact config")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise MicrotuneError(
-            f"{path} has format version {config['format_version']}; upgrade microtune"
-        )
-    return config
+        raise problem(path, "format", "not 'microtune-artifact': not a microtune artifact config")
+    return validate_config(config, path)
+
+
+def read_artifact_tensors(directory: str | os.PathLike, config: dict[str, Any]) -> dict:
+    """The tensor file, once it matches the config's hash and is valid safetensors."""
+    path = Path(directory) / TENSORS_FILE
+    if not path.is_file() or _file_sha256(path) != config["tensors_sha256"]:
+        raise MicrotuneError(f"{path} is missing or does not match {CONFIG_FILE}; {FIX}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise problem(path, "(file)", f"not a valid safetensors file ({error})") from None
+
+
+def check_tensors(
+    stored: dict[str, torch.Tensor], model: TaskModel, path: str | os.PathLike
+) -> None:
+    """Names, shapes and dtypes must be exactly what the rebuilt model stores (asked of the
+    model: PaFi and HiWi store other tensors than they train); no cast, no NaN or infinity."""
+    expected = model.stored_state()
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        name = (missing or extra)[0]
+        what = "missing" if missing else "not part of this method's stored state"
+        raise problem(path, name, f"{what} ({len(missing)} missing, {len(extra)} unexpected)")
+    for name, want in expected.items():
+        got = stored[name]
+        if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+            raise problem(
+                path,
+                name,
+                f"stored {got.dtype} {tuple(got.shape)} but the model built from {CONFIG_FILE} "
+                f"expects {want.dtype} {tuple(want.shape)}",
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise problem(path, name, "holds NaN or infinite values")
 
 
 def load_artifact(
@@ -154,13 +236,20 @@ def load_artifact(
     """Rebuild the trained task model: (model, tokenizer, artifact config).
 
     The base model is the one named in the artifact unless `model_name` overrides it; either
-    way its weights must match the stored fingerprint. `method_options` override stored method
-    options that do not change the stored tensors, e.g. {"memory_lean": True}.
+    way its weights (and, where recorded, its tokenizer) must match the stored fingerprints.
+    `method_options` override stored method options that do not change the stored tensors,
+    e.g. {"memory_lean": True}. Every check that needs no model runs before the model is built.
     """
-    directory = Path(directory)
+    from microtune.api import check_max_length  # api imports this module
+
+    directory = resolve_artifact(directory)  # a hub id: fetched once, then a folder
     config = read_artifact_config(directory)
+    config_path = directory / CONFIG_FILE
+    stored = read_artifact_tensors(directory, config)
+    check_sizes(config, sum(t.numel() for t in stored.values()), config_path)
     base = config["base_model"]
-    backbone, tokenizer = load_backbone(model_name or base["name"])
+    # In the precision it was trained in, so the fingerprint (which covers dtypes) matches.
+    backbone, tokenizer = load_backbone(model_name or base["name"], base.get("dtype", "float32"))
     found = fingerprint(backbone)
     if found != base["fingerprint"]:
         raise MicrotuneError(
@@ -168,13 +257,23 @@ def load_artifact(
             f"({base['fingerprint'][:19]}…) but '{model_name or base['name']}' has "
             f"{found[:19]}…; pass --model with the original base model"
         )
-    tensors_path = directory / TENSORS_FILE
-    if not tensors_path.is_file() or _file_sha256(tensors_path) != config["tensors_sha256"]:
-        raise MicrotuneError(f"{tensors_path} is missing or does not match {CONFIG_FILE}")
+    expected_tokenizer = base.get("tokenizer_fingerprint")
+    if expected_tokenizer and tokenizer_fingerprint(tokenizer) != expected_tokenizer:
+        raise MicrotuneError(
+            f"tokenizer mismatch: '{model_name or base['name']}' has the base weights the "
+            "artifact was trained on but a different tokenizer (vocabulary, merges or special "
+            "tokens); pass --model with the original base model folder"
+        )
+    try:
+        check_max_length(backbone, config["max_length"])
+    except MicrotuneError as error:
+        detail = str(error).split(";")[0].removeprefix("--max-length ")
+        raise problem(config_path, "max_length", detail) from None
     method = build_method(config["method"], {**config["method_config"], **(method_options or {})})
     model = TaskModel(
         backbone, HeadConfig(**config["head"]), method, mask_token_id=tokenizer.mask_token_id
     )
-    model.load_stored_state(load_file(tensors_path), config.get("method_state", {}))
+    check_tensors(stored, model, directory / TENSORS_FILE)
+    model.load_stored_state(stored, config.get("method_state", {}))
     model.eval()
     return model, tokenizer, config

@@ -1,4 +1,4 @@
-"""The command line: train, eval, predict, merge, export, info, inspect and accountant.
+"""The command line: train, eval, predict, merge, export, info, inspect, accountant and push.
 
 Thin by design: it parses, calls `microtune.api`, and prints. Method options are generated from
 the methods' config dataclasses, so a new method's options appear here with their documentation
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
+import os
 import re
 import sys
 import typing
@@ -20,12 +22,13 @@ from microtune import __version__
 from microtune.errors import MicrotuneError
 from microtune.heads import READOUTS
 from microtune.methods import METHODS
-from microtune.model import DEFAULT_MODEL
+from microtune.model import DEFAULT_MODEL, DTYPES
 from microtune.privacy import ACCOUNTANTS, SAMPLINGS, DPConfig
 from microtune.tasks import TASKS
 from microtune.train import DEFAULT_MAX_STEPS, TrainConfig
 
 DEFAULT_METHOD = "slash"
+ARTIFACT_HELP = "artifact folder, or hub repo id owner/name[@revision] (fetched when online)"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -320,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from --output's checkpoint if there is one"
     )
     train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output that holds another run's artifact or checkpoint, or "
+        "files microtune did not write (those are kept, unless named like microtune's own)",
+    )
+    train.add_argument(
         "--readout",
         choices=READOUTS,
         default=None,
@@ -332,16 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
+        "--no-group-by-length",
+        action="store_true",
+        help="uniformly shuffled batches instead of batches of similar length (more padding)",
+    )
+    train.add_argument(
         "--device",
         default="auto",
         help="where to train: auto (the GPU if there is one), cpu, cuda, cuda:1",
+    )
+    train.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="precision of the frozen base model; what trains (and the head) stays float32",
     )
     _add_data_options(train, training=True)
     _add_method_options(train)
     _add_dp_options(train)
 
     evaluate = commands.add_parser("eval", help="evaluate an artifact; prints one JSON object")
-    evaluate.add_argument("--artifact", required=True, help="artifact folder")
+    evaluate.add_argument("--artifact", required=True, help=ARTIFACT_HELP)
     evaluate.add_argument("--task", choices=sorted(TASKS), help="task (default: the artifact's)")
     evaluate.add_argument("--split", help="split name (default: the task's dev split)")
     evaluate.add_argument("--model", help="base model, if not where the artifact says")
@@ -355,8 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--artifact", required=True, help="artifact folder")
+        sub.add_argument("--artifact", required=True, help=ARTIFACT_HELP)
         sub.add_argument("--output", required=True, help="model folder to write")
+        sub.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace --output (the whole folder) if it is not empty; the base model's and "
+            "the artifact's folders are always refused",
+        )
         sub.add_argument("--model", help="base model, if not where the artifact says")
         if name == "export":
             sub.add_argument("--data-dir", help="folder of the task's data, for the check")
@@ -383,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         '{"label": ..., "score": ...} per input, in order. Inputs are lines of text, or JSON '
         "objects with the task's text columns (needed for pair tasks), from --input or stdin.",
     )
-    predict.add_argument("--artifact", required=True, help="artifact folder")
+    predict.add_argument("--artifact", required=True, help=ARTIFACT_HELP)
     predict.add_argument("--input", help="file of inputs, one per line (default: stdin)")
     predict.add_argument("--model", help="base model, if not where the artifact says")
     predict.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
@@ -391,7 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_accountant_command(commands)
 
     info = commands.add_parser("info", help="describe an artifact, or list what is supported")
-    info.add_argument("--artifact", help="artifact folder to describe")
+    info.add_argument("--artifact", help=ARTIFACT_HELP + " to describe")
+
+    push = commands.add_parser(
+        "push",
+        help="upload an artifact to a Hugging Face hub repo, with a model card",
+        description="Check that an artifact folder is complete, create the hub model repo if "
+        "needed, and upload microtune.json, adapter.safetensors, metrics.json (if present) and "
+        'a generated README.md in one commit. Then `microtune.load("owner/name")` and every '
+        "--artifact option take the repo id. Needs a network.",
+    )
+    push.add_argument("--artifact", required=True, help="artifact folder to upload")
+    push.add_argument("--repo", required=True, help="hub model repo id: owner/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    push.add_argument(
+        "--token", help="hub token (default: the HF_TOKEN variable or `hf auth login`)"
+    )
 
     inspect = commands.add_parser(
         "inspect",
@@ -424,6 +466,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         progress=not args.no_progress,
+        group_by_length=not args.no_group_by_length,
     )
     return train(
         args.task,
@@ -442,8 +485,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         max_length=args.max_length,
         max_train_examples=args.max_train_examples,
         resume=args.resume,
+        overwrite=args.overwrite,
         device=args.device,
         privacy=_dp_config(args),
+        dtype=args.dtype,
     )
 
 
@@ -511,7 +556,7 @@ def run(argv: list[str] | None = None) -> Any:
             label_column=args.label_column,
         )
     if args.command == "merge":
-        return api.merge_artifact(args.artifact, args.output, args.model)
+        return api.merge_artifact(args.artifact, args.output, args.model, overwrite=args.overwrite)
     if args.command == "export" and args.format == "peft":
         from microtune.peft_format import export_peft_and_check
 
@@ -521,6 +566,7 @@ def run(argv: list[str] | None = None) -> Any:
             model=args.model,
             data_dir=args.data_dir,
             examples=args.check_examples,
+            overwrite=args.overwrite,
         )
     if args.command == "export":
         return api.export_and_check(
@@ -529,6 +575,7 @@ def run(argv: list[str] | None = None) -> Any:
             model=args.model,
             data_dir=args.data_dir,
             examples=args.check_examples,
+            overwrite=args.overwrite,
         )
     if args.command == "predict":
         return _predict(args)
@@ -536,14 +583,49 @@ def run(argv: list[str] | None = None) -> Any:
         return _accountant(args)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "push":
+        from microtune.hub import push_artifact
+
+        return push_artifact(
+            args.artifact,
+            args.repo,
+            private=args.private,
+            revision=args.revision,
+            token=args.token,
+        )
     return _info(args)
 
 
+def one_line(text: str) -> str:
+    """The first non-empty line of a message (library errors are often multi-line reports)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def os_error_message(error: OSError) -> str:
+    """An OSError as one line that names the file and the cause (disk full, permission...)."""
+    where = error.filename or ""
+    cause = error.strerror or one_line(str(error)) or type(error).__name__
+    fixes = {
+        errno.ENOSPC: "free some disk space and run again",
+        errno.EACCES: "check the folder's permissions or choose another --output",
+        errno.EROFS: "choose a writable --output",
+        errno.ENOENT: "check the path",
+        errno.ENOTDIR: "a parent of this path is a file; choose another path",
+        errno.EISDIR: "this path is a folder; name a file",
+    }
+    fix = fixes.get(error.errno, "check the path and run again")
+    return f"{where}: {cause}; {fix}" if where else f"{cause}; {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors exit 2 with one line, Ctrl-C exits 130, nothing prints a
+    traceback unless MICROTUNE_DEBUG=1 (an unexpected one exits 1 and asks for a report)."""
+    debug = os.environ.get("MICROTUNE_DEBUG", "") not in ("", "0")
     try:
         result = run(argv)
     except MicrotuneError as error:
-        print(f"microtune: error: {error}", file=sys.stderr)
+        print(f"microtune: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -551,6 +633,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except OSError as error:  # disk full, read-only folder, vanished file: the user can fix it
+        if debug:
+            raise
+        print(f"microtune: error: {os_error_message(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug of ours: one line, and how to see the rest
+        if debug:
+            raise
+        print(
+            f"microtune: internal error: {type(error).__name__}: {one_line(str(error))} "
+            "(please report it; MICROTUNE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     if isinstance(result, list):  # `predict`: one JSON line per input
         for record in result:
             print(json.dumps(record))

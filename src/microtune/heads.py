@@ -26,8 +26,9 @@ def read_out(
     if readout == "first":
         return hidden[:, 0]
     if readout == "mean":
-        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        # In float32 whatever the base's precision: a bfloat16 sum over tokens loses digits.
+        weights = attention_mask.to(torch.float32).unsqueeze(-1)
+        return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
     if readout == "last":
         # Right padding: the last real token sits at (number of real tokens - 1).
         last = attention_mask.long().sum(1) - 1

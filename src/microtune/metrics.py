@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from microtune.errors import MicrotuneError
+
 METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearman")
 
 
-def compute_metrics(names: tuple[str, ...], predictions, labels) -> dict[str, float]:
-    """Each named metric of predictions against labels (class indices, or floats for STS-B)."""
+class UndefinedMetricWarning(UserWarning):
+    """A metric has no value on this split (e.g. a correlation with constant labels)."""
+
+
+def compute_metrics(names: tuple[str, ...], predictions, labels) -> dict[str, float | None]:
+    """Each named metric of predictions against labels (class indices, or floats for STS-B).
+
+    A constant prediction scores 0.0 on the correlations (it captures no relation). A metric
+    that is still undefined (not finite: a correlation against constant labels) is recorded as
+    None, written `null` in the strict JSON of metrics files, with an `UndefinedMetricWarning`;
+    it is never NaN.
+    """
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
-    results: dict[str, float] = {}
+    if not (np.isfinite(predictions).all() and np.isfinite(labels).all()):
+        raise MicrotuneError("predictions and labels must be finite to be scored")
+    results: dict[str, float | None] = {}
     for name in names:
         if name == "accuracy":
             value = accuracy_score(labels, predictions)
@@ -21,11 +38,25 @@ def compute_metrics(names: tuple[str, ...], predictions, labels) -> dict[str, fl
             value = f1_score(labels, predictions)
         elif name == "matthews_correlation":
             value = matthews_corrcoef(labels, predictions)
-        elif name == "pearson":
-            value = pearsonr(predictions, labels)[0] if np.std(predictions) > 0 else 0.0
-        elif name == "spearman":
-            value = spearmanr(predictions, labels)[0] if np.std(predictions) > 0 else 0.0
+        elif name in ("pearson", "spearman"):
+            correlation = pearsonr if name == "pearson" else spearmanr
+            if np.std(predictions) > 0:
+                with warnings.catch_warnings():  # scipy's warning is replaced by ours below
+                    warnings.simplefilter("ignore")
+                    value = correlation(predictions, labels)[0]
+            else:
+                value = 0.0
         else:
             raise ValueError(f"metric '{name}' is unknown; use one of {METRICS}")
-        results[name] = float(value)
+        value = float(value)
+        if not math.isfinite(value):
+            warnings.warn(
+                f"{name} is undefined on these {len(labels)} examples (constant labels?); "
+                "recorded as null",
+                UndefinedMetricWarning,
+                stacklevel=2,
+            )
+            results[name] = None
+        else:
+            results[name] = value
     return results

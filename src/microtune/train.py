@@ -4,7 +4,9 @@ It trains whatever parameters of the model require gradients and never knows whi
 produced them. Three plug-ins shape a run: a sampler (which examples form each logical batch,
 a pure function of (seed, epoch)), a step (how a logical batch, cut into micro-batches, becomes
 an update: `AdamWStep` here, `privacy.DPStep` for DP-SGD) and callbacks (`TrainerCallback`:
-evaluation, logging, progress, checkpoints, early stop).
+evaluation, logging, progress, checkpoints, early stop). The step also guards the numerics: a
+non-finite loss, gradient or parameter ends the run with a `MicrotuneError` naming the step, so
+nothing diverged is ever saved as an artifact.
 
 A checkpoint is one safetensors file (tensors plus JSON metadata), written atomically, that
 holds everything needed to continue bit for bit: the trainable tensors, what the step owns
@@ -30,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from microtune.artifact import write_tensors
-from microtune.data import Encoded, batches, epoch_order
+from microtune.data import Encoded, batches, check_seed, epoch_order
 from microtune.errors import MicrotuneError
 from microtune.metrics import compute_metrics
 from microtune.tasks import Task
@@ -38,6 +40,10 @@ from microtune.tasks import Task
 CHECKPOINT_FILE = "checkpoint.safetensors"
 DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor epochs is given (CLI and api.train)
 LOG_FILE = "train_log.jsonl"
+# Bound of --lr and --weight-decay, far above any useful value: it keeps AdamW's own step
+# arithmetic (lr / (1 - beta1^t), 1 - lr * wd) inside float32, so a huge value reaches the
+# numerics guard as a diverged step instead of overflowing inside torch.
+MAX_RATE = 1e6
 
 
 @dataclass
@@ -58,6 +64,8 @@ class TrainConfig:
         eval_batch_size: batch size for evaluation.
         seed: seeds the data order, initialisation and dropout.
         progress: show a progress bar.
+        group_by_length: batch examples of similar length together (less padding, faster);
+            off: uniformly shuffled batches.
     """
 
     learning_rate: float | None = None
@@ -73,24 +81,45 @@ class TrainConfig:
     eval_batch_size: int = 64
     seed: int = 0
     progress: bool = True
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.epochs is None:
             raise MicrotuneError("set a training length: --max-steps N or --epochs E")
         if self.max_steps is not None and self.max_steps < 1:
             raise MicrotuneError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise MicrotuneError(f"--epochs must be positive, got {self.epochs}")
+        # `not x > 0` (rather than `x <= 0`) also refuses NaN; inf is refused by name.
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise MicrotuneError(f"--epochs must be positive and finite, got {self.epochs}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise MicrotuneError("--batch-size and --grad-accum must be at least 1")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise MicrotuneError(f"--lr must be positive, got {self.learning_rate}")
+        if self.eval_batch_size < 1:
+            raise MicrotuneError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        lr = self.learning_rate
+        if lr is not None and not 0 < lr <= MAX_RATE:
+            raise MicrotuneError(f"--lr must be positive and at most {MAX_RATE:g}, got {lr}")
+        if not 0 <= self.weight_decay <= MAX_RATE:
+            raise MicrotuneError(
+                f"--weight-decay must be in [0, {MAX_RATE:g}] (0: none), got {self.weight_decay}"
+            )
+        check_seed("--seed", self.seed)
         if self.eval_every < 0 or self.checkpoint_every < 0 or self.log_every < 1:
             raise MicrotuneError(
                 "--eval-every and --checkpoint-every must be >= 0 (0: off), log_every >= 1"
             )
         if not 0 <= self.warmup_ratio < 1:
             raise MicrotuneError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def check_logical_batch(self, num_examples: int) -> None:
+        """Refuse accumulation past the training set: the extra micro-batches would be empty,
+        so the run would silently use fewer than --grad-accum of them."""
+        logical = self.batch_size * self.grad_accum
+        if self.grad_accum > 1 and logical > num_examples:
+            raise MicrotuneError(
+                f"--batch-size {self.batch_size} x --grad-accum {self.grad_accum} = {logical} "
+                f"examples per step, more than the {num_examples} training examples; use "
+                f"--grad-accum {max(1, num_examples // self.batch_size)} or less"
+            )
 
     def steps_for(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run, for a sampler with this many logical batches per epoch."""
@@ -140,8 +169,15 @@ def evaluate(
     labels: Sequence,
     pad_token_id: int,
     batch_size: int = 64,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
+    """The task's metrics on these rows; refuses non-finite outputs (see `compute_metrics`)."""
     logits = predict(model, rows, pad_token_id, batch_size)
+    bad = int((~np.isfinite(logits)).any(axis=-1).sum())
+    if bad:
+        raise MicrotuneError(
+            f"the model's outputs are not finite on {bad} of {len(rows)} evaluation examples, "
+            "so nothing can be scored; check the artifact's tensors, or use a wider --dtype"
+        )
     predictions = logits[:, 0] if task.is_regression else logits.argmax(-1)
     return compute_metrics(task.metrics, predictions, labels)
 
@@ -153,6 +189,26 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+class Diverged(MicrotuneError):
+    """A step met a non-finite loss, gradient or parameter; the trainer names the step.
+
+    Attributes:
+        before_update: found before this step's update (the loss or a gradient), so at the
+            first step the learning rate cannot be the cause.
+    """
+
+    def __init__(self, problem: str, before_update: bool = False):
+        super().__init__(problem)
+        self.problem = problem
+        self.before_update = before_update
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: every element of every tensor is finite (stays on the device)."""
+    flags = [tensor.isfinite().all() for tensor in tensors]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 # -- samplers: which examples form each logical batch ------------------------------------------
@@ -194,6 +250,52 @@ class ShuffledSampler:
         order = epoch_order(self.num_examples, self.seed, epoch)
         size = self.batch_size
         return [order[i * size : (i + 1) * size] for i in range(self.batches_per_epoch)]
+
+
+@dataclass(frozen=True)
+class LengthGroupedSampler:
+    """Shuffled batches of examples of similar length, so little of each batch is padding.
+
+    The seeded epoch order is cut into groups of `group_batches` batches; each group is sorted
+    by length and cut into batches, and the batches of the epoch are shuffled (seeded). Every
+    example still appears once per epoch and each batch is drawn from a random group of the
+    data, as in the `group_by_length` of `transformers`' Trainer; on SST-2 a batch of 32 pads to
+    a third of the tokens of a random one.
+
+    Attributes:
+        lengths: token count of every training example.
+        batch_size: examples per logical batch.
+        seed: seeds the order of every epoch.
+        group_batches: batches per sorted group (larger: less padding, less randomness).
+    """
+
+    lengths: tuple[int, ...]
+    batch_size: int
+    seed: int
+    group_batches: int = 50
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        order = epoch_order(len(self.lengths), self.seed, epoch)
+        size, group = self.batch_size, self.batch_size * self.group_batches
+        out = []
+        for start in range(0, len(order), group):
+            chunk = sorted(order[start : start + group], key=lambda i: -self.lengths[i])
+            out += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        shuffle = epoch_order(len(out), self.seed + 1, epoch)
+        return [out[i] for i in shuffle]
+
+
+def default_sampler(config: TrainConfig, rows: Sequence[Encoded]) -> Sampler:
+    """Logical batches of batch_size * grad_accum: length-grouped unless switched off."""
+    size = config.batch_size * config.grad_accum
+    if config.group_by_length:
+        lengths = tuple(len(row["input_ids"]) for row in rows)
+        return LengthGroupedSampler(lengths, size, config.seed)
+    return ShuffledSampler(len(rows), size, config.seed)
 
 
 # -- steps: how a logical batch becomes an update ----------------------------------------------
@@ -239,9 +341,21 @@ class AdamWStep:
 
     def __call__(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
         loss = self.gradients(model, micro_batches, logical_size)
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss is {loss}", before_update=True)
+        # The numerics guard: one flag for the gradients before the update and one for the
+        # parameters after it, read together (one device sync per step, none per tensor). A
+        # bad update is harmless here: the error below ends the run before anything is saved.
+        grads_ok = all_finite(p.grad for p in self.parameters.values() if p.grad is not None)
         self.optimizer.step()
         self.scheduler.step()
+        params_ok = all_finite(self.parameters.values())
         self.optimizer.zero_grad(set_to_none=True)
+        grads_ok, params_ok = torch.stack([grads_ok.to(params_ok.device), params_ok]).tolist()
+        if not grads_ok:
+            raise Diverged("a gradient is not finite", before_update=True)
+        if not params_ok:
+            raise Diverged("a trainable parameter is not finite after the update")
         return loss
 
     @property
@@ -338,7 +452,7 @@ class ProgressCallback(TrainerCallback):
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         self.bar.update(1)
         postfix = {"loss": f"{logs['loss']:.4f}"}
-        if trainer.main_metric in trainer.last_metrics:
+        if trainer.last_metrics.get(trainer.main_metric) is not None:
             postfix[trainer.main_metric] = f"{trainer.last_metrics[trainer.main_metric]:.4f}"
         postfix.update({k: str(v) for k, v in trainer.live.items()})
         self.bar.set_postfix(postfix)
@@ -402,9 +516,9 @@ class Trainer:
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise MicrotuneError("the model has no trainable parameters")
-        self.sampler = sampler or ShuffledSampler(
-            len(train_rows), config.batch_size * config.grad_accum, config.seed
-        )
+        if sampler is None:
+            config.check_logical_batch(len(train_rows))
+        self.sampler = sampler or default_sampler(config, train_rows)
         self.total_steps = config.steps_for(self.sampler.batches_per_epoch)
         self.step_plugin = step or AdamWStep()
         self.step_plugin.bind(model, self.parameters, config, self.total_steps)
@@ -435,7 +549,7 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
 
     def evaluate(self) -> None:
         """Evaluate on the dev set (once per step), log it and tell the callbacks."""
@@ -472,9 +586,10 @@ class Trainer:
         write_tensors(self.checkpoint_path, tensors, metadata={"json": json.dumps(meta)})
 
     def load_checkpoint(self) -> None:
-        with safe_open(self.checkpoint_path, framework="pt") as handle:
-            meta = json.loads(handle.metadata()["json"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        try:
+            meta, tensors = self._read_checkpoint()
+        except Exception as error:  # whatever a torn or edited file raises: one line
+            raise self._unreadable(error) from None
         changed = _differences(meta["run_signature"], self.run_signature)
         if changed or meta["param_shapes"] != {
             n: list(p.shape) for n, p in self.parameters.items()
@@ -482,19 +597,46 @@ class Trainer:
             raise MicrotuneError(
                 f"{self.checkpoint_path} was written by a run with other settings "
                 f"({', '.join(changed) or 'trainable parameters'}); resume with the same "
-                "command, or remove the checkpoint to start over"
+                "command, or pass --overwrite to start over"
             )
-        with torch.no_grad():
-            for name, parameter in self.parameters.items():
-                parameter.copy_(tensors[f"model.{name}"])
-        step_tensors = {k[len("step.") :]: v for k, v in tensors.items() if k.startswith("step.")}
-        self.step_plugin.load_state(step_tensors, meta["step_plugin"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
-        self.step, self.epoch = meta["step"], meta["epoch"]
-        self.batch_in_epoch = meta["batch_in_epoch"]
+        try:
+            with torch.no_grad():
+                for name, parameter in self.parameters.items():
+                    parameter.copy_(tensors[f"model.{name}"])
+            step_tensors = {
+                k[len("step.") :]: v for k, v in tensors.items() if k.startswith("step.")
+            }
+            self.step_plugin.load_state(step_tensors, meta["step_plugin"])
+            torch.set_rng_state(tensors["rng.torch"])
+            if "rng.cuda" in tensors and torch.cuda.is_available():
+                torch.cuda.set_rng_state(tensors["rng.cuda"])
+        except Exception as error:  # an edited file: entries of the wrong shape or type
+            raise self._unreadable(error) from None
+        self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
+        self.batch_in_epoch = int(meta["batch_in_epoch"])
         self.last_metrics = meta["last_metrics"]
+
+    def _read_checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(metadata, tensors) of the checkpoint, with every entry resuming needs present."""
+        with safe_open(self.checkpoint_path, framework="pt") as handle:
+            meta = json.loads(handle.metadata()["json"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+        keys = ("step", "epoch", "batch_in_epoch", "step_plugin", "param_shapes")
+        missing = [k for k in (*keys, "run_signature", "last_metrics") if k not in meta]
+        needed = ("rng.torch", *(f"model.{n}" for n in self.parameters))
+        missing += [k for k in needed if k not in tensors]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing[:3])}")
+        return meta, tensors
+
+    def _unreadable(self, error: Exception) -> MicrotuneError:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return MicrotuneError(
+            f"checkpoint {self.checkpoint_path} is unreadable ({reason}); "
+            "pass --overwrite instead of --resume to start over"
+        )
 
     def remove_checkpoint(self) -> None:
         if self.checkpoint_path.is_file():
@@ -529,6 +671,17 @@ class Trainer:
         for inputs, labels in batches(self.rows, self.labels, size, self.pad_token_id, indices):
             yield {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
 
+    def _diverged(self, error: Diverged) -> MicrotuneError:
+        """The one-line error for a diverged step, with its likely cause; logged as well."""
+        step = self.step + 1
+        others = "the labels and the method's scale options (e.g. --projection-std-scale)"
+        if step == 1 and error.before_update:  # no update has happened yet: not the lr
+            cause = f"the starting model already gives it: check {others}"
+        else:
+            cause = f"lower --lr (now {self.config.learning_rate:g}) or check {others}"
+        self.log({"step": step, "diverged": error.problem})
+        return MicrotuneError(f"training diverged at step {step}: {error.problem}; {cause}")
+
     def _call(self, event: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, event)(self, *args)
@@ -550,7 +703,10 @@ class Trainer:
                 self.log({"step": self.step, "stopped": self.stop_reason})
                 break
             indices = next(stream)
-            loss = self.step_plugin(self.model, self._micro_batches(indices), len(indices))
+            try:
+                loss = self.step_plugin(self.model, self._micro_batches(indices), len(indices))
+            except Diverged as error:
+                raise self._diverged(error) from None
             self.step += 1
             self._call("on_step_end", {"loss": loss, "lr": self.step_plugin.learning_rate})
         self._call("on_train_end")

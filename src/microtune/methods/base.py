@@ -10,6 +10,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from microtune.arch import ArchSpec
+from microtune.data import check_seed
 from microtune.errors import MicrotuneError
 
 
@@ -30,6 +33,35 @@ class MethodConfig:
     """
 
     dropout: bool = True
+
+    def __post_init__(self) -> None:
+        self.check_common()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A method's own __post_init__ need not call super(): the checks every config shares
+        # run first anyway, so a new method gets them for free (and its own checks never see
+        # an inf that, say, int() would choke on).
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "checks_common", False):
+
+            @functools.wraps(own)
+            def post_init(self: MethodConfig) -> None:
+                self.check_common()
+                own(self)
+
+            post_init.checks_common = True  # type: ignore[attr-defined]
+            cls.__post_init__ = post_init  # type: ignore[method-assign]
+
+    def check_common(self) -> None:
+        """Every float option must be finite; every `*seed` option a seed `check_seed` takes."""
+        for field in dataclasses.fields(self):
+            flag = "--" + field.name.replace("_", "-")
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MicrotuneError(f"{flag} must be a finite number, got {value}")
+            if field.name.endswith("seed") and value is not None:
+                check_seed(flag, value)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,7 +3,8 @@
 Every bias of the backbone, LayerNorm biases included, becomes trainable. The trained biases
 are ordinary backbone parameters, so merging is a no-op. Families whose linears have no biases
 (Llama) have nothing to train unless `create_missing_biases` adds zero biases; the merge then
-switches on the config flags that make a stock model carry them.
+switches on the config flags that make a stock model carry them. On a base loaded below
+float32 the biases train as float32 copies (`microtune.methods.masters`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from microtune.arch import ArchSpec, ensure_bias
-from microtune.methods.base import Method, MethodConfig
+from microtune.methods.base import MethodConfig
+from microtune.methods.masters import BackboneTensorMethod
 
 
 @dataclass
@@ -44,7 +46,7 @@ def _flag_part(arch: ArchSpec, path_in_block: str) -> str | None:
     return None
 
 
-class BitFit(Method):
+class BitFit(BackboneTensorMethod):
     name = "bitfit"
     config_class = BitFitConfig
     default_learning_rate = 1e-3
@@ -56,15 +58,14 @@ class BitFit(Method):
     def attach(self, backbone: nn.Module, arch: ArchSpec) -> None:
         if self.config.create_missing_biases:
             self._created_parts = self._create_biases(backbone, arch)
-        biases = [p for name, p in backbone.named_parameters() if name.split(".")[-1] == "bias"]
+        biases = [name for name, _ in backbone.named_parameters() if name.split(".")[-1] == "bias"]
         if not biases:
             warnings.warn(
                 f"bitfit: this {backbone.config.model_type} backbone has no biases, so only the "
                 "head trains; pass create_missing_biases=True (--create-missing-biases)",
                 stacklevel=2,
             )
-        for bias in biases:
-            bias.requires_grad_(True)
+        self.train_backbone_tensors(backbone, biases)
 
     @staticmethod
     def _create_biases(backbone: nn.Module, arch: ArchSpec) -> list[str]:
@@ -77,6 +78,5 @@ class BitFit(Method):
         return sorted(created)
 
     def merge(self, backbone: nn.Module, arch: ArchSpec) -> list[str]:
-        for parameter in backbone.parameters():
-            parameter.requires_grad_(False)
+        self.merge_backbone_tensors(backbone)
         return self._created_parts

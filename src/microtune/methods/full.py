@@ -1,4 +1,9 @@
-"""Full fine-tuning: every backbone parameter trains. The trained backbone is the merged model."""
+"""Full fine-tuning: every backbone parameter trains. The trained backbone is the merged model.
+
+On a base loaded below float32 (`--dtype bfloat16`) the weights train as float32 master copies
+(`microtune.methods.masters`), the usual mixed-precision recipe: it costs a float32 copy of the
+model plus AdamW's state, so the low-precision base saves memory only in the forward pass.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from microtune.arch import ArchSpec
-from microtune.methods.base import Method, MethodConfig
+from microtune.methods.base import MethodConfig
+from microtune.methods.masters import BackboneTensorMethod
 
 
 @dataclass
@@ -21,19 +27,18 @@ class FullConfig(MethodConfig):
     dropout: bool = True
 
 
-class Full(Method):
-    """Unfreezes the whole backbone. The artifact stores every backbone weight (and the head)."""
+class Full(BackboneTensorMethod):
+    """Trains the whole backbone. The artifact stores every backbone weight (and the head)."""
 
     name = "full"
     config_class = FullConfig
     default_learning_rate = 2e-5
 
     def attach(self, backbone: nn.Module, arch: ArchSpec) -> None:
-        for parameter in backbone.parameters():
-            parameter.requires_grad_(True)
+        self.train_backbone_tensors(backbone, [name for name, _ in backbone.named_parameters()])
 
     def merge(self, backbone: nn.Module, arch: ArchSpec) -> list[str]:
-        # The weights already are the model; freeze them again so the result is inference-only.
-        for parameter in backbone.parameters():
-            parameter.requires_grad_(False)
+        # The weights already are the model (or their copies are written into it); freeze them
+        # again so the result is inference-only.
+        self.merge_backbone_tensors(backbone)
         return []

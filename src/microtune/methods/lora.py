@@ -147,7 +147,8 @@ class LoRA(Method):
         if self.config.lora_dropout > 0:  # p = 0 is the identity: skip the call (as peft does)
             x = self.lora_dropout(x)
         update = nn.functional.linear(nn.functional.linear(x, factors.A), factors.B)  # x Aᵀ Bᵀ
-        return output + (self.config.scale * update).to(output.dtype)
+        # Summed in float32 and rounded once to the activation's dtype, as peft does.
+        return (output + self.config.scale * update).to(output.dtype)
 
     def target_paths(self) -> list[str]:
         return list(self._paths.values())
@@ -157,7 +158,8 @@ class LoRA(Method):
         for key, module in self._targets.items():
             delta = sign * self.config.scale * self.factors[key].delta()
             weight = module.weight
-            weight.add_((delta.T if is_conv1d(module) else delta).to(weight.dtype))
+            # Summed in float32, rounded once to the base's dtype.
+            weight.copy_(weight + (delta.T if is_conv1d(module) else delta))
 
     def merge(self, backbone: nn.Module, arch: ArchSpec) -> list[str]:
         """W += (alpha / rank) B A on every target; the hooks go, the module types never changed."""

@@ -138,11 +138,10 @@ class PromptMethod(Method):
             return None
         hidden = _hidden_of(args, kwargs)
         k = self.num_prompts
-        prompt = prompt.to(hidden.dtype)
         if layer == 0:
-            head = prompt.expand(hidden.shape[0], k, hidden.shape[-1])
-        else:
-            head = hidden[:, :k] + prompt
+            head = prompt.to(hidden.dtype).expand(hidden.shape[0], k, hidden.shape[-1])
+        else:  # summed in float32, rounded once to the activation's dtype
+            head = (hidden[:, :k] + prompt).to(hidden.dtype)
         return _with_hidden(args, kwargs, torch.cat([head, hidden[:, k:]], dim=1))
 
     def _drop_prompts(self, module: nn.Module, args: tuple):

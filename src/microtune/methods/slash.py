@@ -82,7 +82,10 @@ class SLaSh(ProjectedZMethod):
         shift = self.shift(layer)
         if shift.dim() == 2:  # per-example rows (B, D) in the DP path: one per sequence
             shift = shift[:, None]
-        return output + shift.to(output.dtype)
+        # Summed in float32 and rounded once to the activation's dtype (a no-op on a float32
+        # base), as peft adds LoRA's update: closer to the float32 function than adding a
+        # rounded shift to a rounded output.
+        return (output + shift).to(output.dtype)
 
     @torch.no_grad()
     def merge(self, backbone: nn.Module, arch: ArchSpec) -> list[str]:
@@ -98,7 +101,7 @@ class SLaSh(ProjectedZMethod):
         created = []
         for layer, site in enumerate(self._sites):
             bias, was_created = ensure_bias(site)
-            bias.add_(self.shift(layer).to(bias.dtype))
+            bias.copy_(bias + self.shift(layer))  # summed in float32, rounded once
             if was_created:
                 created.append(site_part(arch, self.config.position))
         self.detach()

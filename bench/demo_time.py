@@ -1,11 +1,11 @@
 """How long `make demo` takes on this machine, on a fresh clone, and what it ends with.
 
-Clones the repository (its committed HEAD) into a temporary folder, runs `make demo` there with
-the time of every command, then prints the demo's figures as the README states them: total
-minutes (install included), training seconds and steps, SST-2 dev accuracy, trained numbers,
-artifact bytes, and the export check. To say how fast the machine is, it also times one SLaSh
-training step of 32 SST-2 examples with uniformly shuffled batches (the README's yardstick for
-machine speed: 0.37 s on one machine, 1.3 s on another), in the same process as the report.
+Clones the repository (its committed HEAD) into a temporary folder and runs `make demo` there,
+then prints the demo's figures as the README states them: total minutes (install included),
+training seconds and steps, SST-2 dev accuracy, trained numbers, artifact bytes, the export
+check, and how much padding length-grouped batches save. To say how fast the machine is, it
+also times one SLaSh training step of 32 SST-2 examples in uniformly shuffled batches (the
+yardstick of issue #11: 0.37 s on one machine, 1.3 s on another), in the same process.
 
     python bench/demo_time.py [--data-dir ../shared/data] [--keep]
 """
@@ -66,6 +66,24 @@ def slash_step_seconds(data_dir: str, steps: int = 5) -> float:
     return statistics.median(times[1:])  # the first step warms up
 
 
+def padded_token_ratio(data_dir: str) -> float:
+    """Padded tokens of one SST-2 epoch in length-grouped batches of 32 ÷ in shuffled ones."""
+    from microtune.data import encode
+    from microtune.model import load_backbone
+    from microtune.tasks import get_task, load_examples
+    from microtune.train import LengthGroupedSampler, ShuffledSampler
+
+    _, tokenizer = load_backbone()
+    rows = encode(tokenizer, load_examples(get_task("sst2"), "train", data_dir), 128)
+    lengths = tuple(len(row["input_ids"]) for row in rows)
+
+    def padded(sampler) -> int:
+        return sum(max(lengths[i] for i in batch) * len(batch) for batch in sampler.epoch(0))
+
+    grouped = padded(LengthGroupedSampler(lengths, 32, seed=0))
+    return grouped / padded(ShuffledSampler(len(lengths), 32, seed=0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
@@ -104,6 +122,7 @@ def main() -> None:
         "artifact_bytes": metrics["artifact_bytes"],
         "export_max_abs_logit_diff": float(found.group(1)) if found else None,
         "slash_step_of_32_shuffled_s": round(step, 3),
+        "padded_tokens_grouped_over_shuffled": round(padded_token_ratio(data_dir), 3),
     }
     print(json.dumps(report, indent=2))
     if args.keep:

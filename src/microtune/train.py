@@ -442,7 +442,10 @@ class ProgressCallback(TrainerCallback):
             total=trainer.total_steps,
             initial=trainer.step,
             disable=not trainer.config.progress,
-            desc="train",
+            # Say up front how much one step is, so a long accumulation is not a silent wait.
+            desc=f"train ({trainer.config.batch_size}x{trainer.config.grad_accum} per step)"
+            if trainer.config.grad_accum > 1
+            else "train",
             unit="step",
             dynamic_ncols=True,
             # In a log file (no terminal) every redraw is a new line: redraw rarely there.

@@ -149,17 +149,23 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean")
 def predict(
     model: nn.Module, rows: Sequence[Encoded], pad_token_id: int, batch_size: int = 64
 ) -> np.ndarray:
-    """Logits of every row, in order, with the model in eval mode."""
+    """Logits of every row, in order, with the model in eval mode.
+
+    Rows are batched longest first (and put back in order), so little of a batch is padding."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     dummy = [0] * len(rows)
     outputs = []
-    for inputs, _ in batches(rows, dummy, batch_size, pad_token_id):
+    for inputs, _ in batches(rows, dummy, batch_size, pad_token_id, order):
         inputs = {k: v.to(device) for k, v in inputs.items()}
         outputs.append(model(**inputs).float().cpu())
     model.train(was_training)
-    return torch.cat(outputs).numpy()
+    logits = torch.cat(outputs)
+    restored = torch.empty_like(logits)
+    restored[torch.tensor(order)] = logits
+    return restored.numpy()
 
 
 def evaluate(

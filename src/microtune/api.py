@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from microtune import __version__, folders
@@ -27,14 +28,30 @@ from microtune.artifact import (
     write_json,
     write_tensors,
 )
-from microtune.data import encode
 from microtune.errors import MicrotuneError
 from microtune.hub import resolve_artifact
 from microtune.methods import build_method, method_class
-from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, backbone_dtype, load_backbone
+from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
 from microtune.privacy import DPConfig, private_plugins
-from microtune.tasks import TASKS, Example, Task, get_task, load_examples
-from microtune.train import DEFAULT_MAX_STEPS, TrainConfig, Trainer, evaluate, predict
+from microtune.tasks import (
+    TASKS,
+    Example,
+    Task,
+    get_task,
+    load_examples,
+    load_rows,
+    rows_to_examples,
+    with_data_labels,
+)
+from microtune.tasktypes import STOCK_CLASSES, Outputs, task_type_of
+from microtune.train import (
+    DEFAULT_MAX_STEPS,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    join_outputs,
+    predict,
+)
 
 METRICS_FILE = "metrics.json"
 HEAD_FILE = "head.safetensors"
@@ -63,15 +80,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def task_record(
-    task: Task, text_columns: tuple[str, ...] | None = None, label_column: str = "label"
+    task: Task, text_columns: tuple[str, ...] | None = None, label_column: str | None = None
 ) -> dict[str, Any]:
     """The task as an artifact stores it, with the columns its training data used."""
     return {
         "name": task.name,
+        "type": task.type,
         "num_labels": task.num_labels,
         "metrics": list(task.metrics),
         "text_columns": list(text_columns or task.text_columns),
-        "label_column": label_column,
+        "label_column": label_column or task.label_column,
         "label_names": list(task.label_names),
         "dev_split": task.dev_split,
     }
@@ -84,6 +102,10 @@ def task_from_record(record: dict[str, Any]) -> Task:
     cannot be paths); a registered name must also agree with the registry on the labels."""
     if record["name"] in TASKS:
         task = get_task(record["name"])
+        if task.labels_from_data:  # the label set the training data gave, in its order
+            task = dataclasses.replace(
+                task, num_labels=record["num_labels"], label_names=tuple(record["label_names"])
+            )
         if task.num_labels != record["num_labels"]:
             raise MicrotuneError(
                 f"the artifact's task '{task.name}' has {record['num_labels']} labels but the "
@@ -97,6 +119,8 @@ def task_from_record(record: dict[str, Any]) -> Task:
         tuple(record["metrics"]),
         record["dev_split"],
         tuple(record["label_names"]),
+        type=task_type_of(record).name,
+        label_column=record.get("label_column", "label"),
     )
 
 
@@ -117,7 +141,7 @@ def load_split(
     data_dir=None,
     data_file=None,
     text_columns=None,
-    label_column: str = "label",
+    label_column: str | None = None,
     limit: int | None = None,
 ) -> list[Example]:
     examples = load_examples(task, split, data_dir, data_file, text_columns, label_column)
@@ -138,7 +162,8 @@ def train(
     train_file: str | None = None,
     dev_file: str | None = None,
     text_columns: tuple[str, ...] | None = None,
-    label_column: str = "label",
+    label_column: str | None = None,
+    labels: tuple[str, ...] | None = None,
     max_length: int = 128,
     max_train_examples: int | None = None,
     resume: bool = False,
@@ -157,7 +182,11 @@ def train(
     trains (and the head) stays float32, and the artifact records the base's precision.
 
     With `privacy`, training is DP-SGD (`microtune.privacy`): ε spent is metrics.json's
-    `epsilon`, and both metrics.json and the artifact carry the full "privacy" record."""
+    `epsilon`, and both metrics.json and the artifact carry the full "privacy" record.
+
+    Tasks whose labels come from the data (`classification`, `token-classification`,
+    `conll2003`) read the label set from the training rows, in the task type's order unless
+    `labels` fixes it; the artifact records the names."""
     started = time.time()
     task_spec = get_task(task)
     config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
@@ -173,12 +202,23 @@ def train(
         overwrite=overwrite,
         protected=folders.base_model_folders([model]),
     ) as output_dir:
-        train_examples = load_split(
-            task_spec, "train", data_dir, train_file, text_columns, label_column, max_train_examples
+        train_rows_raw, source = load_rows(task_spec, "train", data_dir, train_file)
+        if max_train_examples is not None:
+            train_rows_raw = train_rows_raw[:max_train_examples]
+        if task_spec.labels_from_data:
+            task_spec = with_data_labels(task_spec, train_rows_raw, source, label_column, labels)
+        elif labels:
+            raise MicrotuneError(
+                f"--labels applies to tasks that read their labels from the data, not to "
+                f"{task_spec.name}"
+            )
+        train_examples = rows_to_examples(
+            task_spec, train_rows_raw, source, text_columns, label_column
         )
         dev_examples = load_split(
             task_spec, task_spec.dev_split, data_dir, dev_file, text_columns, label_column
         )
+        task_type = task_spec.task_type
 
         torch.manual_seed(config.seed)
         backbone, tokenizer = load_backbone(model, dtype)
@@ -190,18 +230,23 @@ def train(
 
         head_config = HeadConfig(
             num_labels=task_spec.num_labels,
-            readout=readout or default_readout(arch_for(backbone).causal),
+            readout=task_type.readout(readout, default_readout(arch_for(backbone).causal)),
             head_dropout=head_dropout,
         )
         task_model = TaskModel(
-            backbone, head_config, method_obj, mask_token_id=tokenizer.mask_token_id
+            backbone,
+            head_config,
+            method_obj,
+            mask_token_id=tokenizer.mask_token_id,
+            task_type=task_type,
         )
         task_model.to(resolve_device(device))
 
         with_mask = head_config.readout == "mask"
-        train_rows = encode(tokenizer, train_examples, max_length, with_mask)
-        dev_rows = encode(tokenizer, dev_examples, max_length, with_mask)
-        dev_labels = [e.label for e in dev_examples]
+        train_rows, train_labels = task_type.encode(
+            tokenizer, train_examples, max_length, with_mask
+        )
+        dev_rows, dev_labels = task_type.encode(tokenizer, dev_examples, max_length, with_mask)
         plugins: dict[str, Any] = {}
         if privacy is not None:
             plan, sampler, step, callbacks = private_plugins(
@@ -212,7 +257,7 @@ def train(
             task_model,
             config,
             train_rows,
-            [e.label for e in train_examples],
+            train_labels,
             tokenizer.pad_token_id,
             output_dir,
             evaluate_fn=lambda m: evaluate(
@@ -296,10 +341,16 @@ def evaluate_artifact(
             "(and --text-columns, --label-column), whose labels must fit the artifact's head"
         )
     task_model, tokenizer, config = load_artifact(artifact_dir, model)
-    task_spec = get_task(task) if task else task_from_record(config["task"])
-    if task is None or task == config["task"]["name"]:
+    own = task is None or task == config["task"]["name"]
+    task_spec = task_from_record(config["task"]) if own else get_task(task)
+    if own:
         text_columns = text_columns or tuple(config["task"]["text_columns"])
         label_column = label_column or config["task"].get("label_column", "label")
+    if task_spec.type != task_model.task_type.name:
+        raise MicrotuneError(
+            f"task {task_spec.name} is {task_spec.type} but the artifact was trained for "
+            f"{task_model.task_type.name}; evaluate on the task it was trained for"
+        )
     if task_spec.num_labels != config["head"]["num_labels"]:
         raise MicrotuneError(
             f"task {task_spec.name} has {task_spec.num_labels} labels but the artifact's head "
@@ -311,12 +362,12 @@ def evaluate_artifact(
         data_dir,
         data_file,
         text_columns,
-        label_column or "label",
+        label_column,
     )
-    rows = encode(tokenizer, examples, config["max_length"], config["head"]["readout"] == "mask")
-    return evaluate(
-        task_model, task_spec, rows, [e.label for e in examples], tokenizer.pad_token_id, batch_size
+    rows, labels = task_spec.task_type.encode(
+        tokenizer, examples, config["max_length"], config["head"]["readout"] == "mask"
     )
+    return evaluate(task_model, task_spec, rows, labels, tokenizer.pad_token_id, batch_size)
 
 
 def export_merged(
@@ -346,39 +397,22 @@ def write_merged(
 ) -> str:
     """Write a merged task model as a standard model folder; returns the format written.
 
-    "sequence-classification": `AutoModelForSequenceClassification.from_pretrained(dir)` loads
-    it (BERT with the pooler read-out). "backbone+head": `AutoModel` loads the backbone and
-    `head.safetensors` holds the linear head over the read-out named in microtune_export.json.
+    A stock `transformers` task class where the task type finds one that computes the same
+    function (`TaskType.export_stock`): "sequence-classification" (BERT with the pooler
+    read-out) loads with `AutoModelForSequenceClassification`, "token-classification" with
+    `AutoModelForTokenClassification`. Otherwise "backbone+head": `AutoModel` loads the
+    backbone and `head.safetensors` holds the linear head over the read-out named in
+    microtune_export.json.
     """
-    from transformers import AutoModelForSequenceClassification
-
     if task_model.method is not None:
         task_model.merge()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    backbone = task_model.backbone
-    head = task_model.head_config
-    classifier = task_model.arch.seq_cls_classifier
-    if head.readout == "pooler" and classifier:
-        cls_config = backbone.config.__class__.from_dict(backbone.config.to_dict())
-        cls_config.num_labels = head.num_labels
-        cls_config.problem_type = (
-            "regression" if head.num_labels == 1 else "single_label_classification"
-        )
-        label_names = config["task"].get("label_names") or []
-        if label_names:
-            cls_config.id2label = dict(enumerate(label_names))
-            cls_config.label2id = {name: i for i, name in enumerate(label_names)}
-        # In the base's precision (the head too: a stock model has one dtype).
-        full = AutoModelForSequenceClassification.from_config(cls_config).to(
-            backbone_dtype(backbone)
-        )
-        getattr(full, full.base_model_prefix).load_state_dict(backbone.state_dict())
-        getattr(full, classifier).load_state_dict(task_model.head.linear.state_dict())
-        full.save_pretrained(output_dir)
-        export_format = "sequence-classification"
+    task_type = task_model.task_type
+    if task_type.stock_format and task_type.export_stock(task_model, config, output_dir):
+        export_format = task_type.stock_format
     else:
-        backbone.save_pretrained(output_dir)
+        task_model.backbone.save_pretrained(output_dir)
         write_head(task_model, output_dir)
         export_format = "backbone+head"
     tokenizer.save_pretrained(output_dir)
@@ -498,15 +532,17 @@ def load_exported(folder: str | os.PathLike, base_model: str | None = None):
     A "peft+head" folder (`microtune.peft_format`) loads with peft over `base_model` (default:
     the base model it names).
     """
+    import transformers
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel
 
     from microtune.heads import read_out
 
     folder = Path(folder)
     info = json.loads((folder / EXPORT_FILE).read_text())
-    if info["format"] == "sequence-classification":
-        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    if info["format"] in STOCK_CLASSES:
+        auto_class = getattr(transformers, STOCK_CLASSES[info["format"]])
+        model = auto_class.from_pretrained(folder).eval()
         return lambda **inputs: model(**inputs).logits, model
     if info["format"] == "peft+head":
         from microtune.peft_format import load_peft
@@ -549,13 +585,28 @@ def check_rows(tokenizer, config: dict[str, Any], data_dir: str | None, examples
     the export checks compare exported and unmerged logits on."""
     task_spec = task_from_record(config["task"])
     dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)
-    return encode(tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask")
+    rows, _ = task_spec.task_type.encode(
+        tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask"
+    )
+    return rows
 
 
 # The export check's bound on max |logit difference|, relative to the largest |logit| (at
 # least 1): a float32 merge differs by rounding alone; a half-precision base rounds the folded
 # weights to its own precision.
 EXPORT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+
+
+def logit_difference(a: Outputs, b: Outputs) -> tuple[float, np.ndarray]:
+    """(max |a - b|, b's values) over outputs as `predict` returns them (per-row arrays for
+    per-token types)."""
+    if isinstance(a, list):
+        if not a:
+            return 0.0, np.zeros(1)
+        return max(float(abs(x - y).max()) for x, y in zip(a, b, strict=True)), np.concatenate(
+            [y.reshape(-1) for y in b]
+        )
+    return float(abs(a - b).max()), b
 
 
 def check_logit_diff(
@@ -600,11 +651,9 @@ def export_and_check(
     exported_logits_fn, exported_backbone = load_exported(output_dir)
     inputs = [b for b, _ in batches(rows, [0] * len(rows), 64, tokenizer.pad_token_id)]
     with torch.no_grad():
-        exported_logits = torch.cat([exported_logits_fn(**b) for b in inputs]).numpy()
-    diff = float(abs(exported_logits - unmerged_logits).max())
-    check_logit_diff(
-        diff, unmerged_logits, config["base_model"].get("dtype", "float32"), output_dir
-    )
+        exported_logits = join_outputs([exported_logits_fn(**b).float() for b in inputs], rows)
+    diff, largest = logit_difference(exported_logits, unmerged_logits)
+    check_logit_diff(diff, largest, config["base_model"].get("dtype", "float32"), output_dir)
     base, _ = load_backbone(
         model or config["base_model"]["name"], config["base_model"].get("dtype", "float32")
     )

@@ -31,6 +31,7 @@ from microtune.hub import resolve_artifact
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel, backbone_dtype, dtype_name, load_backbone
 from microtune.schema import FIX, FORMAT_VERSION, check_sizes, problem, validate_config
+from microtune.tasktypes import task_type_of
 
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "microtune.json"
@@ -271,7 +272,11 @@ def load_artifact(
         raise problem(config_path, "max_length", detail) from None
     method = build_method(config["method"], {**config["method_config"], **(method_options or {})})
     model = TaskModel(
-        backbone, HeadConfig(**config["head"]), method, mask_token_id=tokenizer.mask_token_id
+        backbone,
+        HeadConfig(**config["head"]),
+        method,
+        mask_token_id=tokenizer.mask_token_id,
+        task_type=task_type_of(config["task"]),
     )
     check_tensors(stored, model, directory / TENSORS_FILE)
     model.load_stored_state(stored, config.get("method_state", {}))

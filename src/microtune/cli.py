@@ -244,11 +244,19 @@ def _add_data_options(parser: argparse.ArgumentParser, training: bool) -> None:
     )
     group.add_argument(
         "--label-column",
-        default="label" if training else None,
-        help="label column (default: label"
+        default=None,
+        help="label column (default: the task's: label, or ner_tags for token classification"
         + ("" if training else "; for eval, the column the artifact was trained with")
         + ")",
     )
+    if training:
+        group.add_argument(
+            "--labels",
+            type=lambda s: tuple(s.split(",")),
+            help="comma-separated label names in a fixed order, for tasks that read their "
+            "labels from the data (classification, token-classification, conll2003; default: "
+            "the labels seen in training, sorted, O first for tags)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         required=True,
         choices=sorted(TASKS),
-        help="task: sets the text columns, labels, loss and dev metric",
+        help="task: sets the text columns, labels, loss and dev metric. GLUE names; conll2003 "
+        "(NER, --data-dir); on your own --train-file/--dev-file: classification (labels read "
+        "from the data), regression (a number), token-classification (JSONL tokens/ner_tags)",
     )
     train.add_argument(
         "--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="fine-tuning method"
@@ -334,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="sequence feature: mean (encoders' default), first ([CLS]/<s>), "
         "mask (a mask token appended to the first sentence), last (decoders' "
-        "default), pooler (BERT's pooler)",
+        "default), pooler (BERT's pooler); tokens (token classification's, set by itself)",
     )
     train.add_argument(
         "--head-dropout", type=float, default=0.0, help="dropout before the linear head"
@@ -482,6 +492,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         dev_file=args.dev_file,
         text_columns=args.text_columns,
         label_column=args.label_column,
+        labels=args.labels,
         max_length=args.max_length,
         max_train_examples=args.max_train_examples,
         resume=args.resume,
@@ -506,7 +517,7 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
             for name, m in sorted(METHODS.items())
         },
         "tasks": {
-            name: {"num_labels": t.num_labels, "metrics": list(t.metrics)}
+            name: {"type": t.type, "num_labels": t.num_labels, "metrics": list(t.metrics)}
             for name, t in TASKS.items()
         },
         "architectures": sorted(ARCHITECTURES),

@@ -8,6 +8,7 @@ import torch
 
 from microtune.errors import MicrotuneError
 from microtune.tasks import Example
+from microtune.tasktypes.base import IGNORE_INDEX
 
 Encoded = dict[str, list[int]]
 
@@ -88,13 +89,19 @@ def batches(
     pad_token_id: int,
     order: Sequence[int] | None = None,
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """(inputs, labels) batches in the given order (default: as stored)."""
+    """(inputs, labels) batches in the given order (default: as stored). Per-token labels
+    (a list per row) are right-padded like the inputs, with -100 (not scored)."""
     order = range(len(rows)) if order is None else order
-    regression = isinstance(labels[0], float)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         inputs = collate([rows[i] for i in index], pad_token_id)
-        target = torch.tensor(
-            [labels[i] for i in index], dtype=torch.float32 if regression else torch.long
-        )
-        yield inputs, target
+        yield inputs, collate_labels([labels[i] for i in index], inputs["input_ids"].shape[1])
+
+
+def collate_labels(labels: Sequence, width: int) -> torch.Tensor:
+    """Labels of a batch: class indices (long), numbers (float32), or per-token lists padded
+    to `width` with -100."""
+    if isinstance(labels[0], (list, tuple)):
+        return torch.tensor([list(row) + [IGNORE_INDEX] * (width - len(row)) for row in labels])
+    regression = isinstance(labels[0], float)
+    return torch.tensor(labels, dtype=torch.float32 if regression else torch.long)

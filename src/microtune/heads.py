@@ -10,8 +10,9 @@ from torch import nn
 
 # first: position 0 ([CLS] / <s>); mean: average over non-padding tokens; mask: the [MASK] /
 # <mask> token appended to the first sentence; last: the last non-padding token (decoders);
-# pooler: the backbone's own pooler output (BERT's dense+tanh over [CLS]).
-READOUTS = ("first", "mean", "mask", "last", "pooler")
+# pooler: the backbone's own pooler output (BERT's dense+tanh over [CLS]); tokens: every
+# token's hidden state, no reduction (token classification: the head runs per token).
+READOUTS = ("first", "mean", "mask", "last", "pooler", "tokens")
 
 
 def read_out(
@@ -22,7 +23,9 @@ def read_out(
     mask_token_id: int | None = None,
     pooled: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce hidden states (B, T, D) to one feature per example (B, D)."""
+    """Reduce hidden states (B, T, D) to one feature per example (B, D); "tokens" keeps them."""
+    if readout == "tokens":
+        return hidden
     if readout == "first":
         return hidden[:, 0]
     if readout == "mean":
@@ -47,7 +50,8 @@ def read_out(
 
 
 class TaskHead(nn.Module):
-    """Dropout then one linear layer: num_labels logits, or 1 output for regression."""
+    """Dropout then one linear layer: num_labels logits, or 1 output for regression; on
+    features (B, D), or per token on (B, T, D)."""
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.0):
         super().__init__()
@@ -60,7 +64,9 @@ class TaskHead(nn.Module):
         if self._rows is None:
             return self.linear(features)
         # Row b of the batch uses its own copy of the weight (B, C, D) and bias (B, C).
-        return torch.einsum("bd,bcd->bc", features, self._rows["weight"]) + self._rows["bias"]
+        out = torch.einsum("b...d,bcd->b...c", features, self._rows["weight"])
+        bias = self._rows["bias"]
+        return out + bias.view(bias.shape[0], *([1] * (out.dim() - 2)), bias.shape[-1])
 
     @contextlib.contextmanager
     def per_example_parameters(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""GLUE metrics on scikit-learn and scipy (`evaluate.load` needs a network)."""
+"""Sentence-level metrics on scikit-learn and scipy (`evaluate.load` needs a network)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from microtune.errors import MicrotuneError
 
-METRICS = ("accuracy", "f1", "matthews_correlation", "pearson", "spearman")
+METRICS = ("accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearman")
+# With the entity-level scores of token classification, computed by its task type with
+# seqeval (`microtune.tasktypes.tokens`): what task records may list.
+RECORDED_METRICS = (*METRICS, "precision", "recall")
 
 
 class UndefinedMetricWarning(UserWarning):
@@ -36,6 +39,8 @@ def compute_metrics(names: tuple[str, ...], predictions, labels) -> dict[str, fl
             value = accuracy_score(labels, predictions)
         elif name == "f1":
             value = f1_score(labels, predictions)
+        elif name == "macro_f1":  # any number of classes: the mean of per-class F1
+            value = f1_score(labels, predictions, average="macro")
         elif name == "matthews_correlation":
             value = matthews_corrcoef(labels, predictions)
         elif name in ("pearson", "spearman"):

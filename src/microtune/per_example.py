@@ -31,11 +31,14 @@ GRADIENT_BUDGET = 2**26
 Gradients = dict[str, torch.Tensor]
 
 
-def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One loss per example: cross-entropy for classes, squared error for one output."""
-    from microtune.train import loss_fn
+def example_losses(
+    logits: torch.Tensor, labels: torch.Tensor, model: nn.Module | None = None
+) -> torch.Tensor:
+    """One loss per example, by the model's task type (`microtune.train.loss_for`); without a
+    model, the sentence-level loss (cross-entropy, or squared error for one output)."""
+    from microtune.train import loss_fn, loss_for
 
-    return loss_fn(logits, labels, reduction="none")
+    return (loss_fn if model is None else loss_for(model))(logits, labels, reduction="none")
 
 
 def check_supported(model: nn.Module) -> None:
@@ -95,7 +98,7 @@ class PerExampleGradients:
 
     def substitution(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
         with self.model.per_example_parameters(len(labels)) as leaves:
-            losses = example_losses(self.model(**inputs), labels)
+            losses = example_losses(self.model(**inputs), labels, self.model)
             names = list(leaves)
             grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names], allow_unused=True)
         return losses.detach(), {
@@ -112,7 +115,7 @@ class PerExampleGradients:
         def one_loss(params, one_inputs, one_label):
             batch = {k: v.unsqueeze(0) for k, v in one_inputs.items()}
             logits = functional_call(model, params, args=(), kwargs=batch)
-            return example_losses(logits, one_label.unsqueeze(0)).sum()
+            return example_losses(logits, one_label.unsqueeze(0), model).sum()
 
         with _full_attention_masks(), warnings.catch_warnings():
             # "no batching rule for scaled_dot_product_attention": correct, only slower.
@@ -164,7 +167,7 @@ def loop_gradients(
     losses, rows = [], []
     for i in range(len(labels)):
         one = {k: v[i : i + 1] for k, v in inputs.items()}
-        loss = example_losses(model(**one), labels[i : i + 1]).sum()
+        loss = example_losses(model(**one), labels[i : i + 1], model).sum()
         grads = torch.autograd.grad(loss, [parameters[n] for n in names], allow_unused=True)
         rows.append(
             [

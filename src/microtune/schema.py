@@ -32,8 +32,9 @@ from pydantic import (
 from microtune.errors import MicrotuneError
 from microtune.heads import READOUTS
 from microtune.methods import METHODS
-from microtune.metrics import METRICS
+from microtune.metrics import RECORDED_METRICS
 from microtune.model import DTYPES
+from microtune.tasktypes import TASK_TYPES
 
 FORMAT_VERSION = 1
 FIX = "re-train or restore the artifact"
@@ -104,11 +105,15 @@ class Head(Record):
 class TaskInfo(Record):
     name: SafeName
     num_labels: Annotated[int, Field(ge=1, le=MAX_LABELS)]
-    metrics: Annotated[list[Annotated[str, _one_of(METRICS, "metric")]], Field(min_length=1)]
+    metrics: Annotated[
+        list[Annotated[str, _one_of(RECORDED_METRICS, "metric")]], Field(min_length=1)
+    ]
     text_columns: Annotated[list[Text], Field(min_length=1, max_length=2)]
     label_column: Text = "label"
     label_names: Annotated[list[Text], Field(max_length=MAX_LABELS)] = []
     dev_split: SafeName = "validation"
+    # Older artifacts name no type: regression for one label, else classification.
+    type: Annotated[str, _one_of(TASK_TYPES, "task type")] | None = None
 
     @model_validator(mode="after")
     def _names(self) -> TaskInfo:

@@ -4,6 +4,7 @@ import microtune
 
 model = microtune.load("runs/sst2")
 model.predict(["a gripping film", "dull"])  # [{"label": "positive", "score": ...}, ...]
+# token classification: words (a text is split on whitespace) -> {"tokens", "tags", "scores"}
 model.merge()                              # fold into the base weights: same outputs
 model.save_pretrained("runs/sst2-merged")  # the standard export folder (`microtune merge`)
 """
@@ -15,12 +16,12 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from microtune import folders
 from microtune.api import export_merged, resolve_device
 from microtune.artifact import load_artifact
-from microtune.data import encode
 from microtune.errors import MicrotuneError
 from microtune.methods import method_class
 from microtune.model import TaskModel
@@ -73,44 +74,57 @@ class TunedModel:
 
     @property
     def is_regression(self) -> bool:
-        return self.task_model.head_config.num_labels == 1
+        return self.task_model.task_type.name == "regression"
+
+    @property
+    def per_token(self) -> bool:
+        """Token classification: one tag per word."""
+        return self.task_model.task_type.per_token
 
     @property
     def merged(self) -> bool:
         """True once the method is folded into the backbone's weights (or there is none)."""
         return self.task_model.method is None
 
-    def logits(self, inputs: Input | Iterable[Input], batch_size: int = 64) -> torch.Tensor:
-        """Logits (N, num_labels) of the inputs, in order, on the CPU.
+    def logits(
+        self, inputs: Input | Iterable[Input], batch_size: int = 64
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Logits (N, num_labels) of the inputs, in order, on the CPU; for token
+        classification one (tokens, num_labels) tensor per input.
 
         Args:
             inputs: a text, a pair of texts, a mapping with the task's text columns, or a
-                list of those; pair tasks need two texts per input.
+                list of those; pair tasks need two texts per input. For token classification
+                an input is a list of words, a text (split on whitespace), or {"tokens": [...]}.
             batch_size: inputs per forward pass.
         """
-        examples = self._examples(inputs)
-        if not examples:
-            return torch.empty(0, self.task_model.head_config.num_labels)
-        with_mask = self.task_model.head_config.readout == "mask"
-        rows = encode(self.tokenizer, examples, self.config["max_length"], with_mask)
-        return torch.from_numpy(
-            predict(self.task_model, rows, self.tokenizer.pad_token_id, batch_size)
-        )
+        outputs, _, _ = self._outputs(inputs, batch_size)
+        if isinstance(outputs, list):
+            return [torch.from_numpy(o) for o in outputs]
+        return torch.from_numpy(outputs)
 
     def predict(
         self, inputs: Input | Iterable[Input], batch_size: int = 64
     ) -> list[dict[str, Any]]:
-        """One {"label", "score"} per input: the most probable label name and its softmax
-        probability; for regression (STS-B) the label is None and the score the prediction."""
-        logits = self.logits(inputs, batch_size)
-        if self.is_regression:
-            return [{"label": None, "score": float(value)} for value in logits[:, 0]]
-        scores, indices = logits.softmax(-1).max(-1)
-        names = self.label_names
-        return [
-            {"label": names[i], "score": float(s)}
-            for i, s in zip(indices.tolist(), scores, strict=True)
-        ]
+        """One record per input, by the task type: {"label", "score"} with the most probable
+        label name and its softmax probability; for regression (STS-B) the label is None and
+        the score the prediction; for token classification {"tokens", "tags", "scores"}, one
+        tag per word (None for words cut off by the artifact's max_length)."""
+        outputs, examples, labels = self._outputs(inputs, batch_size)
+        return self.task_model.task_type.present(outputs, self.label_names, examples, labels)
+
+    def _outputs(self, inputs: Input | Iterable[Input], batch_size: int):
+        """(outputs as `train.predict` returns them, examples, encoded placeholder labels)."""
+        examples = self._examples(inputs)
+        if not examples:
+            width = self.task_model.head_config.num_labels
+            return ([] if self.per_token else np.empty((0, width), np.float32)), [], []
+        with_mask = self.task_model.head_config.readout == "mask"
+        rows, labels = self.task_model.task_type.encode(
+            self.tokenizer, examples, self.config["max_length"], with_mask
+        )
+        outputs = predict(self.task_model, rows, self.tokenizer.pad_token_id, batch_size)
+        return outputs, examples, labels
 
     def merge(self) -> TunedModel:
         """Fold the method into the backbone's weights, in place: the same outputs (to float
@@ -138,6 +152,8 @@ class TunedModel:
         )
 
     def _examples(self, inputs: Input | Iterable[Input]) -> list[Example]:
+        if self.per_token:
+            return self._word_examples(inputs)
         items = [inputs] if isinstance(inputs, (str, Mapping)) else list(inputs)
         columns = self.text_columns
         examples = []
@@ -160,6 +176,25 @@ class TunedModel:
                     + ("texts" if len(columns) == 1 else "pairs (a, b) or dicts with those keys")
                 )
             examples.append(Example(texts, 0))
+        return examples
+
+    def _word_examples(self, inputs) -> list[Example]:
+        """Token classification: each input is a list of words, a text split on whitespace,
+        or a mapping with the task's words column (a list of texts is several inputs, as for
+        sentence tasks; one list of words goes in a list: [words])."""
+        items = [inputs] if isinstance(inputs, (str, Mapping)) else list(inputs)
+        column = self.text_columns[0]
+        examples = []
+        for index, item in enumerate(items):
+            if isinstance(item, Mapping):
+                item = item.get(column, item.get("tokens"))
+            words = item.split() if isinstance(item, str) else item
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+                raise MicrotuneError(
+                    f"input {index}: token classification takes a list of words, a text, or "
+                    f'{{"{column}": [...]}}'
+                )
+            examples.append(Example(tuple(words), tuple(0 for _ in words)))
         return examples
 
 

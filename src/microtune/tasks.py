@@ -12,7 +12,7 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from microtune.errors import MicrotuneError
@@ -21,16 +21,23 @@ from microtune.hub import is_offline
 
 @dataclass(frozen=True)
 class Task:
-    """A sequence classification or regression task.
+    """A task: its data's columns, its labels, how it is scored and what type it is.
 
     Attributes:
-        name: the registry name (sst2, mrpc, ...).
-        text_columns: one column (single sentence) or two (sentence pair).
-        num_labels: number of classes; 1 means regression with an MSE loss.
+        name: the registry name (sst2, mrpc, conll2003, classification, ...).
+        text_columns: one column (single sentence) or two (sentence pair); for token
+            classification the one column of words.
+        num_labels: number of classes (the head's width); 1 means regression with an MSE loss;
+            0 until a task whose labels come from the data has read them (`with_data_labels`).
         metrics: metric keys reported on the dev set; the first is the one to watch.
         dev_split: name of the split used for evaluation.
         label_names: class names, so files with string labels can be read.
         hub: (dataset, config) for `datasets.load_dataset` when online.
+        type: the task type's registry name (`microtune.tasktypes`).
+        label_column: the label column of its data files (a user's may be mapped).
+        folder: the data folder's subfolder that holds `<name>/<split>.jsonl`.
+        labels_from_data: the label set is read from the training data (sorted, or as given
+            by --labels) and labels are read by name only.
     """
 
     name: str
@@ -40,6 +47,10 @@ class Task:
     dev_split: str = "validation"
     label_names: tuple[str, ...] = ()
     hub: tuple[str, str] = field(default=("", ""))
+    type: str = "classification"
+    label_column: str = "label"
+    folder: str = "glue"
+    labels_from_data: bool = False
 
     @property
     def is_regression(self) -> bool:
@@ -48,6 +59,13 @@ class Task:
     @property
     def main_metric(self) -> str:
         return self.metrics[0]
+
+    @property
+    def task_type(self):
+        """The `TaskType` that trains, scores and exports this task."""
+        from microtune.tasktypes import get_task_type
+
+        return get_task_type(self.type)
 
 
 def _glue(
@@ -58,7 +76,15 @@ def _glue(
     dev_split: str = "validation",
 ) -> Task:
     num_labels = max(len(labels), 1)
-    return Task(name, columns, num_labels, metrics, dev_split, labels, ("nyu-mll/glue", name))
+    kind = "classification" if labels else "regression"
+    hub = ("nyu-mll/glue", name)
+    return Task(name, columns, num_labels, metrics, dev_split, labels, hub, type=kind)
+
+
+# Entity-level scores over BIO spans (seqeval); per-type F1 comes as f1_<TYPE> beside them.
+_NER_METRICS = ("f1", "precision", "recall")
+# Tasks on the user's own files (--train-file / --dev-file): the label set comes from the data.
+USER_TASKS = ("classification", "regression", "token-classification")
 
 
 TASKS: dict[str, Task] = {
@@ -82,6 +108,27 @@ TASKS: dict[str, Task] = {
             ("accuracy",),
             dev_split="validation_matched",
         ),
+        Task(
+            "conll2003",
+            ("tokens",),
+            0,
+            _NER_METRICS,
+            type="token-classification",
+            label_column="ner_tags",
+            folder="ner",
+            labels_from_data=True,
+        ),
+        Task("classification", ("text",), 0, ("accuracy", "macro_f1"), labels_from_data=True),
+        Task("regression", ("text",), 1, ("pearson", "spearman"), type="regression"),
+        Task(
+            "token-classification",
+            ("tokens",),
+            0,
+            _NER_METRICS,
+            type="token-classification",
+            label_column="ner_tags",
+            labels_from_data=True,
+        ),
     )
 }
 
@@ -95,8 +142,11 @@ def get_task(name: str) -> Task:
 
 @dataclass(frozen=True)
 class Example:
+    """One example: its texts (for token classification: its words) and its label (a class
+    index, a number, or for token classification one tag index per word)."""
+
     texts: tuple[str, ...]
-    label: float | int
+    label: float | int | tuple[int, ...]
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -189,7 +239,7 @@ def _path_part(value: str, what: str) -> str:
 
 def split_file(data_dir: str | os.PathLike, task: Task, split: str) -> Path:
     """The file for a split in a folder laid out like ../shared/data (never outside it)."""
-    folder = Path(data_dir) / "glue" / _path_part(task.name, "task name")
+    folder = Path(data_dir) / task.folder / _path_part(task.name, "task name")
     split = _path_part(split, "split")
     for suffix in (".jsonl", ".json", ".csv", ".tsv"):
         candidate = folder / f"{split}{suffix}"
@@ -218,6 +268,14 @@ def _convert_label(task: Task, value, source: str) -> float | int:
                 f"{source}: label {value!r} is not a finite number; fix or drop that row"
             )
         return label
+    if task.labels_from_data:
+        key = label_key(value, source)
+        if key not in task.label_names:
+            raise MicrotuneError(
+                f"{source}: label {key!r} is not one of the training labels "
+                f"{', '.join(task.label_names)}; fix the row, or give --labels with every label"
+            )
+        return task.label_names.index(key)
     if isinstance(value, str) and value in task.label_names:
         return task.label_names.index(value)
     label = _class_index(value)
@@ -231,6 +289,51 @@ def _convert_label(task: Task, value, source: str) -> float | int:
             "(unlabelled test splits cannot be used to train or evaluate)"
         )
     return label
+
+
+def label_key(value, source: str) -> str:
+    """A label read by name: text as it is (stripped), a whole number as its digits (3, 3.0
+    and "3" are one label); anything else is refused."""
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        raise MicrotuneError(f"{source}: label {json.dumps(value)} is not a valid label")
+    index = _class_index(value)
+    if index is not None:
+        return str(index)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise MicrotuneError(f"{source}: label {value!r} is not a name or a whole number")
+
+
+def with_data_labels(
+    task: Task,
+    rows: list[dict],
+    source: str,
+    label_column: str | None = None,
+    labels: tuple[str, ...] | None = None,
+) -> Task:
+    """The task with its label set read from training rows: the task type's order (sorted;
+    numbers numerically; "O" first for tags) unless `labels` fixes it, then it must hold every
+    label seen."""
+    column = label_column or task.label_column
+    seen = task.task_type.seen_labels(rows, column, source)
+    if labels:
+        labels = tuple(label.strip() for label in labels)
+        if len(set(labels)) != len(labels) or not all(labels):
+            raise MicrotuneError(f"--labels {','.join(labels)} has an empty or repeated name")
+        unknown = sorted(seen - set(labels))
+        if unknown:
+            raise MicrotuneError(
+                f"{source}: label(s) {', '.join(unknown)} are not in --labels {','.join(labels)}"
+            )
+        names = labels
+    else:
+        names = task.task_type.order_labels(seen)
+    if len(names) < 2:
+        raise MicrotuneError(
+            f"{source}: only the label(s) {', '.join(names)} occur; classification needs two "
+            "or more (or use --task regression for a number)"
+        )
+    return replace(task, num_labels=len(names), label_names=tuple(names))
 
 
 def _class_index(value) -> int | None:
@@ -253,10 +356,11 @@ def rows_to_examples(
     rows: list[dict],
     source: str,
     text_columns: tuple[str, ...] | None = None,
-    label_column: str = "label",
+    label_column: str | None = None,
 ) -> list[Example]:
     """Turn raw rows into examples, checking that the columns exist and hold text."""
     columns = text_columns or task.text_columns
+    label_column = label_column or task.label_column
     if not rows:
         raise MicrotuneError(f"{source} has no rows")
     missing = [c for c in (*columns, label_column) if c not in rows[0]]
@@ -274,12 +378,39 @@ def rows_to_examples(
         empty = [c for c in (*columns, label_column) if row[c] is None]  # JSON null, short CSV
         if empty:
             raise MicrotuneError(f"{where}: no value in column(s) {empty}")
-        label = _convert_label(task, row[label_column], where)
-        texts = [row[c] for c in columns]
-        if any(isinstance(t, (list, dict, bool)) for t in texts):
-            raise MicrotuneError(f"{where}: a text column holds {texts}, not text")
-        examples.append(Example(tuple(str(t) for t in texts), label))
+        examples.append(task.task_type.read_example(task, row, columns, label_column, where))
     return examples
+
+
+def sentence_example(
+    task: Task, row: dict, columns: tuple[str, ...], label_column: str, where: str
+) -> Example:
+    """A sentence(-pair) example: the text columns' values and the converted label."""
+    label = _convert_label(task, row[label_column], where)
+    texts = [row[c] for c in columns]
+    if any(isinstance(t, (list, dict, bool)) for t in texts):
+        raise MicrotuneError(f"{where}: a text column holds {texts}, not text")
+    return Example(tuple(str(t) for t in texts), label)
+
+
+def load_rows(
+    task: Task,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    data_file: str | os.PathLike | None = None,
+) -> tuple[list[dict], str]:
+    """(raw rows, where they came from) of one split: a file, a data folder, or the hub."""
+    if data_file is not None:
+        return read_rows(data_file), str(data_file)
+    if task.name in USER_TASKS:
+        raise MicrotuneError(
+            f"--task {task.name} trains on your own files: give --train-file and --dev-file "
+            "(--data-file for eval)"
+        )
+    if data_dir is not None:
+        path = split_file(data_dir, task, split)
+        return read_rows(path), str(path)
+    return _hub_rows(task, split), f"hub {task.hub}"
 
 
 def load_examples(
@@ -288,21 +419,19 @@ def load_examples(
     data_dir: str | os.PathLike | None = None,
     data_file: str | os.PathLike | None = None,
     text_columns: tuple[str, ...] | None = None,
-    label_column: str = "label",
+    label_column: str | None = None,
 ) -> list[Example]:
     """Examples of one split: from a file, a data folder, or the hub (in that order)."""
-    if data_file is not None:
-        rows = read_rows(data_file)
-        return rows_to_examples(task, rows, str(data_file), text_columns, label_column)
-    if data_dir is not None:
-        path = split_file(data_dir, task, split)
-        return rows_to_examples(task, read_rows(path), str(path), text_columns, label_column)
-    return rows_to_examples(
-        task, _hub_rows(task, split), f"hub {task.hub}", text_columns, label_column
-    )
+    rows, source = load_rows(task, split, data_dir, data_file)
+    return rows_to_examples(task, rows, source, text_columns, label_column)
 
 
 def _hub_rows(task: Task, split: str) -> list[dict]:
+    if not task.hub[0]:
+        raise MicrotuneError(
+            f"no data for {task.name}: pass --data-dir (a folder with "
+            f"{task.folder}/{task.name}/{split}.jsonl, e.g. ../shared/data)"
+        )
     if is_offline():
         raise MicrotuneError(
             f"no data for {task.name}: offline and no --data-dir; pass --data-dir ../shared/data"

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from microtune.artifact import write_tensors
 from microtune.data import Encoded, batches, check_seed, epoch_order
 from microtune.errors import MicrotuneError
-from microtune.metrics import compute_metrics
 from microtune.tasks import Task
+from microtune.tasktypes import Outputs, get_task_type
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor epochs is given (CLI and api.train)
@@ -137,19 +137,23 @@ _RESUMABLE = ("progress", "eval_every", "checkpoint_every", "log_every", "eval_b
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy for classes; MSE for one-output regression (STS-B)."""
-    if logits.shape[-1] == 1:
-        return nn.functional.mse_loss(
-            logits.squeeze(-1), labels.to(logits.dtype), reduction=reduction
-        )
-    return nn.functional.cross_entropy(logits, labels, reduction=reduction)
+    """The sentence-level loss by output width: cross-entropy for classes, MSE for one-output
+    regression (STS-B). Models that know their task type use theirs (`loss_for`)."""
+    kind = "regression" if logits.shape[-1] == 1 else "classification"
+    return get_task_type(kind).loss(logits, labels, reduction)
+
+
+def loss_for(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """The model's own loss (`TaskModel.loss`: its task type's), else `loss_fn`."""
+    return getattr(model, "loss", loss_fn)
 
 
 @torch.no_grad()
 def predict(
     model: nn.Module, rows: Sequence[Encoded], pad_token_id: int, batch_size: int = 64
-) -> np.ndarray:
-    """Logits of every row, in order, with the model in eval mode.
+) -> Outputs:
+    """Logits of every row, in order, with the model in eval mode: one (N, C) array, or for
+    per-token outputs one (T_i, C) array per row (its real tokens, padding cut off).
 
     Rows are batched longest first (and put back in order), so little of a batch is padding."""
     was_training = model.training
@@ -162,6 +166,21 @@ def predict(
         inputs = {k: v.to(device) for k, v in inputs.items()}
         outputs.append(model(**inputs).float().cpu())
     model.train(was_training)
+    return join_outputs(outputs, rows, order)
+
+
+def join_outputs(
+    outputs: list[torch.Tensor], rows: Sequence[Encoded], order: Sequence[int] | None = None
+) -> Outputs:
+    """Batches of outputs (of the rows in `order`, default as stored) as `predict` returns
+    them: back in row order, per-token outputs cut to each row's length."""
+    order = list(range(len(rows))) if order is None else list(order)
+    if outputs and outputs[0].dim() == 3:
+        flat = [row for batch in outputs for row in batch]
+        joined: list = [None] * len(rows)
+        for index, output in zip(order, flat, strict=True):
+            joined[index] = output[: len(rows[index]["input_ids"])].numpy()
+        return joined
     logits = torch.cat(outputs)
     restored = torch.empty_like(logits)
     restored[torch.tensor(order)] = logits
@@ -176,16 +195,17 @@ def evaluate(
     pad_token_id: int,
     batch_size: int = 64,
 ) -> dict[str, float | None]:
-    """The task's metrics on these rows; refuses non-finite outputs (see `compute_metrics`)."""
-    logits = predict(model, rows, pad_token_id, batch_size)
-    bad = int((~np.isfinite(logits)).any(axis=-1).sum())
+    """The task's metrics on these rows (its task type scores them); refuses non-finite
+    outputs (see `compute_metrics`)."""
+    outputs = predict(model, rows, pad_token_id, batch_size)
+    each = outputs if isinstance(outputs, list) else list(outputs)
+    bad = sum(not np.isfinite(o).all() for o in each)
     if bad:
         raise MicrotuneError(
             f"the model's outputs are not finite on {bad} of {len(rows)} evaluation examples, "
             "so nothing can be scored; check the artifact's tensors, or use a wider --dtype"
         )
-    predictions = logits[:, 0] if task.is_regression else logits.argmax(-1)
-    return compute_metrics(task.metrics, predictions, labels)
+    return task.task_type.score(task, outputs, labels)
 
 
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -339,7 +359,7 @@ class AdamWStep:
         """Fill `.grad` with the gradient of the logical batch's mean loss; return that loss."""
         total = 0.0
         for inputs, labels in micro_batches:
-            loss = loss_fn(model(**inputs), labels)
+            loss = loss_for(model)(model(**inputs), labels)
             weight = len(labels) / logical_size  # the mean over the logical batch
             (loss * weight).backward()
             total += loss.item() * weight

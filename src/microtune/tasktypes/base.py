@@ -1,0 +1,110 @@
+"""What every task type owns: the head's shape, encoding and labels, loss, predictions, metrics
+and the stock export class. One subclass per type, one registry line in `__init__.py`.
+
+The seam is shaped for per-token types too (token classification today, causal LM later): a
+type says whether its outputs are per token (`per_token`: the model returns (B, T, C) and the
+labels are one per token, -100 where nothing is scored) and turns whatever the model returns
+into predictions and metrics itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from microtune.data import Encoded
+    from microtune.model import TaskModel
+    from microtune.tasks import Example, Task
+
+# Label of a position that is not scored (special tokens, a word's later sub-tokens, padding),
+# as `torch.nn.functional.cross_entropy` and `transformers` ignore it.
+IGNORE_INDEX = -100
+
+# Model outputs of a split, in order: one (N, C) array for sequence types, one (T_i, C) array
+# per example (its real tokens) for per-token types.
+Outputs = np.ndarray | list[np.ndarray]
+
+
+class TaskType:
+    """One kind of task: what the head computes and how it is trained, scored and exported.
+
+    Attributes:
+        name: the registry name, recorded in the artifact's task record as `type`.
+        per_token: the head reads every token (read-out "tokens"), outputs are (B, T, C).
+        stock_format: the export format written when a stock `transformers` class computes the
+            same function (`export_stock`), e.g. "sequence-classification".
+    """
+
+    name: ClassVar[str]
+    per_token: ClassVar[bool] = False
+    stock_format: ClassVar[str | None] = None
+
+    def read_example(
+        self, task: Task, row: dict, columns: tuple[str, ...], label_column: str, where: str
+    ) -> Example:
+        """One example from a data row whose columns are known to be present (`where` names
+        the row in errors)."""
+        from microtune.tasks import sentence_example
+
+        return sentence_example(task, row, columns, label_column, where)
+
+    def seen_labels(self, rows: Sequence[dict], column: str, source: str) -> set[str]:
+        """The label names that occur in training rows (for tasks whose labels come from the
+        data)."""
+        from microtune.tasks import label_key
+
+        return {
+            label_key(row.get(column), f"{source}, row {number}")
+            for number, row in enumerate(rows, 1)
+        }
+
+    def order_labels(self, seen: set[str]) -> list[str]:
+        """The label set's order when --labels does not fix it: whole numbers numerically,
+        otherwise sorted text."""
+        if all(name.lstrip("-").isdigit() for name in seen):
+            return sorted(seen, key=int)
+        return sorted(seen)
+
+    def readout(self, requested: str | None, default: str) -> str:
+        """The read-out the head uses (`requested` by the user, else `default`)."""
+        return requested or default
+
+    def encode(
+        self,
+        tokenizer: Any,
+        examples: Sequence[Example],
+        max_length: int,
+        add_mask_token: bool = False,
+    ) -> tuple[list[Encoded], list]:
+        """(token rows, training labels) of the examples, in order."""
+        raise NotImplementedError
+
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """The training loss; `reduction="none"` gives one loss per example (DP-SGD)."""
+        raise NotImplementedError
+
+    def score(self, task: Task, outputs: Outputs, labels: Sequence) -> dict[str, float | None]:
+        """The task's dev metrics of the model's outputs against the encoded labels."""
+        raise NotImplementedError
+
+    def present(
+        self,
+        outputs: Outputs,
+        label_names: Sequence[str],
+        examples: Sequence[Example],
+        labels: Sequence,
+    ) -> list[dict[str, Any]]:
+        """One JSON-able prediction per input (what `microtune predict` prints); `labels` are
+        the encoded placeholders of the inputs (where per-token types read their words)."""
+        raise NotImplementedError
+
+    def export_stock(self, task_model: TaskModel, config: dict[str, Any], folder) -> bool:
+        """Write a stock `transformers` task model into `folder` when one computes the same
+        function as `task_model` (merged); False (nothing written) when none does."""
+        return False

@@ -60,7 +60,7 @@ def snapshot(*folders: Path) -> dict[str, str]:
 
 def ready() -> None:
     """Snapshot the user's files now, right before the first microtune process starts."""
-    if "start" not in current:
+    if "watched" in current and "start" not in current:
         current["start"] = snapshot(*current["watched"])
 
 

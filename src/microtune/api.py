@@ -23,7 +23,6 @@ from microtune.artifact import (
     fingerprint,
     load_artifact,
     read_artifact_config,
-    read_artifact_tensors,
     save_artifact,
     write_json,
     write_tensors,
@@ -473,9 +472,9 @@ def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     """What `microtune info --artifact` prints: method, sizes, base model, metrics if present."""
     artifact_dir = resolve_artifact(artifact_dir)  # a hub id: its cached folder, fetched once
     config = read_artifact_config(artifact_dir)
-    # A torn artifact (tensor file missing, changed or not safetensors) says so in one line
-    # instead of printing metrics that no longer describe it.
-    read_artifact_tensors(artifact_dir, config)
+    # Checked as every other command checks it (tensor file, names, shapes, dtypes, values,
+    # base model and tokenizer), so `info` never describes an artifact the others refuse.
+    load_artifact(artifact_dir)
     stored = stored_tensor_summary(artifact_dir)
     summary = {
         "method": config["method"],

@@ -166,8 +166,17 @@ def save_artifact(
         # Written last: a config that names its tensor file's hash cannot pair with a stale one.
         "tensors_sha256": _file_sha256(tensors_path),
     }
+    config["config_sha256"] = config_sha256(config)
     write_json(directory / CONFIG_FILE, config)
     return artifact_bytes(directory)
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """SHA-256 of the config's canonical JSON (without this hash): a hand-edited value (a seed,
+    the label names) changes what the tensors mean, so an edit must not load silently."""
+    body = {key: value for key, value in config.items() if key != "config_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def artifact_bytes(directory: str | os.PathLike) -> int:
@@ -190,7 +199,13 @@ def read_artifact_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise problem(path, "(top level)", "not a JSON object, so not a microtune artifact config")
     if config.get("format") != "microtune-artifact":
         raise problem(path, "format", "not 'microtune-artifact': not a microtune artifact config")
-    return validate_config(config, path)
+    config = validate_config(config, path)
+    if config.get("config_sha256") not in (None, config_sha256(config)):
+        raise MicrotuneError(
+            f"{path} was changed after training (its content does not match its "
+            f"config_sha256); {FIX}"
+        )
+    return config
 
 
 def read_artifact_tensors(directory: str | os.PathLike, config: dict[str, Any]) -> dict:

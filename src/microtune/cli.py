@@ -16,7 +16,10 @@ import os
 import re
 import sys
 import typing
+import warnings
 from typing import Any
+
+from safetensors import SafetensorError
 
 from microtune import __version__
 from microtune.errors import MicrotuneError
@@ -259,8 +262,15 @@ def _add_data_options(parser: argparse.ArgumentParser, training: bool) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line, exit 2, instead of the usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"microtune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="microtune",
         description="Fine-tune a pretrained transformer with a few thousand parameters per task, "
         "then merge it away: zero added inference latency.",
@@ -538,14 +548,19 @@ def _predict(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if args.batch_size < 1:
         raise MicrotuneError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.input:
-        try:
+    source = args.input or "standard input"
+    try:
+        if args.input:
             with open(args.input, encoding="utf-8") as handle:
                 inputs = parse_input_lines(handle)
-        except OSError as error:
-            raise MicrotuneError(f"cannot read --input {args.input}: {error.strerror}") from None
-    else:
-        inputs = parse_input_lines(sys.stdin)
+        else:
+            inputs = parse_input_lines(sys.stdin)
+    except OSError as error:
+        raise MicrotuneError(f"cannot read --input {args.input}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise MicrotuneError(
+            f"{source} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from None
     return load(args.artifact, args.model).predict(inputs, args.batch_size)
 
 
@@ -629,10 +644,16 @@ def os_error_message(error: OSError) -> str:
     return f"{where}: {cause}; {fix}" if where else f"{cause}; {fix}"
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"microtune: warning: {one_line(str(message))}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors exit 2 with one line, Ctrl-C exits 130, nothing prints a
     traceback unless MICROTUNE_DEBUG=1 (an unexpected one exits 1 and asks for a report)."""
     debug = os.environ.get("MICROTUNE_DEBUG", "") not in ("", "0")
+    if not debug:
+        warnings.formatwarning = _one_line_warning  # a warning is one line too
     try:
         result = run(argv)
     except MicrotuneError as error:
@@ -648,6 +669,15 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"microtune: error: {os_error_message(error)}", file=sys.stderr)
+        return 2
+    except SafetensorError as error:  # its I/O errors (a full disk) are not OSErrors
+        if debug:
+            raise
+        print(
+            f"microtune: error: reading or writing a safetensors file failed: "
+            f"{one_line(str(error))}; free disk space or restore the file, then run again",
+            file=sys.stderr,
+        )
         return 2
     except Exception as error:  # a bug of ours: one line, and how to see the rest
         if debug:

@@ -364,21 +364,31 @@ def model_folder(
     """
     protected = list(protected)
     folder = check_model_folder(folder, overwrite=overwrite, protected=protected)
+    created = [path for path in (folder.parent, *folder.parent.parents) if not path.exists()]
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as held:
-        # The lock sits beside the folder (the folder itself is replaced); an existing folder's
-        # own lock is taken too, so a training run in it is not replaced under its feet.
-        held.enter_context(folder_lock(folder.parent / f".{folder.name}{LOCK_FILE}", folder))
-        _clean_killed_exports(folder)
-        if folder.is_dir():
-            held.enter_context(folder_lock(folder / LOCK_FILE, folder))
-        check_model_folder(folder, overwrite=overwrite, protected=protected)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_name(folder, "partial"), dir=folder.parent))
-        try:
-            yield staging
-            _publish(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # nothing left once published
+    try:
+        with ExitStack() as held:
+            # The lock sits beside the folder (the folder itself is replaced); an existing
+            # folder's own lock is taken too, so a training run in it is not replaced under
+            # its feet.
+            held.enter_context(folder_lock(folder.parent / f".{folder.name}{LOCK_FILE}", folder))
+            _clean_killed_exports(folder)
+            if folder.is_dir():
+                held.enter_context(folder_lock(folder / LOCK_FILE, folder))
+            check_model_folder(folder, overwrite=overwrite, protected=protected)
+            staging = Path(
+                tempfile.mkdtemp(prefix=_staging_name(folder, "partial"), dir=folder.parent)
+            )
+            try:
+                yield staging
+                _publish(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # nothing left once published
+    except BaseException:
+        for path in created:  # a failed export leaves no folder it made behind, deepest first
+            with suppress(OSError):
+                path.rmdir()
+        raise
 
 
 __all__ = [

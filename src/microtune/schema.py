@@ -169,6 +169,7 @@ class ArtifactConfig(Record):
     base_model: BaseModelInfo
     privacy: PrivacyRecord | None = None
     tensors_sha256: Sha256
+    config_sha256: Sha256 | None = None  # absent in older artifacts
 
     @model_validator(mode="after")
     def _head_fits_task(self) -> ArtifactConfig:

@@ -21,6 +21,7 @@ from microtune.methods.base import Method, MethodConfig
 from microtune.projections import PROJECTION_INITS, ProjectionBank, project_from_seed
 
 Z_INITS = ("normal", "zeros")
+MAX_D = 2**20
 
 
 @dataclass
@@ -53,8 +54,9 @@ class ProjectedZConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         name = self.method_label
-        if self.d < 1:
-            raise MicrotuneError(f"{name}: d must be a positive integer, got {self.d}")
+        if not 1 <= self.d <= MAX_D:
+            # d x D floats per block: past 2^20 even MiniLM's projections need 9 GB.
+            raise MicrotuneError(f"{name}: d must be an integer in 1..{MAX_D}, got {self.d}")
         if self.projection_init not in PROJECTION_INITS:
             raise MicrotuneError(
                 f"{name}: projection_init '{self.projection_init}' unknown; use {PROJECTION_INITS}"

@@ -133,7 +133,14 @@ def edit_tensors(folder: Path, change: Callable[[dict], None]) -> None:
     change(tensors)
     save_file(tensors, path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    edit_config(folder, lambda c: c.update(tensors_sha256=f"sha256:{digest}"))
+
+    def forge(config: dict) -> None:  # both hashes updated, as a careful forger would
+        from microtune.artifact import config_sha256
+
+        config["tensors_sha256"] = f"sha256:{digest}"
+        config["config_sha256"] = config_sha256(config)
+
+    edit_config(folder, forge)
 
 
 def stsb(folder: Path, label: str, dev_label: str = "2.5") -> None:

@@ -601,7 +601,7 @@ _FOLDER_CASES: list[Case] = [
 HELD = "out/" + LOCK
 # Modules the start-up imports, where a Ctrl-C lands in different hands (torch's C code imports
 # numpy and clears the error of a failed import).
-STARTUP_IMPORTS = ("torch", "numpy", "numpy.linalg")
+STARTUP_IMPORTS = ("torch", "numpy", "numpy.linalg", "transformers")
 
 
 def concurrent_case(name: str, argv: str, prepare: Prepare | None = None, **kw) -> Case:

@@ -13,7 +13,14 @@ from safetensors import safe_open
 
 from microtune.api import artifact_summary, default_readout, task_record
 from microtune.arch import arch_for
-from microtune.artifact import CONFIG_FILE, TENSORS_FILE, fingerprint, load_artifact, save_artifact
+from microtune.artifact import (
+    CONFIG_FILE,
+    TENSORS_FILE,
+    config_sha256,
+    fingerprint,
+    load_artifact,
+    save_artifact,
+)
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method
 from microtune.methods.pafi import candidate_weights, mask_scores, select_lowest
@@ -272,8 +279,10 @@ def test_artifact_stores_values_and_refuses_a_changed_mask(tiny_model_dirs, tmp_
     assert torch.equal(reloaded.method.positions, model.method.positions)  # recomputed, equal
     assert torch.equal(logits(reloaded, tokenizer), logits(model, tokenizer))
 
-    # A tampered mask fingerprint is refused with one line.
+    # A tampered mask fingerprint is refused with one line (its content hash forged too, so
+    # that the mask check is what refuses it).
     config["method_state"]["mask_fingerprint"] = "sha256:" + "0" * 64
+    config["config_sha256"] = config_sha256(config)
     (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(MicrotuneError, match="mask recomputed from this base model") as error:
         load_artifact(tmp_path / "a")

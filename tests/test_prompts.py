@@ -250,7 +250,7 @@ def test_bad_options_are_one_line_errors():
         ("warp", {"num_prompts": 0}, "num_prompts must be a positive integer"),
         ("warp", {"prompt_init": "ones"}, "prompt_init 'ones' unknown"),
         ("warp", {"d": 8}, "unknown option"),
-        ("jrwarp", {"d": 0}, "jrwarp: d must be a positive integer"),
+        ("jrwarp", {"d": 0}, "jrwarp: d must be an integer in 1..1048576"),
         ("jrwarp", {"z_init": "ones"}, "jrwarp: z_init 'ones' unknown"),
         ("jrwarp", {"position": "output"}, "unknown option"),
     ):

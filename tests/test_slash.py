@@ -125,7 +125,8 @@ def test_bad_options_are_one_line_errors():
 
     for options, fragment in (
         ({"position": "ffn"}, "position 'ffn' unknown"),
-        ({"d": 0}, "d must be a positive integer"),
+        ({"d": 0}, "d must be an integer in 1..1048576"),
+        ({"d": 2**20 + 1}, "d must be an integer in 1..1048576"),
         ({"z_init": "ones"}, "z_init 'ones' unknown"),
         ({"rank": 4}, "unknown option(s) ['rank']"),
     ):

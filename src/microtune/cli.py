@@ -583,19 +583,11 @@ def run(argv: list[str] | None = None) -> Any:
         )
     if args.command == "merge":
         return api.merge_artifact(args.artifact, args.output, args.model, overwrite=args.overwrite)
-    if args.command == "export" and args.format == "peft":
-        from microtune.peft_format import export_peft_and_check
-
-        return export_peft_and_check(
-            args.artifact,
-            args.output,
-            model=args.model,
-            data_dir=args.data_dir,
-            examples=args.check_examples,
-            overwrite=args.overwrite,
-        )
     if args.command == "export":
-        return api.export_and_check(
+        export = api.export_and_check
+        if args.format == "peft":
+            from microtune.peft_format import export_peft_and_check as export
+        return export(
             args.artifact,
             args.output,
             model=args.model,

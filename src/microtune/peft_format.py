@@ -33,6 +33,7 @@ from microtune.api import (
     write_export_record,
     write_head,
 )
+from microtune.arch import is_conv1d
 from microtune.artifact import (
     fingerprint,
     load_artifact,
@@ -42,7 +43,7 @@ from microtune.artifact import (
 )
 from microtune.data import batches
 from microtune.errors import MicrotuneError
-from microtune.methods.lora import LoRA, is_conv1d
+from microtune.methods.lora import LoRA
 from microtune.model import TaskModel, load_backbone
 from microtune.train import join_outputs, predict
 

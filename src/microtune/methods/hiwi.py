@@ -35,11 +35,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from microtune.arch import ArchSpec
+from microtune.arch import ArchSpec, is_conv1d
 from microtune.errors import MicrotuneError
 from microtune.methods.adapter import ACTIVATIONS
 from microtune.methods.base import Method, MethodConfig, copy_matching
-from microtune.methods.lora import is_conv1d
 
 VARIANTS = ("bias", "weight")
 TARGETS = ("ffn_in", "ffn_out")

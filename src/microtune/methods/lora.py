@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec
+from microtune.arch import ArchSpec, is_conv1d
 from microtune.errors import MicrotuneError
 from microtune.methods.base import Method, MethodConfig
 
@@ -53,11 +53,6 @@ class LoRAConfig(MethodConfig):
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D: a linear layer whose weight is stored as (in, out)."""
-    return type(module).__name__ == "Conv1D"
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:

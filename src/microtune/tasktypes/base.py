@@ -9,6 +9,7 @@ into predictions and metrics itself.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,7 +30,7 @@ IGNORE_INDEX = -100
 Outputs = np.ndarray | list[np.ndarray]
 
 
-class TaskType:
+class TaskType(abc.ABC):
     """One kind of task: what the head computes and how it is trained, scored and exported.
 
     Attributes:
@@ -73,6 +74,7 @@ class TaskType:
         """The read-out the head uses (`requested` by the user, else `default`)."""
         return requested or default
 
+    @abc.abstractmethod
     def encode(
         self,
         tokenizer: Any,
@@ -81,18 +83,18 @@ class TaskType:
         add_mask_token: bool = False,
     ) -> tuple[list[Encoded], list]:
         """(token rows, training labels) of the examples, in order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(
         self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
     ) -> torch.Tensor:
         """The training loss; `reduction="none"` gives one loss per example (DP-SGD)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def score(self, task: Task, outputs: Outputs, labels: Sequence) -> dict[str, float | None]:
         """The task's dev metrics of the model's outputs against the encoded labels."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def present(
         self,
         outputs: Outputs,
@@ -102,7 +104,6 @@ class TaskType:
     ) -> list[dict[str, Any]]:
         """One JSON-able prediction per input (what `microtune predict` prints); `labels` are
         the encoded placeholders of the inputs (where per-token types read their words)."""
-        raise NotImplementedError
 
     def export_stock(self, task_model: TaskModel, config: dict[str, Any], folder) -> bool:
         """Write a stock `transformers` task model into `folder` when one computes the same

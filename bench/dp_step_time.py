@@ -2,12 +2,15 @@
 
 On the packaged MiniLM and one batch of real SST-2 training rows, times one optimizer step of:
 SLaSh and DP-SLaSh (microtune's closed-form per-example gradient), LoRA and DP-LoRA (the
-general torch.func path), and Opacus' own DP-BitFit (`GradSampleModule` + `DPOptimizer`, only
-biases and the head trainable). Rounds are interleaved so every contender sees the same machine
-state; prints medians with min-max spread and the ratios the issue asks for:
-DP-SLaSh / SLaSh (goal <= 1.10), DP-LoRA / LoRA, DP-SLaSh / Opacus DP-BitFit (goal <= 0.8).
+general torch.func path), BitFit and full fine-tuning with and without DP (ghost clipping), and
+Opacus' own DP-BitFit (`GradSampleModule` + `DPOptimizer`, only biases and the head trainable).
+Rounds are interleaved so every contender sees the same machine state; prints medians with
+min-max spread and the ratios the issue asks for: DP-SLaSh / SLaSh (goal <= 1.10), DP-LoRA /
+LoRA, DP-SLaSh / Opacus DP-BitFit (goal <= 0.8), and each DP step over its non-private one.
+`--compare-vmap` adds DP full fine-tuning through the torch.func path (slow: the ghost path's
+yardstick).
 
-    python bench/dp_step_time.py [--batch-size 32] [--rounds 5] [--device cpu]
+    python bench/dp_step_time.py [--batch-size 32] [--rounds 5] [--device cpu] [--compare-vmap]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from microtune.data import batches, encode
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.per_example import PerExampleGradients
 from microtune.privacy import DPConfig, DPStep, PrivacyPlan
 from microtune.tasks import get_task, load_examples
 from microtune.train import AdamWStep, TrainConfig, loss_fn
@@ -39,7 +43,7 @@ def task_model(method: str, device: torch.device) -> TaskModel:
     return TaskModel(backbone, HeadConfig(num_labels=2), build_method(method)).to(device)
 
 
-def microtune_step(method: str, private: bool, batch, device):
+def microtune_step(method: str, private: bool, batch, device, force_vmap: bool = False):
     """A closure running one step of `method` (DP-SGD when private) on the batch."""
     model = task_model(method, device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -50,6 +54,8 @@ def microtune_step(method: str, private: bool, batch, device):
     else:
         step = AdamWStep()
     step.bind(model, params, TrainConfig(max_steps=1000, learning_rate=1e-3), 1000)
+    if force_vmap:
+        step.per_example = PerExampleGradients(model, params)
     step.train_mode(model)
     return lambda: step(model, [batch], size)
 
@@ -103,6 +109,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compare-vmap", action="store_true", help="add DP full via torch.func")
     args = parser.parse_args()
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", category=UserWarning)  # Opacus' and vmap's notices
@@ -118,8 +125,14 @@ def main() -> None:
         "dp-slash": microtune_step("slash", True, batch, device),
         "lora": microtune_step("lora", False, batch, device),
         "dp-lora": microtune_step("lora", True, batch, device),
+        "bitfit": microtune_step("bitfit", False, batch, device),
+        "dp-bitfit": microtune_step("bitfit", True, batch, device),
+        "full": microtune_step("full", False, batch, device),
+        "dp-full": microtune_step("full", True, batch, device),
         "opacus-dp-bitfit": opacus_bitfit_step(batch, device),
     }
+    if args.compare_vmap:
+        contenders["dp-full-vmap"] = microtune_step("full", True, batch, device, force_vmap=True)
     for step in contenders.values():  # warm-up
         timed(step, device)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
@@ -139,11 +152,17 @@ def main() -> None:
             f"(min {min(values):.4f}, max {max(values):.4f})"
         )
     # Ratios of medians, and of minima (the steadier figure on a machine shared with others).
-    for label, a, b, goal in (
+    ratios = [
         ("DP-SLaSh / SLaSh", "dp-slash", "slash", "  (goal <= 1.10)"),
         ("DP-LoRA / LoRA", "dp-lora", "lora", ""),
+        ("DP-BitFit / BitFit", "dp-bitfit", "bitfit", "  (ghost clipping)"),
+        ("DP-full / full", "dp-full", "full", "  (ghost clipping)"),
         ("DP-SLaSh / Opacus DP-BitFit", "dp-slash", "opacus-dp-bitfit", "  (goal <= 0.80)"),
-    ):
+        ("DP-BitFit / Opacus DP-BitFit", "dp-bitfit", "opacus-dp-bitfit", ""),
+    ]
+    if args.compare_vmap:
+        ratios.append(("DP-full torch.func / ghost", "dp-full-vmap", "dp-full", ""))
+    for label, a, b, goal in ratios:
         print(
             f"{label:28s} median {median[a] / median[b]:.3f}  "
             f"min {fastest[a] / fastest[b]:.3f}{goal}"

@@ -14,7 +14,13 @@ from microtune.errors import MicrotuneError
 from microtune.methods import METHODS, build_method
 from microtune.methods.linear import LinearProbe
 from microtune.model import HeadConfig, TaskModel, load_backbone
-from microtune.per_example import PerExampleGradients, example_losses, loop_gradients
+from microtune.per_example import (
+    GhostClipping,
+    PerExampleGradients,
+    engine_for,
+    example_losses,
+    loop_gradients,
+)
 from microtune.privacy import (
     DPConfig,
     DPStep,
@@ -39,9 +45,11 @@ PARITY_CASES = [
     ("llama", "jrwarp", {"d": 16, "memory_lean": True}, "substitution"),
     ("bert", "lora", {}, "vmap"),
     ("gpt2", "lora", {}, "vmap"),
-    ("bert", "bitfit", {}, "vmap"),
-    ("gpt2", "full", {}, "vmap"),
-    ("bert", "full", {}, "vmap"),
+    ("bert", "bitfit", {}, "ghost"),
+    ("gpt2", "full", {}, "ghost"),
+    ("bert", "full", {}, "ghost"),
+    ("gpt2", "bitfit", {}, "ghost"),
+    ("llama", "full", {}, "vmap"),  # RMSNorm is not a ghost layer
     ("bert", "linear", {}, "substitution"),
 ]
 # Methods that landed beside this work go through the general path, unmodified.
@@ -91,8 +99,8 @@ def test_per_example_gradients_equal_a_one_example_loop(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     tokenizer = tiny_tokenizer()
     rows = [{k: list(v) for k, v in tokenizer(t).items()} for t in TEXTS]
-    engine = PerExampleGradients(model, params)
-    assert engine.path == path  # the fast path where a method offers one, else torch.func
+    engine = engine_for(model, params)
+    assert engine.path == path  # the fast path where a method offers one, else ghost or vmap
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a silent fallback to the loop would fail here
         warnings.filterwarnings("ignore", message="There is a performance drop")
@@ -104,6 +112,66 @@ def test_per_example_gradients_equal_a_one_example_loop(
     relative = (got - expected).norm(dim=1) / expected.norm(dim=1)
     assert relative.max() <= 1e-5, relative
     assert expected.norm(dim=1).min() > 0
+
+
+@pytest.mark.parametrize(("arch", "method"), [("bert", "full"), ("gpt2", "bitfit")])
+def test_ghost_clipped_sums_equal_clipping_each_examples_gradient(tiny_model_dirs, arch, method):
+    model = tiny_task_model(tiny_model_dirs[arch], method, {}, "mean" if arch == "bert" else "last")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tokenizer = tiny_tokenizer()
+    inputs = collate([{k: list(v) for k, v in tokenizer(t).items()} for t in TEXTS], 0)
+    ghost = engine_for(model, params)
+    assert isinstance(ghost, GhostClipping)
+    grads = flat(loop_gradients(model, params, inputs, LABELS)[1], params)
+    clip = float(grads.norm(dim=1).median())  # half the examples clipped, half not
+    factors = (clip / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+    losses, sums = ghost.clipped_sum(inputs, LABELS, clip)
+    got = torch.cat([sums[n].flatten() for n in params])
+    expected = (grads * factors).sum(0)
+    assert ((got - expected).norm() / expected.norm()) <= 1e-5
+    _, through_vmap = ghost.fallback.clipped_sum(inputs, LABELS, clip)
+    assert torch.allclose(got, torch.cat([through_vmap[n].flatten() for n in params]), atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [3, 40])  # the ghost norm (T² < in·out), and the direct one
+def test_a_linear_layers_squared_norms_by_either_route(steps):
+    from microtune.per_example import _per_example_grad, _squared_norm
+
+    layer = torch.nn.Linear(6, 5)
+    a, g = torch.randn(4, steps, 6), torch.randn(4, steps, 5)
+    direct = _per_example_grad(layer, "weight", a, g).flatten(1).pow(2).sum(1)
+    assert torch.allclose(_squared_norm(layer, "weight", a, g), direct, rtol=1e-5)
+    loop = torch.stack([(g[b].T @ a[b]).pow(2).sum() for b in range(4)])
+    assert torch.allclose(direct, loop, rtol=1e-5)
+
+
+def test_ghost_falls_back_when_a_layer_is_called_twice():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.layer(self.layer(x))
+
+    torch.manual_seed(0)
+    model = Twice()
+    params = dict(model.named_parameters())
+    inputs = torch.randn(4, 3)
+    targets = torch.randn(4, 3)
+    losses_of = lambda out, labels, m: (out - labels).pow(2).sum(1)  # noqa: E731
+    engine = GhostClipping(model, params)
+    with pytest.warns(UserWarning, match="called twice"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("microtune.per_example.example_losses", losses_of)
+        engine.model = lambda **kw: model(kw["x"])
+        engine.fallback.model = engine.model
+        engine.fallback.path = "loop"
+        _, sums = engine.clipped_sum({"x": inputs}, targets, clip=1e9)
+    loss = (model(inputs) - targets).pow(2).sum()
+    expected = torch.autograd.grad(loss, list(params.values()))
+    for got, want in zip(sums.values(), expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert engine.ghostable is False
 
 
 def test_the_general_path_agrees_with_the_fast_one(tiny_model_dirs):

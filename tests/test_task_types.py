@@ -348,8 +348,9 @@ def test_own_string_labels_through_the_cli(tiny_model_dirs, tmp_path, capsys):
 
     assert main(["eval", "--artifact", str(out)]) == 2  # no file: own tasks name their data
     capsys.readouterr()
-    assert main(["eval", "--artifact", str(out), "--data-file", str(tmp_path / "dev.csv")]) == 0
-    assert json.loads(capsys.readouterr().out) == report["metrics"]
+    for flag in ("--data-file", "--dev-file"):  # --dev-file: the name train took it by
+        assert main(["eval", "--artifact", str(out), flag, str(tmp_path / "dev.csv")]) == 0
+        assert json.loads(capsys.readouterr().out) == report["metrics"]
 
     (tmp_path / "in.txt").write_text("the film is good\nawful plot\n")
     assert main(["predict", "--artifact", str(out), "--input", str(tmp_path / "in.txt")]) == 0

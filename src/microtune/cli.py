@@ -238,7 +238,12 @@ def _add_data_options(parser: argparse.ArgumentParser, training: bool) -> None:
             help="use only the first N training examples (quick runs)",
         )
     else:
-        group.add_argument("--data-file", help="your own CSV/TSV/JSON/JSONL file to evaluate")
+        group.add_argument(
+            "--data-file",
+            "--dev-file",  # the name train used for the same file
+            dest="data_file",
+            help="your own CSV/TSV/JSON/JSONL file to evaluate (alias: --dev-file)",
+        )
     group.add_argument(
         "--text-columns",
         type=lambda s: tuple(s.split(",")),

@@ -26,7 +26,7 @@ from torch import nn
 
 from microtune.data import check_seed
 from microtune.errors import MicrotuneError
-from microtune.per_example import PerExampleGradients, check_supported
+from microtune.per_example import check_supported, engine_for
 from microtune.train import AdamWStep, ShuffledSampler, TrainConfig, TrainerCallback
 
 SAMPLINGS = ("poisson", "shuffle")
@@ -280,11 +280,11 @@ class DPStep(AdamWStep):
             secrets.randbits(63) if seed is None else _seed("dp-noise", seed)
         )
         self.private_steps = 0
-        self.per_example: PerExampleGradients | None = None
+        self.per_example = None  # the per-example engine (microtune.per_example), at bind
 
     def bind(self, model: nn.Module, parameters, config: TrainConfig, total_steps: int) -> None:
         super().bind(model, parameters, config, total_steps)
-        self.per_example = PerExampleGradients(model, parameters)  # refuses before any step
+        self.per_example = engine_for(model, parameters)  # refuses before any step
 
     def train_mode(self, model: nn.Module) -> None:
         model.eval()  # no dropout: an example's gradient depends on it and the parameters only
@@ -294,13 +294,11 @@ class DPStep(AdamWStep):
         sums = {name: torch.zeros_like(p) for name, p in self.parameters.items()}
         loss_sum, count = 0.0, 0
         for inputs, labels in micro_batches:
-            for losses, grads in self.per_example(inputs, labels):
-                norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0)
-                factors = (clip / (norms.sqrt() + 1e-6)).clamp(max=1.0)
-                for name, grad in grads.items():
-                    sums[name] += torch.tensordot(factors.to(grad.dtype), grad, dims=1)
-                loss_sum += float(losses.sum())
-                count += len(losses)
+            losses, clipped = self.per_example.clipped_sum(inputs, labels, clip)
+            for name, part in clipped.items():
+                sums[name] += part
+            loss_sum += float(losses.sum())
+            count += len(losses)
         for name, parameter in self.parameters.items():
             # Drawn on the CPU in float32 in a fixed order: the same noise on every device.
             noise = torch.randn(parameter.shape, generator=self.noise) * (sigma * clip)

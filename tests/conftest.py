@@ -179,9 +179,24 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_model(model_type: str, folder: Path, seed: int = 0, config=None) -> Path:
-    """Save a random tiny model of `model_type` (or of `config`) with the tiny tokenizer;
-    returns the folder."""
+def decoder_tokenizer(eos_appended: bool = False) -> PreTrainedTokenizerFast:
+    """The tiny vocabulary as decoders ship their tokenizers: no pad token (`load_backbone`
+    pads with EOS, [SEP] here) and no [CLS]; EOS appended to every text only if asked."""
+    tokenizer = tiny_tokenizer()
+    template = "$A [SEP]" if eos_appended else "$A"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, pair=f"{template} $B:1", special_tokens=[("[SEP]", SEP_ID)]
+    )
+    tokenizer.pad_token = None
+    tokenizer.eos_token = "[SEP]"
+    return tokenizer
+
+
+def make_tiny_model(
+    model_type: str, folder: Path, seed: int = 0, config=None, tokenizer=None
+) -> Path:
+    """Save a random tiny model of `model_type` (or of `config`) with the tiny tokenizer (or
+    `tokenizer`); returns the folder."""
     torch.manual_seed(seed)
     model = AutoModel.from_config(config or TINY_CONFIGS[model_type]())
     # Random LayerNorm/bias values, so that folding into them is really exercised.
@@ -190,7 +205,7 @@ def make_tiny_model(model_type: str, folder: Path, seed: int = 0, config=None) -
             if name.endswith("bias") or "norm" in name.lower():
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    (tokenizer or tiny_tokenizer()).save_pretrained(folder)
     return folder
 
 

@@ -112,6 +112,7 @@ OPTIONAL = {
     "base_model.tokenizer_fingerprint",
     "base_model.dtype",
     "head.head_dropout",
+    "head.bias",  # older artifacts have a head with a bias; a bias-free one then fails on tensors
     "task.label_column",
     "task.label_names",
     "task.type",  # older artifacts name no task type (the head decides)

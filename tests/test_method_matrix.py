@@ -4,23 +4,36 @@ Methods join automatically from `microtune.methods.METHODS`. Per pair: it attach
 an optimizer step moves only trainable tensors, an artifact reloads to bit-identical logits,
 and a mergeable method folds away exactly into a stock `transformers` model (a non-mergeable
 one must refuse to merge instead).
+
+The task-type axis (at the end): each task type on every family with one cheap method, and
+every method on an encoder and two decoders, merged and exported.
 """
+
+import dataclasses
 
 import pytest
 import torch
 from transformers import AutoModel
 
-from microtune.api import artifact_summary, default_readout, task_record
+from microtune.api import (
+    artifact_summary,
+    default_readout,
+    load_exported,
+    task_record,
+    write_merged,
+)
 from microtune.arch import arch_for
 from microtune.artifact import fingerprint, load_artifact, save_artifact
 from microtune.errors import MicrotuneError
 from microtune.methods import METHODS, build_method
 from microtune.methods.slash import SLaSh, site_part
 from microtune.model import HeadConfig, TaskModel, load_backbone
-from microtune.tasks import get_task
+from microtune.tasks import Task, get_task
+from microtune.tasktypes import get_task_type
 from microtune.train import loss_fn
 
-from .conftest import FAMILY_TYPES, tiny_batch
+from .conftest import FAMILY_TYPES, TINY_CONFIGS, tiny_batch
+from .test_causal_lm import make_causal_model
 
 # Options that keep a method small on the tiny models; methods not listed use their defaults.
 TINY_OPTIONS = {
@@ -212,3 +225,167 @@ def test_every_method_is_listed_with_a_learning_rate(method_name):
     info = run(["info"])["methods"][method_name]
     assert info["mergeable"] is METHODS[method_name].mergeable
     assert 0 < info["default_lr"] < 1
+
+
+# -- the task-type axis ------------------------------------------------------------------------
+# test_task_types.py trains every method on bert and llama for the sentence and token types
+# (steps, round trip, merge parity) and test_causal_lm.py checks greedy generation after merges.
+# Here each cell merges, exports (`write_merged`: the type's stock class where it computes the
+# same function, else backbone + head) and reloads the folder as a deployment would: merged and
+# exported outputs equal the unmerged ones, right- and left-padded; or the refusal, with its
+# reason. Cells: every family with LoRA per task type, and every method on BERT and Llama (the
+# layout of SmolLM2).
+KINDS = ("classification", "regression", "token-classification", "causal-lm")
+DECODER_TYPES = tuple(t for t in FAMILY_TYPES if arch_for(t).causal)
+AXIS_TEXTS = ["the film is good", "a very dull plot , not fun", "love it"]
+
+
+def kind_task(kind: str) -> Task:
+    """The user-file task of a type, with a label set where its labels come from the data."""
+    task = get_task(kind)
+    names = {
+        "classification": ("neg", "neu", "pos"),
+        "token-classification": ("O", "B-PER", "I-PER", "B-LOC"),
+    }.get(kind)
+    return dataclasses.replace(task, num_labels=len(names), label_names=names) if names else task
+
+
+@pytest.fixture(scope="module")
+def causal_model_dirs(tmp_path_factory):
+    """model type -> folder of a tiny `...ForCausalLM` (with its LM head), built on first use."""
+    root = tmp_path_factory.mktemp("causal-families")
+
+    class Dirs(dict):
+        def __missing__(self, model_type):
+            folder = self[model_type] = make_causal_model(model_type, root / model_type, True)
+            return folder
+
+    return Dirs()
+
+
+def build_for_kind(kind: str, method_name: str, folder):
+    """(task model of the type, moved off its initial values, in eval mode; tokenizer; task)."""
+    task, task_type = kind_task(kind), get_task_type(kind)
+    backbone, tokenizer = load_backbone(str(folder), auto_class=task_type.auto_class)
+    model_type = backbone.config.model_type
+    causal = arch_for(model_type).causal
+    readout = task_type.readout(None, default_readout(causal))
+    head = HeadConfig(task.num_labels, readout, bias=task_type.default_head_bias(readout, causal))
+    options = {
+        **TINY_OPTIONS.get(method_name, {}),
+        **ARCH_OPTIONS.get((method_name, model_type), {}),
+    }
+    torch.manual_seed(0)
+    method = build_method(method_name, options)
+    model = TaskModel(backbone, head, method, tokenizer.mask_token_id, task_type=task_type)
+    perturb(model)
+    return model.eval(), tokenizer, task
+
+
+def padded_inputs(model: TaskModel, tokenizer) -> dict[str, dict[str, torch.Tensor]]:
+    """side -> AXIS_TEXTS padded on that side by the tokenizer."""
+    inputs = {}
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        batch = tokenizer(AXIS_TEXTS, padding=True, return_tensors="pt")
+        keys = ["input_ids", "attention_mask"] + ["token_type_ids"] * model.arch.token_type_ids
+        inputs[side] = {k: batch[k] for k in keys}
+    tokenizer.padding_side = "right"
+    return inputs
+
+
+def assert_same_outputs(got: torch.Tensor, expected: torch.Tensor, mask, what: str) -> None:
+    """Equal within 1e-5 of the largest output (at least 1); per-token outputs are compared at
+    real tokens only (a left-padded decoder's leading pads attend to nothing)."""
+    if expected.dim() == 3:
+        got, expected = got[mask.bool()], expected[mask.bool()]
+    bound = 1e-5 * max(1.0, expected.abs().max().item())
+    assert (got.float() - expected).abs().max().item() <= bound, what
+
+
+def check_task_type_cell(kind: str, method_name: str, folder, output) -> str | None:
+    """One cell of the axis; returns the export format, or None where the merge is refused."""
+    model, tokenizer, task = build_for_kind(kind, method_name, folder)
+    inputs = padded_inputs(model, tokenizer)
+    with torch.no_grad():
+        unmerged = {side: model(**batch) for side, batch in inputs.items()}
+    if not METHODS[method_name].mergeable:
+        with pytest.raises(MicrotuneError, match="cannot be merged"):
+            model.merge()
+        return None
+    if folds_into_a_bias_no_stock_model_has(model):
+        with pytest.raises(MicrotuneError, match="has no bias and no config flag.*unmerged"):
+            model.merge()
+        return None
+    config = {"task": task_record(task), "method": method_name, "base_model": {"name": "x"}}
+    export_format = write_merged(model, tokenizer, config, output)
+    assert model.method is None
+    forward, _ = load_exported(output)
+    with torch.no_grad():
+        for side, batch in inputs.items():
+            mask = batch["attention_mask"]
+            assert_same_outputs(model(**batch), unmerged[side], mask, f"merged, {side}")
+            assert_same_outputs(forward(**batch), unmerged[side], mask, f"exported, {side}")
+    return export_format
+
+
+# No stock token-classification class (OPT, Gemma 3), or one with a layer before its linear
+# (ModernBERT's prediction head): exported as backbone + head.
+NO_STOCK_TOKEN_CLASS = ("modernbert", "opt", "gemma3_text")
+
+
+def expected_format(kind: str, model_type: str) -> str:
+    """The export format a cell must write."""
+    if kind == "causal-lm":
+        return "causal-lm"
+    if kind == "token-classification":
+        return "backbone+head" if model_type in NO_STOCK_TOKEN_CLASS else kind
+    # A sentence head: the stock class for decoders (last token, bias-free head); encoders read
+    # the mean (the default), which no stock class does.
+    return "sequence-classification" if arch_for(model_type).causal else "backbone+head"
+
+
+def axis_folder(kind: str, model_type: str, tiny_model_dirs, causal_model_dirs):
+    return (causal_model_dirs if kind == "causal-lm" else tiny_model_dirs)[model_type]
+
+
+# Classification exports as regression does (test_sequence_export.py runs it on every decoder).
+FAMILY_CELLS = [
+    (kind, model_type)
+    for kind in KINDS[1:]
+    for model_type in (DECODER_TYPES if kind == "causal-lm" else FAMILY_TYPES)
+]
+
+
+@pytest.mark.parametrize(("kind", "model_type"), FAMILY_CELLS)
+def test_each_task_type_on_every_family(
+    kind, model_type, tiny_model_dirs, causal_model_dirs, tmp_path
+):
+    """LoRA (mergeable on every family, no created biases) per task type and family."""
+    folder = axis_folder(kind, model_type, tiny_model_dirs, causal_model_dirs)
+    try:
+        export_format = check_task_type_cell(kind, "lora", folder, tmp_path)
+    except MicrotuneError as error:
+        # Families whose causal LM changes the head's logits (Gemma 2's soft-capping).
+        assert kind == "causal-lm" and "changes the LM head's logits" in str(error)
+        assert getattr(TINY_CONFIGS[model_type](), "final_logit_softcapping", None)
+        return
+    assert export_format == expected_format(kind, model_type)
+
+
+@pytest.mark.parametrize(
+    ("kind", "model_type"),
+    [(k, t) for k in KINDS for t in ("bert", "llama") if (k, t) != ("causal-lm", "bert")],
+)
+@EVERY_METHOD
+def test_every_method_per_task_type(
+    method_name, kind, model_type, tiny_model_dirs, causal_model_dirs, tmp_path
+):
+    folder = axis_folder(kind, model_type, tiny_model_dirs, causal_model_dirs)
+    if kind == "causal-lm" and method_name == "linear":
+        # The LM head stays frozen, so a linear probe trains nothing (`train` refuses it).
+        model, _, _ = build_for_kind(kind, method_name, folder)
+        assert model.count_trainable()["total"] == 0
+        return
+    export_format = check_task_type_cell(kind, method_name, folder, tmp_path)
+    assert export_format in (None, expected_format(kind, model_type))

@@ -110,7 +110,8 @@ def task_from_record(record: dict[str, Any]) -> Task:
                 f"the artifact's task '{task.name}' has {record['num_labels']} labels but the "
                 f"registered task has {task.num_labels}; re-train or restore the artifact"
             )
-        return task
+        # The shape its training data had (causal LM: prompt/response or text).
+        return task.task_type.fit_rows(task, [], tuple(record["text_columns"]))
     return Task(
         record["name"],
         tuple(record["text_columns"]),
@@ -156,6 +157,7 @@ def train(
     method_options: dict[str, Any] | None = None,
     readout: str | None = None,
     head_dropout: float = 0.0,
+    head_bias: bool | None = None,
     train_config: TrainConfig | None = None,
     data_dir: str | None = None,
     train_file: str | None = None,
@@ -185,7 +187,10 @@ def train(
 
     Tasks whose labels come from the data (`classification`, `token-classification`,
     `conll2003`) read the label set from the training rows, in the task type's order unless
-    `labels` fixes it; the artifact records the names."""
+    `labels` fixes it; the artifact records the names.
+
+    `head_bias` None is the task type's default (`TaskType.default_head_bias`: no bias on a
+    decoder's last-token sentence head, so that it exports as the stock class)."""
     started = time.time()
     task_spec = get_task(task)
     config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
@@ -211,6 +216,7 @@ def train(
                 f"--labels applies to tasks that read their labels from the data, not to "
                 f"{task_spec.name}"
             )
+        task_spec = task_spec.task_type.fit_rows(task_spec, train_rows_raw, text_columns)
         train_examples = rows_to_examples(
             task_spec, train_rows_raw, source, text_columns, label_column
         )
@@ -220,17 +226,22 @@ def train(
         task_type = task_spec.task_type
 
         torch.manual_seed(config.seed)
-        backbone, tokenizer = load_backbone(model, dtype)
+        backbone, tokenizer = load_backbone(model, dtype, task_type.auto_class)
         check_max_length(backbone, max_length)
         base_fingerprint = fingerprint(backbone)
         method_obj = build_method(method, method_options)
         if config.learning_rate is None:
             config = dataclasses.replace(config, learning_rate=method_obj.default_learning_rate)
 
+        causal = arch_for(backbone).causal
+        chosen_readout = task_type.readout(readout, default_readout(causal))
         head_config = HeadConfig(
             num_labels=task_spec.num_labels,
-            readout=task_type.readout(readout, default_readout(arch_for(backbone).causal)),
+            readout=chosen_readout,
             head_dropout=head_dropout,
+            bias=task_type.default_head_bias(chosen_readout, causal)
+            if head_bias is None
+            else head_bias,
         )
         task_model = TaskModel(
             backbone,
@@ -240,6 +251,11 @@ def train(
             task_type=task_type,
         )
         task_model.to(resolve_device(device))
+        if not task_model.count_trainable()["total"]:
+            raise MicrotuneError(
+                f"nothing trains: method '{method}' adds no tensors of its own and the "
+                f"{task_type.name} task keeps the base model's head frozen; choose another method"
+            )
 
         with_mask = head_config.readout == "mask"
         train_rows, train_labels = task_type.encode(
@@ -260,7 +276,13 @@ def train(
             tokenizer.pad_token_id,
             output_dir,
             evaluate_fn=lambda m: evaluate(
-                m, task_spec, dev_rows, dev_labels, tokenizer.pad_token_id, config.eval_batch_size
+                m,
+                task_spec,
+                dev_rows,
+                dev_labels,
+                tokenizer.pad_token_id,
+                config.eval_batch_size,
+                tokenizer,
             ),
             main_metric=task_spec.main_metric,
             run_signature={
@@ -345,6 +367,7 @@ def evaluate_artifact(
     if own:
         text_columns = text_columns or tuple(config["task"]["text_columns"])
         label_column = label_column or config["task"].get("label_column", "label")
+        task_spec = task_spec.task_type.fit_rows(task_spec, [], text_columns)
     if task_spec.type != task_model.task_type.name:
         raise MicrotuneError(
             f"task {task_spec.name} is {task_spec.type} but the artifact was trained for "
@@ -366,7 +389,9 @@ def evaluate_artifact(
     rows, labels = task_spec.task_type.encode(
         tokenizer, examples, config["max_length"], config["head"]["readout"] == "mask"
     )
-    return evaluate(task_model, task_spec, rows, labels, tokenizer.pad_token_id, batch_size)
+    return evaluate(
+        task_model, task_spec, rows, labels, tokenizer.pad_token_id, batch_size, tokenizer
+    )
 
 
 def export_merged(
@@ -398,7 +423,8 @@ def write_merged(
 
     A stock `transformers` task class where the task type finds one that computes the same
     function (`TaskType.export_stock`): "sequence-classification" (BERT with the pooler
-    read-out) loads with `AutoModelForSequenceClassification`, "token-classification" with
+    read-out, decoders with the last-token read-out and a bias-free head) loads with
+    `AutoModelForSequenceClassification`, "token-classification" with
     `AutoModelForTokenClassification`. Otherwise "backbone+head": `AutoModel` loads the
     backbone and `head.safetensors` holds the linear head over the read-out named in
     microtune_export.json.
@@ -408,13 +434,13 @@ def write_merged(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     task_type = task_model.task_type
+    tokenizer.save_pretrained(output_dir)  # first: a stock export checks how it pads
     if task_type.stock_format and task_type.export_stock(task_model, config, output_dir):
         export_format = task_type.stock_format
     else:
         task_model.backbone.save_pretrained(output_dir)
         write_head(task_model, output_dir)
         export_format = "backbone+head"
-    tokenizer.save_pretrained(output_dir)
     write_export_record(task_model, config, output_dir, export_format)
     return export_format
 
@@ -561,8 +587,9 @@ def load_exported(folder: str | os.PathLike, base_model: str | None = None):
             info["mask_token_id"],
             getattr(out, "pooler_output", None),
         )
-        # The head stays float32 beside a lower-precision backbone.
-        return features.to(head["weight"].dtype) @ head["weight"].T + head["bias"]
+        # The head stays float32 beside a lower-precision backbone; a bias-free head has none.
+        logits = features.to(head["weight"].dtype) @ head["weight"].T
+        return logits + head["bias"] if "bias" in head else logits
 
     return logits, backbone
 
@@ -579,11 +606,22 @@ def time_forward(forward, batches_, repeats: int = 3) -> float:
     return best
 
 
-def check_rows(tokenizer, config: dict[str, Any], data_dir: str | None, examples: int) -> list:
-    """The first `examples` dev rows of the artifact's task, encoded as it was trained: what
-    the export checks compare exported and unmerged logits on."""
+def check_rows(
+    tokenizer,
+    config: dict[str, Any],
+    data_dir: str | None,
+    examples: int,
+    data_file: str | None = None,
+) -> list:
+    """The first `examples` dev rows of the artifact's task (or of `data_file`, for tasks on
+    the user's own files), encoded as it was trained: what the export checks compare exported
+    and unmerged logits on."""
     task_spec = task_from_record(config["task"])
-    dev = load_split(task_spec, task_spec.dev_split, data_dir, limit=examples)
+    columns = tuple(config["task"]["text_columns"]) if data_file else None
+    label = config["task"].get("label_column") if data_file else None
+    dev = load_split(
+        task_spec, task_spec.dev_split, data_dir, data_file, columns, label, limit=examples
+    )
     rows, _ = task_spec.task_type.encode(
         tokenizer, dev, config["max_length"], config["head"]["readout"] == "mask"
     )
@@ -629,10 +667,12 @@ def export_and_check(
     data_dir: str | None = None,
     examples: int = 256,
     overwrite: bool = False,
+    data_file: str | None = None,
 ) -> dict[str, Any]:
     """Merge and export, then reload with plain transformers and compare against the unmerged
-    artifact on dev examples: max |logit difference|, and inference time of the merged model
-    against the base model, timed side by side. The output folder as in `merge_artifact`."""
+    artifact on dev examples (of `data_file` for tasks on the user's own files): max |logit
+    difference|, and inference time of the merged model against the base model, timed side by
+    side. The output folder as in `merge_artifact`."""
     from microtune.data import batches
 
     if examples < 1:
@@ -641,7 +681,7 @@ def export_and_check(
     folders.check_model_folder(output_dir, overwrite=overwrite, protected=protected)  # early
     method_class(read_artifact_config(artifact_dir)["method"]).require_mergeable()
     unmerged, tokenizer, config = load_artifact(artifact_dir, model)
-    rows = check_rows(tokenizer, config, data_dir, examples)
+    rows = check_rows(tokenizer, config, data_dir, examples, data_file)
     unmerged_logits = predict(unmerged, rows, tokenizer.pad_token_id)
     export_format = export_merged(
         unmerged, tokenizer, config, output_dir, overwrite=overwrite, protected=protected

@@ -265,7 +265,10 @@ def load_artifact(
     check_sizes(config, sum(t.numel() for t in stored.values()), config_path)
     base = config["base_model"]
     # In the precision it was trained in, so the fingerprint (which covers dtypes) matches.
-    backbone, tokenizer = load_backbone(model_name or base["name"], base.get("dtype", "float32"))
+    task_type = task_type_of(config["task"])
+    backbone, tokenizer = load_backbone(
+        model_name or base["name"], base.get("dtype", "float32"), task_type.auto_class
+    )
     found = fingerprint(backbone)
     if found != base["fingerprint"]:
         raise MicrotuneError(
@@ -291,7 +294,7 @@ def load_artifact(
         HeadConfig(**config["head"]),
         method,
         mask_token_id=tokenizer.mask_token_id,
-        task_type=task_type_of(config["task"]),
+        task_type=task_type,
     )
     check_tensors(stored, model, directory / TENSORS_FILE)
     model.load_stored_state(stored, config.get("method_state", {}))

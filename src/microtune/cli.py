@@ -1,4 +1,5 @@
-"""The command line: train, eval, predict, merge, export, info, inspect, accountant and push.
+"""The command line: train, eval, predict, generate, merge, export, info, inspect, accountant
+and push.
 
 Thin by design: it parses, calls `microtune.api`, and prints. Method options are generated from
 the methods' config dataclasses, so a new method's options appear here with their documentation
@@ -296,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(TASKS),
         help="task: sets the text columns, labels, loss and dev metric. GLUE names; conll2003 "
         "(NER, --data-dir); on your own --train-file/--dev-file: classification (labels read "
-        "from the data), regression (a number), token-classification (JSONL tokens/ner_tags)",
+        "from the data), regression (a number), token-classification (JSONL tokens/ner_tags), "
+        "causal-lm (JSONL prompt/response, loss on the response; or text)",
     )
     train.add_argument(
         "--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="fine-tuning method"
@@ -364,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--head-dropout", type=float, default=0.0, help="dropout before the linear head"
     )
+    train.add_argument(
+        "--head-bias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a bias in the linear head (default: yes, except a decoder's last-token sentence "
+        "head, which has none so that it exports as the stock ...ForSequenceClassification)",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
         "--no-group-by-length",
@@ -412,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             sub.add_argument("--data-dir", help="folder of the task's data, for the check")
             sub.add_argument(
+                "--data-file",
+                help="your own dev file, for the check of a task trained on your own files "
+                "(merged format)",
+            )
+            sub.add_argument(
                 "--check-examples",
                 type=int,
                 default=256,
@@ -438,6 +452,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", help="file of inputs, one per line (default: stdin)")
     predict.add_argument("--model", help="base model, if not where the artifact says")
     predict.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
+
+    generate = commands.add_parser(
+        "generate",
+        help="continue prompts with a causal-lm artifact; prints one JSON line per prompt",
+        description="Greedy generation with a causal-lm artifact (unmerged; a merged export "
+        'gives the same tokens): one JSON line {"prompt": ..., "response": ...} per prompt, in '
+        "order. Prompts from --prompt, or --input (JSONL with a 'prompt' or 'text' field, or "
+        "one prompt per line), or stdin.",
+    )
+    generate.add_argument("--artifact", required=True, help=ARTIFACT_HELP)
+    prompt = generate.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="one prompt")
+    prompt.add_argument("--input", help="file of prompts (default: stdin)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens per response")
+    generate.add_argument("--model", help="base model, if not where the artifact says")
+    generate.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
 
     _add_accountant_command(commands)
 
@@ -501,6 +531,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         method_options=_method_options(args),
         readout=args.readout,
         head_dropout=args.head_dropout,
+        head_bias=args.head_bias,
         train_config=config,
         data_dir=args.data_dir,
         train_file=args.train_file,
@@ -569,6 +600,35 @@ def _predict(args: argparse.Namespace) -> list[dict[str, Any]]:
     return load(args.artifact, args.model).predict(inputs, args.batch_size)
 
 
+def _generate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from microtune.serving import load, parse_input_lines
+
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        try:
+            if args.input:
+                with open(args.input, encoding="utf-8") as handle:
+                    lines = parse_input_lines(handle)
+            else:
+                lines = parse_input_lines(sys.stdin)
+        except OSError as error:
+            raise MicrotuneError(f"cannot read --input {args.input}: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise MicrotuneError(
+                f"{args.input or 'standard input'} is not UTF-8 text (byte {error.start}); save "
+                "it as UTF-8"
+            ) from None
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if isinstance(line, dict):
+                line = line.get("prompt", line.get("text"))
+            if not isinstance(line, str):
+                raise MicrotuneError(f"prompt {number}: a JSON line needs a 'prompt' text")
+            prompts.append(line)
+    return load(args.artifact, args.model).generate(prompts, args.max_new_tokens, args.batch_size)
+
+
 def run(argv: list[str] | None = None) -> Any:
     args = build_parser().parse_args(argv)
     from microtune import api
@@ -592,6 +652,9 @@ def run(argv: list[str] | None = None) -> Any:
         export = api.export_and_check
         if args.format == "peft":
             from microtune.peft_format import export_peft_and_check as export
+        if args.data_file and args.format == "peft":
+            raise MicrotuneError("--data-file applies to --format merged")
+        own_file = {"data_file": args.data_file} if args.data_file else {}
         return export(
             args.artifact,
             args.output,
@@ -599,9 +662,12 @@ def run(argv: list[str] | None = None) -> Any:
             data_dir=args.data_dir,
             examples=args.check_examples,
             overwrite=args.overwrite,
+            **own_file,
         )
     if args.command == "predict":
         return _predict(args)
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "accountant":
         return _accountant(args)
     if args.command == "inspect":
@@ -685,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    if isinstance(result, list):  # `predict`: one JSON line per input
+    if isinstance(result, list):  # `predict`, `generate`: one JSON line per input
         for record in result:
             print(json.dumps(record))
     else:

@@ -33,8 +33,10 @@ def read_out(
         weights = attention_mask.to(torch.float32).unsqueeze(-1)
         return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
     if readout == "last":
-        # Right padding: the last real token sits at (number of real tokens - 1).
-        last = attention_mask.long().sum(1) - 1
+        # The rightmost attended position, right- or left-padded (as the stock decoder
+        # `...ForSequenceClassification` classes read the rightmost non-pad token).
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (positions * (attention_mask != 0)).argmax(1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     if readout == "mask":
         is_mask = input_ids == mask_token_id
@@ -51,12 +53,13 @@ def read_out(
 
 class TaskHead(nn.Module):
     """Dropout then one linear layer: num_labels logits, or 1 output for regression; on
-    features (B, D), or per token on (B, T, D)."""
+    features (B, D), or per token on (B, T, D). `bias=False`: no bias, as the bias-free
+    `score` of the stock decoder classification classes."""
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.0):
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden_size, num_labels)
+        self.linear = nn.Linear(hidden_size, num_labels, bias=bias)
         self._rows: dict[str, torch.Tensor] | None = None  # per-example copies (DP path)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -65,12 +68,14 @@ class TaskHead(nn.Module):
             return self.linear(features)
         # Row b of the batch uses its own copy of the weight (B, C, D) and bias (B, C).
         out = torch.einsum("b...d,bcd->b...c", features, self._rows["weight"])
-        bias = self._rows["bias"]
+        bias = self._rows.get("bias")
+        if bias is None:
+            return out
         return out + bias.view(bias.shape[0], *([1] * (out.dim() - 2)), bias.shape[-1])
 
     @contextlib.contextmanager
     def per_example_parameters(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The linear's weight and bias as per-example leaves, for DP's fast path."""
+        """The linear's weight (and bias) as per-example leaves, for DP's fast path."""
         self._rows = {
             name: p.detach().expand(batch_size, *p.shape).clone().requires_grad_(True)
             for name, p in self.linear.named_parameters()

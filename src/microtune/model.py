@@ -15,7 +15,7 @@ from torch import nn
 
 from microtune.arch import ArchSpec, arch_for, get_submodule
 from microtune.errors import MicrotuneError
-from microtune.heads import READOUTS, TaskHead, read_out
+from microtune.heads import READOUTS, read_out
 from microtune.hub import is_offline
 from microtune.methods import Method
 from microtune.methods.base import copy_matching
@@ -97,13 +97,20 @@ def backbone_dtype(backbone: nn.Module) -> torch.dtype:
     return next(p.dtype for p in backbone.parameters() if p.is_floating_point())
 
 
-def load_backbone(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32):
+def load_backbone(
+    name: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = torch.float32,
+    auto_class: str = "AutoModel",
+):
     """Load (backbone, tokenizer) with `AutoModel` / `AutoTokenizer`; one-line errors.
 
     `dtype` ("float32", "bfloat16", "float16" or the torch dtype) is the precision of the
-    frozen base weights; every tensor a method trains, and the head, stays float32."""
+    frozen base weights; every tensor a method trains, and the head, stays float32.
+    `auto_class` is the task type's (`TaskType.auto_class`): "AutoModelForCausalLM" loads the
+    model with its LM head, which `TaskModel` splits into backbone and head."""
     dtype = parse_dtype(dtype)
-    from transformers import AutoModel, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     gguf = gguf_location(name)
@@ -112,7 +119,7 @@ def load_backbone(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = torch.fl
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, **extra)
+        backbone = getattr(transformers, auto_class).from_pretrained(path, dtype=dtype, **extra)
     except ImportError as error:
         raise MicrotuneError(
             f"could not load model '{name}': {str(error).strip().splitlines()[0]} "
@@ -129,7 +136,8 @@ def load_backbone(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = torch.fl
         backbone.hf_quantizer = None
         if hasattr(backbone.config, "quantization_config"):
             del backbone.config.quantization_config
-    arch_for(backbone)  # fail early, with the list of supported types
+    # Fail early, with the list of supported types (on the base inside a task model class).
+    arch_for(getattr(backbone, backbone.base_model_prefix, backbone))
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token; padding is masked out, so EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -140,11 +148,21 @@ def load_backbone(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = torch.fl
 
 @dataclass
 class HeadConfig:
-    """How the task model reads the backbone: the read-out and the head's shape."""
+    """How the task model reads the backbone: the read-out and the head's shape.
+
+    Attributes:
+        num_labels: outputs of the head (1 for regression).
+        readout: which hidden state(s) the head reads (`microtune.heads.READOUTS`).
+        head_dropout: dropout before the head's linear layer.
+        bias: the head's linear has a bias (artifacts from before this field have one). The
+            stock decoder `...ForSequenceClassification` classes have none, so a decoder's
+            sentence head trains without one by default (`TaskType.default_head_bias`).
+    """
 
     num_labels: int
     readout: str = "mean"
     head_dropout: float = 0.0
+    bias: bool = True
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
@@ -179,10 +197,12 @@ class TaskModel(nn.Module):
         task_type: TaskType | None = None,
     ):
         super().__init__()
-        self.backbone = backbone
+        self.task_type = task_type or default_task_type(head_config)
+        # The type's split: a new TaskHead, or (causal LM) the model's own frozen LM head.
+        backbone, head = self.task_type.backbone_and_head(backbone, head_config)
+        self.backbone = backbone  # registered before the head: a tied weight is named here
         self.arch: ArchSpec = arch_for(backbone)
         self.head_config = head_config
-        self.task_type = task_type or default_task_type(head_config)
         # The type checks the read-out (per-token types need "tokens", the others refuse it).
         self.task_type.readout(head_config.readout, head_config.readout)
         self.mask_token_id = mask_token_id
@@ -192,9 +212,7 @@ class TaskModel(nn.Module):
             )
         if head_config.readout == "mask" and mask_token_id is None:
             raise MicrotuneError("the mask read-out needs a tokenizer with a mask token")
-        self.head = TaskHead(
-            backbone.config.hidden_size, head_config.num_labels, head_config.head_dropout
-        )
+        self.head = head
         for parameter in backbone.parameters():
             parameter.requires_grad_(False)
         self.method = method
@@ -219,19 +237,28 @@ class TaskModel(nn.Module):
             self.backbone.eval()
         return self
 
+    def backbone_outputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> Any:
+        """The backbone's outputs with the method applied (`last_hidden_state` (B, T, D)), before
+        read-out and head: what generation reads at chosen positions."""
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and self.arch.token_type_ids:
+            inputs["token_type_ids"] = token_type_ids
+        if self.method is not None:
+            return self.method.run_backbone(self.backbone, **inputs)
+        return self.backbone(**inputs)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and self.arch.token_type_ids:
-            inputs["token_type_ids"] = token_type_ids
-        if self.method is not None:
-            outputs = self.method.run_backbone(self.backbone, **inputs)
-        else:
-            outputs = self.backbone(**inputs)
+        outputs = self.backbone_outputs(input_ids, attention_mask, token_type_ids)
         features = read_out(
             self.head_config.readout,
             outputs.last_hidden_state,

@@ -100,6 +100,7 @@ class Head(Record):
     num_labels: Annotated[int, Field(ge=1, le=MAX_LABELS)]
     readout: Annotated[str, _one_of(READOUTS, "read-out")]
     head_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    bias: bool = True  # older artifacts: a head with a bias
 
 
 class TaskInfo(Record):
@@ -109,7 +110,8 @@ class TaskInfo(Record):
         list[Annotated[str, _one_of(RECORDED_METRICS, "metric")]], Field(min_length=1)
     ]
     text_columns: Annotated[list[Text], Field(min_length=1, max_length=2)]
-    label_column: Text = "label"
+    # "" where the task has no label column (the causal LM: its labels are the text's tokens).
+    label_column: Annotated[str, StringConstraints(max_length=1000)] = "label"
     label_names: Annotated[list[Text], Field(max_length=MAX_LABELS)] = []
     dev_split: SafeName = "validation"
     # Older artifacts name no type: regression for one label, else classification.

@@ -7,6 +7,7 @@ model.predict(["a gripping film", "dull"])  # [{"label": "positive", "score": ..
 # token classification: words (a text is split on whitespace) -> {"tokens", "tags", "scores"}
 model.merge()                              # fold into the base weights: same outputs
 model.save_pretrained("runs/sst2-merged")  # the standard export folder (`microtune merge`)
+# causal-lm: model.generate(["Q: 2+2?\nA:"])  # [{"prompt": ..., "response": ...}], greedy
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class TunedModel:
 
     def _outputs(self, inputs: Input | Iterable[Input], batch_size: int):
         """(outputs as `train.predict` returns them, examples, encoded placeholder labels)."""
+        if self.task_model.task_type.name == "causal-lm":  # its outputs are a vocabulary each
+            raise MicrotuneError(
+                "a causal-lm artifact generates text: use `microtune generate --artifact DIR "
+                "--prompt TEXT` (or TunedModel.generate)"
+            )
         examples = self._examples(inputs)
         if not examples:
             width = self.task_model.head_config.num_labels
@@ -125,6 +131,42 @@ class TunedModel:
         )
         outputs = predict(self.task_model, rows, self.tokenizer.pad_token_id, batch_size)
         return outputs, examples, labels
+
+    def generate(
+        self, prompts: str | Iterable[str], max_new_tokens: int = 64, batch_size: int = 16
+    ) -> list[dict[str, Any]]:
+        """Greedy continuations of a causal-lm artifact, one {"prompt", "response"} per prompt:
+        the prompt encoded as in training (with the tokenizer's special tokens, cut to the
+        artifact's max_length), then up to `max_new_tokens` tokens until EOS. Merged or not,
+        the tokens are the same (`microtune.tasktypes.causal.greedy_generate`)."""
+        from microtune.tasktypes.causal import CausalLM, greedy_generate
+
+        if not isinstance(self.task_model.task_type, CausalLM):
+            raise MicrotuneError(
+                f"generate needs a causal-lm artifact; this one is "
+                f"{self.task_model.task_type.name}: use predict"
+            )
+        if max_new_tokens < 1 or batch_size < 1:
+            raise MicrotuneError("--max-new-tokens and --batch-size must be at least 1")
+        items = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not all(isinstance(p, str) for p in items):
+            raise MicrotuneError("generate takes prompts as texts")
+        if not items:
+            return []
+        encoded = self.tokenizer(items, add_special_tokens=True).input_ids
+        encoded = [ids[: self.config["max_length"]] for ids in encoded]
+        answers = greedy_generate(
+            self.task_model,
+            encoded,
+            max_new_tokens,
+            self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id,
+            batch_size,
+        )
+        return [
+            {"prompt": p, "response": self.tokenizer.decode(a, skip_special_tokens=True)}
+            for p, a in zip(items, answers, strict=True)
+        ]
 
     def merge(self) -> TunedModel:
         """Fold the method into the backbone's weights, in place: the same outputs (to float
@@ -210,7 +252,8 @@ def load(artifact: str | os.PathLike, model: str | None = None, device: str = "c
         device: where to run: cpu, cuda, cuda:1, or auto (the GPU if there is one).
 
     Returns:
-        A `TunedModel` with `predict`, `logits`, `merge` and `save_pretrained`.
+        A `TunedModel` with `predict`, `logits`, `merge` and `save_pretrained` (`generate` for
+        a causal-lm artifact).
     """
     task_model, tokenizer, config = load_artifact(artifact, model)  # a hub id: fetched there
     task_model.to(resolve_device(device))

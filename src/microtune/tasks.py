@@ -84,7 +84,7 @@ def _glue(
 # Entity-level scores over BIO spans (seqeval); per-type F1 comes as f1_<TYPE> beside them.
 _NER_METRICS = ("f1", "precision", "recall")
 # Tasks on the user's own files (--train-file / --dev-file): the label set comes from the data.
-USER_TASKS = ("classification", "regression", "token-classification")
+USER_TASKS = ("classification", "regression", "token-classification", "causal-lm")
 
 
 TASKS: dict[str, Task] = {
@@ -128,6 +128,16 @@ TASKS: dict[str, Task] = {
             type="token-classification",
             label_column="ner_tags",
             labels_from_data=True,
+        ),
+        # prompt/response or text rows (`CausalLM.fit_rows` picks the shape): no label column,
+        # and num_labels 1 is a placeholder: the head is the base model's own LM head.
+        Task(
+            "causal-lm",
+            ("prompt", "response"),
+            1,
+            ("exact_match", "perplexity", "loss"),
+            type="causal-lm",
+            label_column="",
         ),
     )
 }
@@ -363,7 +373,8 @@ def rows_to_examples(
     label_column = label_column or task.label_column
     if not rows:
         raise MicrotuneError(f"{source} has no rows")
-    missing = [c for c in (*columns, label_column) if c not in rows[0]]
+    wanted = (*columns, label_column) if label_column else columns  # causal LM: no labels
+    missing = [c for c in wanted if c not in rows[0]]
     if missing:
         raise MicrotuneError(
             f"{source}: missing column(s) {missing}; found {sorted(rows[0])}. "
@@ -372,10 +383,10 @@ def rows_to_examples(
     examples = []
     for number, row in enumerate(rows, 1):
         where = f"{source}, row {number}"
-        absent = [c for c in (*columns, label_column) if c not in row]
+        absent = [c for c in wanted if c not in row]
         if absent:
             raise MicrotuneError(f"{where}: missing column(s) {absent}")
-        empty = [c for c in (*columns, label_column) if row[c] is None]  # JSON null, short CSV
+        empty = [c for c in wanted if row[c] is None]  # JSON null, short CSV
         if empty:
             raise MicrotuneError(f"{where}: no value in column(s) {empty}")
         examples.append(task.task_type.read_example(task, row, columns, label_column, where))

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -194,18 +193,12 @@ def evaluate(
     labels: Sequence,
     pad_token_id: int,
     batch_size: int = 64,
+    tokenizer: Any = None,
 ) -> dict[str, float | None]:
-    """The task's metrics on these rows (its task type scores them); refuses non-finite
-    outputs (see `compute_metrics`)."""
-    outputs = predict(model, rows, pad_token_id, batch_size)
-    each = outputs if isinstance(outputs, list) else list(outputs)
-    bad = sum(not np.isfinite(o).all() for o in each)
-    if bad:
-        raise MicrotuneError(
-            f"the model's outputs are not finite on {bad} of {len(rows)} evaluation examples, "
-            "so nothing can be scored; check the artifact's tensors, or use a wider --dtype"
-        )
-    return task.task_type.score(task, outputs, labels)
+    """The task's metrics on these rows, by its task type (`TaskType.evaluate`: by default
+    `score` of `predict`'s outputs, refused when not finite); `tokenizer` for types that read
+    generated text back (the causal LM's exact match)."""
+    return task.task_type.evaluate(model, task, rows, labels, pad_token_id, batch_size, tokenizer)
 
 
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

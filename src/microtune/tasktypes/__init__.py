@@ -6,16 +6,18 @@ from typing import Any
 
 from microtune.errors import MicrotuneError
 from microtune.tasktypes.base import IGNORE_INDEX, Outputs, TaskType
+from microtune.tasktypes.causal import CausalLM
 from microtune.tasktypes.sequence import Regression, SequenceClassification
 from microtune.tasktypes.tokens import TokenClassification, align_labels
 
 TASK_TYPES: dict[str, TaskType] = {
-    t.name: t for t in (SequenceClassification(), Regression(), TokenClassification())
+    t.name: t for t in (SequenceClassification(), Regression(), TokenClassification(), CausalLM())
 }
 # Export formats of stock `transformers` classes: format → the Auto class that loads it.
 STOCK_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
+    "causal-lm": "AutoModelForCausalLM",
 }
 
 

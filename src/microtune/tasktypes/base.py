@@ -1,10 +1,11 @@
 """What every task type owns: the head's shape, encoding and labels, loss, predictions, metrics
 and the stock export class. One subclass per type, one registry line in `__init__.py`.
 
-The seam is shaped for per-token types too (token classification today, causal LM later): a
-type says whether its outputs are per token (`per_token`: the model returns (B, T, C) and the
-labels are one per token, -100 where nothing is scored) and turns whatever the model returns
-into predictions and metrics itself.
+The seam is shaped for per-token types too (token classification, causal LM): a type says
+whether its outputs are per token (`per_token`: the model returns (B, T, C) and the labels are
+one per token, -100 where nothing is scored) and turns whatever the model returns into
+predictions and metrics itself. A type may also load the base with another `transformers` Auto
+class and use its own head (`auto_class`, `backbone_and_head`: the causal LM's frozen LM head).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from microtune.data import Encoded
@@ -38,11 +40,31 @@ class TaskType(abc.ABC):
         per_token: the head reads every token (read-out "tokens"), outputs are (B, T, C).
         stock_format: the export format written when a stock `transformers` class computes the
             same function (`export_stock`), e.g. "sequence-classification".
+        auto_class: the `transformers` Auto class that loads the base model (`load_backbone`).
     """
 
     name: ClassVar[str]
     per_token: ClassVar[bool] = False
     stock_format: ClassVar[str | None] = None
+    auto_class: ClassVar[str] = "AutoModel"
+
+    def backbone_and_head(self, model: nn.Module, head_config: Any) -> tuple[nn.Module, nn.Module]:
+        """(backbone, head) of a model loaded with `auto_class`: by default the model itself
+        and a new linear `TaskHead` over the read-out (`HeadConfig`)."""
+        from microtune.heads import TaskHead
+
+        head = TaskHead(
+            model.config.hidden_size,
+            head_config.num_labels,
+            head_config.head_dropout,
+            bias=head_config.bias,
+        )
+        return model, head
+
+    def fit_rows(self, task: Task, rows: Sequence[dict], text_columns: tuple[str, ...] | None):
+        """The task as its training rows shape it, for types whose data comes in more than one
+        shape (the causal LM: prompt/response or text); by default the task as it is."""
+        return task
 
     def read_example(
         self, task: Task, row: dict, columns: tuple[str, ...], label_column: str, where: str
@@ -74,6 +96,10 @@ class TaskType(abc.ABC):
         """The read-out the head uses (`requested` by the user, else `default`)."""
         return requested or default
 
+    def default_head_bias(self, readout: str, causal: bool) -> bool:
+        """Whether the head has a bias when the user does not say (`--head-bias`)."""
+        return True
+
     @abc.abstractmethod
     def encode(
         self,
@@ -89,6 +115,32 @@ class TaskType(abc.ABC):
         self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
     ) -> torch.Tensor:
         """The training loss; `reduction="none"` gives one loss per example (DP-SGD)."""
+
+    def evaluate(
+        self,
+        model: TaskModel,
+        task: Task,
+        rows: Sequence[Encoded],
+        labels: Sequence,
+        pad_token_id: int,
+        batch_size: int = 64,
+        tokenizer: Any = None,
+    ) -> dict[str, float | None]:
+        """The dev metrics of `model` on encoded rows: `score` of `train.predict`'s outputs, which
+        must be finite. Types whose outputs are too large to hold (a vocabulary per token) or
+        that generate override it (`tokenizer`: for those that read text back)."""
+        from microtune.errors import MicrotuneError
+        from microtune.train import predict
+
+        outputs = predict(model, rows, pad_token_id, batch_size)
+        each = outputs if isinstance(outputs, list) else list(outputs)
+        bad = sum(not np.isfinite(o).all() for o in each)
+        if bad:
+            raise MicrotuneError(
+                f"the model's outputs are not finite on {bad} of {len(rows)} evaluation examples, "
+                "so nothing can be scored; check the artifact's tensors, or use a wider --dtype"
+            )
+        return self.score(task, outputs, labels)
 
     @abc.abstractmethod
     def score(self, task: Task, outputs: Outputs, labels: Sequence) -> dict[str, float | None]:

@@ -1,9 +1,23 @@
 """Sentence(-pair) classification and regression: one read-out feature per example, a linear
-head, cross-entropy or MSE, and `AutoModelForSequenceClassification` where it matches."""
+head, cross-entropy or MSE, and `AutoModelForSequenceClassification` where it computes the same
+function: BERT with the pooler read-out, and decoders (GPT-2, GPT-NeoX, OPT, Llama, Mistral,
+Qwen2/3, Gemma 1-3, Phi-3) with the last-token read-out and a bias-free head.
+
+Why a decoder's head must be bias-free to export: the stock decoder classes end in a bias-free
+`score` linear, and W h + b equals W' h for every h only if some u has u . h = 1 for every
+final hidden state h. After an RMSNorm (the Llama family, SmolLM2) no linear function of h is
+constant, so the bias cannot be folded. (After a LayerNorm with a bias, as in GPT-2, one is:
+sum_i (h_i - beta_i) / gamma_i = 0; folding through it divides by sum_i beta_i / gamma_i, which
+can be near zero, so it is not done.) A decoder's sentence head therefore trains without a bias
+by default (`default_head_bias`), as those classes' own heads do; with `--head-bias` the
+export is backbone + head, with a warning that says so.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,10 +26,16 @@ from torch import nn
 from microtune.errors import MicrotuneError
 from microtune.tasktypes.base import Outputs, TaskType
 
+# Bound on max |stock - task model| logits on the probe batches, relative to the largest
+# |logit| (at least 1): the same merged weights, so only the head's rounding differs (a stock
+# model computes its head in the base's precision, the task model in float32).
+_SAME_FUNCTION_TOLERANCE = {torch.float32: 1e-4}
+_HALF_TOLERANCE = 5e-2
+
 
 class SequenceTaskType(TaskType):
-    """What classification and regression share: encoding, and the stock export (BERT with the
-    pooler read-out: its classifier reads the same pooled feature)."""
+    """What classification and regression share: encoding, the head's bias default and the
+    stock `AutoModelForSequenceClassification` export."""
 
     def readout(self, requested: str | None, default: str) -> str:
         if requested == "tokens":
@@ -25,6 +45,11 @@ class SequenceTaskType(TaskType):
             )
         return requested or default
 
+    def default_head_bias(self, readout: str, causal: bool) -> bool:
+        """No bias on a decoder's last-token head, as the stock classes' `score` (module
+        docstring): then the merged model exports as that class."""
+        return not (causal and readout == "last")
+
     def encode(self, tokenizer, examples, max_length, add_mask_token=False):
         from microtune.data import encode
 
@@ -32,16 +57,33 @@ class SequenceTaskType(TaskType):
         return rows, [e.label for e in examples]
 
     def export_stock(self, task_model, config: dict[str, Any], folder) -> bool:
+        """`AutoModelForSequenceClassification` for BERT's pooler read-out (its classifier reads
+        the pooled feature) and for a decoder's last-token read-out (the stock class reads the
+        rightmost token that is not `pad_token_id`, right- or left-padded). Written only when
+        its logits match the task model's on probe batches padded both ways, and, for
+        decoders, when the exported tokenizer never ends a text with the pad token (pad = EOS
+        with EOS appended: the stock class would read the token before it)."""
         from transformers import AutoModelForSequenceClassification
 
         from microtune.model import backbone_dtype
 
-        backbone, head = task_model.backbone, task_model.head_config
-        classifier = task_model.arch.seq_cls_classifier
-        if head.readout != "pooler" or not classifier:
+        backbone, head, arch = task_model.backbone, task_model.head_config, task_model.arch
+        decoder = head.readout == "last" and arch.causal
+        if not (decoder or (head.readout == "pooler" and arch.seq_cls_classifier)):
+            return False
+        pad_id = backbone.config.pad_token_id
+        if decoder and pad_id is None:
+            return False  # the stock class could not tell padding from text
+        if decoder and _pad_ends_every_text(folder, pad_id):
+            warnings.warn(
+                f"exported as backbone + head: the tokenizer ends every text with its pad token "
+                f"(id {pad_id}), which a stock ...ForSequenceClassification skips",
+                stacklevel=2,
+            )
             return False
         cls_config = backbone.config.__class__.from_dict(backbone.config.to_dict())
         cls_config.num_labels = head.num_labels
+        cls_config.pad_token_id = pad_id
         cls_config.problem_type = (
             "regression" if head.num_labels == 1 else "single_label_classification"
         )
@@ -49,14 +91,81 @@ class SequenceTaskType(TaskType):
         if label_names:
             cls_config.id2label = dict(enumerate(label_names))
             cls_config.label2id = {name: i for i, name in enumerate(label_names)}
-        # In the base's precision (the head too: a stock model has one dtype).
-        full = AutoModelForSequenceClassification.from_config(cls_config).to(
-            backbone_dtype(backbone)
-        )
-        getattr(full, full.base_model_prefix).load_state_dict(backbone.state_dict())
-        getattr(full, classifier).load_state_dict(task_model.head.linear.state_dict())
+        try:
+            full = AutoModelForSequenceClassification.from_config(cls_config)
+            # In the base's precision (the head too: a stock model has one dtype).
+            full = full.to(backbone_dtype(backbone)).eval()
+            getattr(full, full.base_model_prefix).load_state_dict(backbone.state_dict())
+        except (ValueError, KeyError, AttributeError, RuntimeError):
+            return False  # no such class for the family, or its backbone differs
+        classifier = _only_own_linear(full)
+        if classifier is None:
+            return False
+        ours = task_model.head.linear
+        if classifier.bias is None and ours.bias is not None and bool(ours.bias.any()):
+            warnings.warn(
+                f"exported as backbone + head: {type(full).__name__}'s classifier has no bias "
+                "and this head has one; train with --no-head-bias to export that class",
+                stacklevel=2,
+            )
+            return False
+        with torch.no_grad():
+            classifier.weight.copy_(ours.weight)
+            if classifier.bias is not None:
+                classifier.bias.copy_(ours.bias if ours.bias is not None else 0.0)
+        if not same_function(full, task_model, pad_id):
+            return False
         full.save_pretrained(folder)
         return True
+
+
+def _pad_ends_every_text(folder, pad_id: int) -> bool:
+    """The exported tokenizer (written before the model) appends the pad token to a text."""
+    from transformers import AutoTokenizer
+
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        return False
+    ids = AutoTokenizer.from_pretrained(folder)("a")["input_ids"]
+    return bool(ids) and ids[-1] == pad_id
+
+
+def _only_own_linear(full: nn.Module) -> nn.Linear | None:
+    """The stock model's one layer with parameters outside its backbone, if it is a linear."""
+    own = [
+        module
+        for name, module in full.named_modules()
+        if not name.startswith(full.base_model_prefix)
+        and any(True for _ in module.parameters(recurse=False))
+    ]
+    return own[0] if len(own) == 1 and isinstance(own[0], nn.Linear) else None
+
+
+@torch.no_grad()
+def same_function(full: nn.Module, task_model, pad_id: int | None) -> bool:
+    """The stock model's logits match the task model's on probe rows of 6 and 3 tokens
+    (none the pad token), right-padded and left-padded with `pad_id`."""
+    vocab = full.config.get_text_config().vocab_size
+    device = next(task_model.parameters()).device
+    pad = 0 if pad_id is None else pad_id
+    ids = (torch.arange(12, device=device).view(2, 6) * 7 + 1) % vocab
+    ids[ids == pad] = (pad + 1) % vocab
+    real = torch.tensor([[1] * 6, [1] * 3 + [0] * 3], device=device)
+    was_training = task_model.training
+    task_model.eval()
+    try:
+        for mask in (real, real.flip(1)):  # right-, then left-padded
+            inputs = {"input_ids": ids.where(mask.bool(), pad), "attention_mask": mask}
+            expected = task_model(**inputs).float()
+            got = full(**inputs).logits.float()
+            dtype = next(full.parameters()).dtype
+            bound = _SAME_FUNCTION_TOLERANCE.get(dtype, _HALF_TOLERANCE)
+            if got.shape != expected.shape or not bool(
+                (got - expected).abs().max() <= bound * max(1.0, float(expected.abs().max()))
+            ):
+                return False
+    finally:
+        task_model.train(was_training)
+    return True
 
 
 class SequenceClassification(SequenceTaskType):

@@ -1,16 +1,15 @@
-"""Quality, size and speed of methods × tasks × seeds, trained with the same budget.
+"""A grid from the command line, without a bench file: `microtune bench` underneath.
 
-Each run is one `microtune train` process (so runs cannot leak state into each other), several
-at once with --jobs. The report gives, per method and task: the dev metric's mean and standard
-deviation over seeds, trainable parameters (method + head), stored artifact bytes and the
-median training step time; it is printed, and written as results.json, results.md and (with
-matplotlib) quality_vs_parameters.png into --output.
+Builds a bench config from flags, runs it with `microtune.bench.runner.run_bench` (one worker
+process per cell, resumable, one JSON record per cell) and writes the report
+(`microtune.bench.report`: report.md and plots) into --output. For anything kept, write a
+bench file under bench/configs/ and use `microtune bench run` instead.
 
     python bench/matrix.py --methods slash,jrwarp,warp --tasks sst2,rte --seeds 0,1,2 \\
         --max-steps 1000 --output runs/bench-prompts
 
-A method entry may carry options after a colon, as `name:key=value+key=value`; each key is the
-method's CLI flag without dashes (`lr` sets the learning rate), so one grid can hold variants:
+A method entry may carry options after a colon, as `name:key=value+key=value` (`lr` sets the
+learning rate), so one grid can hold variants:
 
     python bench/matrix.py --methods lora pafi:k=73728 pafi:k=73728+mask=largest --tasks sst2
 """
@@ -20,159 +19,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from microtune.tasks import get_task
+from microtune.bench.config import BenchConfig, MethodEntry, Protocol, Timing
+from microtune.bench.report import report
+from microtune.bench.runner import run_bench
 
 
-def parse_method(entry: str) -> tuple[str, list[str]]:
-    """`pafi:k=73728+mask=largest` -> ("pafi", ["--k", "73728", "--mask", "largest"])."""
-    name, _, options = entry.partition(":")
-    flags: list[str] = []
-    for option in filter(None, options.split("+")):
-        key, _, value = option.partition("=")
-        flag = "--" + key.replace("_", "-")
-        if value.lower() in ("true", "false"):  # boolean flags are --x / --no-x
-            flags.append(flag if value.lower() == "true" else "--no-" + flag[2:])
-        else:
-            flags += [flag, value]
-    return name, flags
-
-
-def run_one(args: argparse.Namespace, method: str, task: str, seed: int) -> dict:
-    folder = Path(args.output) / "runs" / f"{method.replace(':', '_')}-{task}-s{seed}"
-    method_name, method_flags = parse_method(method)
-    if not (folder / "metrics.json").is_file():
-        command = [
-            sys.executable,
-            "-m",
-            "microtune",
-            "train",
-            "--task",
-            task,
-            "--method",
-            method_name,
-            *method_flags,
-            "--output",
-            str(folder),
-            "--seed",
-            str(seed),
-            "--max-steps",
-            str(args.max_steps),
-            "--data-dir",
-            args.data_dir,
-            "--eval-every",
-            "0",
-            "--checkpoint-every",
-            "0",
-            "--no-progress",
-            "--device",
-            args.device,
-            "--batch-size",
-            str(args.batch_size),
-            "--max-length",
-            str(args.max_length),
-        ]
-        if args.model:
-            command += ["--model", args.model]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or ["?"]
-            print(f"FAILED {method} {task} seed {seed}: {tail[0]}", flush=True)
-            return {"method": method, "task": task, "seed": seed, "failed": tail[0]}
-    report = json.loads((folder / "metrics.json").read_text())
-    losses = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-    last = [r for r in losses if "loss" in r][-1]
-    report["step_ms"] = 1000 * last["elapsed_s"] / last["step"]
-    print(f"done {method:8} {task:5} seed {seed}: {report['metrics']}", flush=True)
-    return {"method": method, "task": task, "seed": seed, **report}
-
-
-def summarise(results: list[dict]) -> list[dict]:
-    rows = []
-    keys = sorted(
-        {(r["method"], r["task"]) for r in results if "failed" not in r}, key=lambda k: (k[1], k[0])
-    )
-    for method, task in keys:
-        runs = [
-            r for r in results if (r["method"], r["task"]) == (method, task) and "failed" not in r
-        ]
-        metric = get_task(task).main_metric
-        scores = [r["metrics"][metric] for r in runs]
-        rows.append(
-            {
-                "task": task,
-                "method": method,
-                "metric": metric,
-                "seeds": len(runs),
-                "mean": statistics.mean(scores),
-                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                "scores": scores,
-                "trainable_method": runs[0]["trainable_parameters"]["method"],
-                "trainable_head": runs[0]["trainable_parameters"]["head"],
-                "artifact_bytes": runs[0]["artifact_bytes"],
-                "step_ms": statistics.median(r["step_ms"] for r in runs),
-                "device": runs[0].get("device", "?"),
-            }
-        )
-    return rows
-
-
-def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [
-        f"{args.max_steps} steps of batch {args.batch_size}, max length {args.max_length}, "
-        f"seeds {args.seeds}, "
-        f"device {rows[0]['device'] if rows else '?'}",
-        "",
-        "| task | method | metric | mean ± std | trainable (method + head) | stored bytes "
-        "| step ms |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['task']} | {r['method']} | {r['metric']} | {r['mean']:.4f} ± {r['std']:.4f} "
-            f"| {r['trainable_method']:,} + {r['trainable_head']:,} | {r['artifact_bytes']:,} "
-            f"| {r['step_ms']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path) -> None:
+def parse_value(text: str):
+    """A TOML-like scalar: true/false, a number, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
-        import matplotlib
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    tasks = sorted({r["task"] for r in rows})
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for axis, task in zip(axes[0], tasks, strict=True):
-        for r in (r for r in rows if r["task"] == task):
-            trainable = r["trainable_method"] + r["trainable_head"]
-            axis.errorbar(trainable, r["mean"], yerr=r["std"], fmt="o", capsize=3)
-            axis.annotate(
-                r["method"], (trainable, r["mean"]), textcoords="offset points", xytext=(5, 5)
-            )
-        axis.set_xscale("log")
-        axis.set_xlabel("trainable parameters (method + head, log scale)")
-        axis.set_ylabel(
-            rows[0]["metric"]
-            if len(tasks) == 1
-            else next(r["metric"] for r in rows if r["task"] == task)
-        )
-        axis.set_title(task)
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"wrote {path}")
+
+def parse_method(entry: str) -> MethodEntry:
+    """`pafi:k=73728+mask=largest` -> pafi with options {"k": 73728, "mask": "largest"}."""
+    name, _, text = entry.partition(":")
+    options = {}
+    for option in filter(None, text.split("+")):
+        key, _, value = option.partition("=")
+        options[key.replace("-", "_")] = parse_value(value)
+    lr = options.pop("lr", None)
+    return MethodEntry(label=entry, method=name, lr=lr, options=options)
 
 
 def main() -> None:
@@ -180,7 +51,7 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["slash", "jrwarp", "warp"],
+        default=["slash,jrwarp,warp"],
         help="method entries, space-separated: name or name:key=value+key=value",
     )
     parser.add_argument("--tasks", default="sst2,rte")
@@ -189,32 +60,36 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--model", default=None, help="base model (default: packaged MiniLM)")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run")
+    parser.add_argument("--rounds", type=int, default=3, help="inference timing rounds (0: off)")
     parser.add_argument("--output", default="runs/bench-matrix")
     args = parser.parse_args()
 
-    grid = [
-        (m, t, int(s))
-        for t in args.tasks.split(",")
+    entries = [
+        parse_method(m)
         for entry in args.methods
         for m in (entry.split(",") if ":" not in entry else [entry])
-        for s in args.seeds.split(",")
     ]
-    started = time.time()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(args, *job), grid))
-    rows = summarise(results)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=1))
-    table = markdown(rows, args)
-    (output / "results.md").write_text(table + "\n")
-    print(table)
-    print(f"{len(grid)} runs in {time.time() - started:.0f} s with {args.jobs} at once")
-    plot(rows, output / "quality_vs_parameters.png")
+    config = BenchConfig(
+        name=os.path.basename(os.path.normpath(args.output)),
+        model=os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+        data_dir=os.path.abspath(args.data_dir),
+        tasks=tuple(args.tasks.split(",")),
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        methods=tuple(entries),
+        protocol=Protocol(
+            max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length
+        ),
+        timing=Timing(inference_examples=256, rounds=args.rounds, step_rounds=args.rounds),
+    )
+    summary = run_bench(
+        config, args.output, device=args.device, jobs=args.jobs, threads=args.threads
+    )
+    print(json.dumps(summary))
+    print(json.dumps(report(args.output)))
 
 
 if __name__ == "__main__":

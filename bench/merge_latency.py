@@ -1,10 +1,11 @@
 """Inference time of a merged SLaSh model against the base model, side by side in one run.
 
 Loads an artifact (or, without one, a SLaSh model with a random z on the packaged MiniLM),
-then times three backbones on the same SST-2 dev batches, interleaved round by round so that
-all three see the same machine state: the base model, the unmerged model (shifts added by
-hooks) and the merged model (shifts folded into biases). Prints seconds and ratios to base,
-and the max |logit difference| between merged and unmerged.
+then times three models on the same SST-2 dev batches, interleaved round by round so that
+all three see the same machine state (`microtune.bench.timing.inference_times`, as every
+`microtune bench` cell does): the base model, the unmerged model (shifts added by hooks) and
+the merged model (shifts folded into biases). Prints the median seconds with their spread and
+ratios to base, and the max |logit difference| between merged and unmerged.
 
     python bench/merge_latency.py [--artifact runs/sst2-slash] [--rounds 5] [--examples 872]
 """
@@ -14,14 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from microtune.api import time_forward
 from microtune.artifact import load_artifact
+from microtune.bench.timing import inference_times
 from microtune.data import batches, encode
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel, load_backbone
@@ -55,21 +55,17 @@ def main() -> None:
         difference = max((unmerged(**b) - merged(**b)).abs().max().item() for b in inputs)
 
     contenders = {"base": base, "unmerged": unmerged, "merged": merged}
-    seconds = {name: [] for name in contenders}
-    time_forward(base, inputs[:1], 1)  # warm-up
-    for _ in range(args.rounds):
-        for name, model in contenders.items():
-            seconds[name].append(time_forward(model, inputs, 1))
-
-    base_median = statistics.median(seconds["base"])
+    times = inference_times(contenders, inputs, args.rounds, "cpu")
     print(
         f"{len(rows)} SST-2 dev examples, batch {args.batch_size}, {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"{'model':<10} {'median s':>9} {'min s':>8} {'÷ base':>7}")
-    for name, values in seconds.items():
-        median = statistics.median(values)
-        print(f"{name:<10} {median:>9.3f} {min(values):>8.3f} {median / base_median:>7.3f}")
+    print(f"{'model':<10} {'median s':>9} {'min s':>8} {'max s':>8} {'÷ base':>7}")
+    for name, t in times.items():
+        print(
+            f"{name:<10} {t['median']:>9.3f} {t['min']:>8.3f} {t['max']:>8.3f} "
+            f"{t['over_base']:>7.3f}"
+        )
     print(f"max |logit merged - unmerged| = {difference:.2e}")
     print(
         f"backbone parameters: base {sum(p.numel() for p in base.backbone.parameters()):,}, merged "

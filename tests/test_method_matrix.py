@@ -42,6 +42,13 @@ TINY_OPTIONS = {
     "lora": {"rank": 4},
     "pafi": {"k": 0.01},
     "hiwi": {"r": 4},
+    # The peft peers (test_peers.py checks them in depth); SHiRA's default r = 32 would ask
+    # for more entries than a 32 x 32 weight has.
+    "peft-vera": {"rank": 16},
+    "peft-unilora": {"theta_d_length": 512},
+    "peft-tinylora": {"u": 32},
+    "peft-shira": {"rank": 2},
+    "peft-supertuning": {"sparsity": 0.9},
 }
 # Per-architecture options where a method's default cannot apply (HiWi's bias variant needs
 # FFN biases, which Llama lacks; test_pafi_hiwi.py checks the refusal).
@@ -49,6 +56,9 @@ ARCH_OPTIONS = {("hiwi", "llama"): {"variant": "weight"}}
 # The other families whose FFN has no biases (ModernBERT by default, the Llama-like decoders).
 NO_FFN_BIAS = ("modernbert", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 ARCH_OPTIONS.update({("hiwi", model_type): {"variant": "weight"} for model_type in NO_FFN_BIAS})
+# Pairs a method refuses with a one-line error instead of attaching (peft's SHiRA and
+# Super-Tuning adapt only nn.Linear; GPT-2's layers are Conv1D): checked here, then skipped.
+REFUSED = {("peft-shira", "gpt2"): "only nn.Linear", ("peft-supertuning", "gpt2"): "only nn.Linear"}
 METHOD_NAMES = sorted(METHODS)
 LABELS = torch.tensor([0, 1, 1, 0])
 # BitFit on Llama (no biases) warns that only the head trains; test_baselines.py checks that.
@@ -68,6 +78,11 @@ def build(method_name: str, folder):
     }
     method = build_method(method_name, options)
     head = HeadConfig(num_labels=2, readout=default_readout(arch_for(backbone).causal))
+    refusal = REFUSED.get((method_name, backbone.config.model_type))
+    if refusal:
+        with pytest.raises(MicrotuneError, match=refusal):
+            TaskModel(backbone, head, method, mask_token_id=tokenizer.mask_token_id)
+        pytest.skip(f"{method_name} refuses {backbone.config.model_type} (checked)")
     model = TaskModel(backbone, head, method, mask_token_id=tokenizer.mask_token_id)
     return model.eval(), tokenizer, base_fingerprint
 

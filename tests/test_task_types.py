@@ -201,6 +201,7 @@ KINDS = ("token-classification", "regression", "classification")
 
 def build(method_name: str, folder, task):
     backbone, tokenizer = load_backbone(str(folder))
+    base_fingerprint = fingerprint(backbone)  # before attaching, as api.train does
     torch.manual_seed(0)
     options = {
         **TINY_OPTIONS.get(method_name, {}),
@@ -213,7 +214,7 @@ def build(method_name: str, folder, task):
     model = TaskModel(
         backbone, head, build_method(method_name, options), tokenizer.mask_token_id, task_type=kind
     )
-    return model, tokenizer, fingerprint(backbone)
+    return model, tokenizer, base_fingerprint
 
 
 def outputs(model, inputs):

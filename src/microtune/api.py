@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from microtune.train import (
     DEFAULT_MAX_STEPS,
     TrainConfig,
     Trainer,
+    TrainerCallback,
     evaluate,
     join_outputs,
     predict,
@@ -172,6 +174,7 @@ def train(
     privacy: DPConfig | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Train one method on one task; writes the artifact and metrics.json into output_dir.
 
@@ -190,7 +193,10 @@ def train(
     `labels` fixes it; the artifact records the names.
 
     `head_bias` None is the task type's default (`TaskType.default_head_bias`: no bias on a
-    decoder's last-token sentence head, so that it exports as the stock class)."""
+    decoder's last-token sentence head, so that it exports as the stock class).
+
+    `callbacks` (`train.TrainerCallback`) watch or steer the loop beside the built-in ones
+    (`microtune bench` times each step with one)."""
     started = time.time()
     task_spec = get_task(task)
     config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
@@ -264,10 +270,11 @@ def train(
         dev_rows, dev_labels = task_type.encode(tokenizer, dev_examples, max_length, with_mask)
         plugins: dict[str, Any] = {}
         if privacy is not None:
-            plan, sampler, step, callbacks = private_plugins(
+            plan, sampler, step, private_callbacks = private_plugins(
                 privacy, task_model, config, len(train_rows)
             )
-            plugins = {"sampler": sampler, "step": step, "callbacks": callbacks}
+            plugins = {"sampler": sampler, "step": step, "callbacks": private_callbacks}
+        plugins["callbacks"] = [*plugins.get("callbacks", ()), *callbacks]
         trainer = Trainer(
             task_model,
             config,

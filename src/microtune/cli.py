@@ -1,5 +1,5 @@
-"""The command line: train, eval, predict, generate, merge, export, info, inspect, accountant
-and push.
+"""The command line: train, eval, predict, generate, merge, export, info, inspect,
+accountant, push and bench.
 
 Thin by design: it parses, calls `microtune.api`, and prints. Method options are generated from
 the methods' config dataclasses, so a new method's options appear here with their documentation
@@ -221,6 +221,63 @@ def _accountant(args: argparse.Namespace) -> dict[str, Any]:
         return {"sigma": sigma, "epsilon": args.epsilon, **result}
     epsilon = epsilon_spent(args.sigma, q, steps, delta, args.accountant)
     return {"epsilon": epsilon, "sigma": args.sigma, **result}
+
+
+def _add_bench_command(commands) -> None:
+    text = "methods x tasks x seeds from a bench file (bench/configs/*.toml): run, tune, report"
+    bench = commands.add_parser("bench", help=text, description=text)
+    actions = bench.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("run", "run every unfinished cell; one JSON record per cell in --output/cells"),
+        ("tune", "choose each method's learning rate on a slice of the training set"),
+    ):
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("config", nargs="?", help="bench file (TOML)")
+        sub.add_argument(
+            "--output", help=f"bench folder (default: runs/{name.replace('run', 'bench')}-<name>)"
+        )
+        sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+        sub.add_argument("--jobs", type=int, default=1, help="cells at once")
+        sub.add_argument("--model", help="base model instead of the bench file's")
+        sub.add_argument("--data-dir", help="data folder instead of the bench file's")
+        if name == "run":
+            sub.add_argument(
+                "--quick", action="store_true", help="the quick preset (bench/configs/quick.toml)"
+            )
+    report = actions.add_parser("report", help="write report.md and PNG plots of a bench folder")
+    report.add_argument("folder", help="bench folder (a `bench run` --output)")
+
+
+def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    from microtune.bench.config import load_config, quick_config_path
+
+    if args.bench_command == "report":
+        from microtune.bench.report import report
+
+        return report(args.folder)
+    config_path = args.config
+    if getattr(args, "quick", False):
+        if config_path:
+            raise MicrotuneError("give a bench file or --quick, not both")
+        config_path = quick_config_path()
+    if not config_path:
+        raise MicrotuneError("name a bench file, e.g. bench/configs/full.toml (or --quick)")
+    overrides = {
+        k: v for k, v in (("model", args.model), ("data_dir", args.data_dir)) if v is not None
+    }
+    output = args.output
+    if args.bench_command == "tune":
+        from microtune.bench.tune import tune
+
+        name = load_config(config_path, overrides, tuned=False).name
+        output = output or f"runs/tune-{name}"
+        return tune(config_path, output, device=args.device, jobs=args.jobs, overrides=overrides)
+    from microtune.bench.runner import run_bench
+
+    config = load_config(config_path, overrides)
+    return run_bench(
+        config, output or f"runs/bench-{config.name}", device=args.device, jobs=args.jobs
+    )
 
 
 def _add_data_options(parser: argparse.ArgumentParser, training: bool) -> None:
@@ -470,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
 
     _add_accountant_command(commands)
+    _add_bench_command(commands)
 
     info = commands.add_parser("info", help="describe an artifact, or list what is supported")
     info.add_argument("--artifact", help=ARTIFACT_HELP + " to describe")
@@ -670,6 +728,8 @@ def run(argv: list[str] | None = None) -> Any:
         return _generate(args)
     if args.command == "accountant":
         return _accountant(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "push":

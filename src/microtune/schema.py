@@ -32,6 +32,7 @@ from pydantic import (
 from microtune.errors import MicrotuneError
 from microtune.heads import READOUTS
 from microtune.methods import METHODS
+from microtune.methods.peers import PEERS
 from microtune.metrics import RECORDED_METRICS
 from microtune.model import DTYPES
 from microtune.tasktypes import TASK_TYPES
@@ -138,8 +139,17 @@ class PaFiState(Record):
     candidates: Annotated[int, Field(ge=1)]
 
 
+class PeerState(Record):
+    """A `peft` peer's frozen state (projections, indices), regenerated on load, not stored."""
+
+    frozen_fingerprint: Sha256
+
+
 # What `Method.stored_metadata` records, per method; every other method records {}.
-METHOD_STATES: dict[str, type[Record]] = {"pafi": PaFiState}
+METHOD_STATES: dict[str, type[Record]] = {
+    "pafi": PaFiState,
+    **{peer.name: PeerState for peer in PEERS},
+}
 
 
 class PrivacyRecord(BaseModel):

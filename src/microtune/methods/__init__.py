@@ -14,6 +14,7 @@ from microtune.methods.jrwarp import JRWARP, JRWARPConfig
 from microtune.methods.linear import LinearProbe, LinearProbeConfig
 from microtune.methods.lora import LoRA, LoRAConfig
 from microtune.methods.pafi import PaFi, PaFiConfig
+from microtune.methods.peers import PEERS
 from microtune.methods.slash import SLaSh, SLaShConfig
 from microtune.methods.warp import WARP, WARPConfig
 
@@ -28,6 +29,8 @@ METHODS: dict[str, type[Method]] = {
     Adapter.name: Adapter,
     PaFi.name: PaFi,
     HiWi.name: HiWi,
+    # peft's tuners (`peft-lora`, `peft-vera`, ...): need the optional peft dependency.
+    **{peer.name: peer for peer in PEERS},
 }
 
 

@@ -1,0 +1,415 @@
+"""The bench file: one model, data, protocol and list of methods, and the cells it makes.
+
+A bench file is TOML (`bench/configs/full.toml` is the reference):
+
+    name = "full"
+    model = "sentence-transformers/all-MiniLM-L6-v2"
+    data_dir = "../shared/data"          # relative to the working directory
+    tasks = ["sst2", "rte"]
+    seeds = [0, 1, 2]
+    lrs = "lrs.toml"                     # optional: learning rates `bench tune` chose
+    extends = "full.toml"                # optional: start from another file (relative to this)
+
+    [protocol]                           # `Protocol`'s fields
+    max_steps = 1000
+    [timing]                             # `Timing`'s fields
+    rounds = 5
+    [tune]                               # `TuneSettings`' fields (`microtune bench tune`)
+    factors = [0.25, 1, 4]
+
+    [[methods]]
+    label = "slash-d2048"                # unique; the report's name for it
+    method = "slash"                     # registry name (default: the label)
+    lr = 2e-2                            # default: the method's own
+    options = { d = 2048 }               # the method's config fields
+
+`extends` merges key by key: a table (`protocol`, `timing`, `tune`) is merged field by field,
+anything else (`methods`, `tasks`...) replaces the base's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from microtune.errors import MicrotuneError
+
+CONFIG_FOLDER = Path(__file__).resolve().parents[3] / "bench" / "configs"  # in a checkout
+QUICK_CONFIG = "quick.toml"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How every cell trains (the same for every method).
+
+    Attributes:
+        max_steps: optimizer steps; takes precedence over epochs.
+        epochs: passes over the training data, when max_steps is not set.
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        max_length: tokens per example.
+        warmup_ratio: fraction of steps with linear warmup, then linear decay.
+        weight_decay: AdamW weight decay.
+        eval_batch_size: examples per batch when evaluating and timing inference.
+        max_train_examples: use only the first N training examples (0: all).
+        group_by_length: batches of similar length (as `microtune train`'s default).
+        readout: the read-out of every method ("": the model's default).
+        dtype: precision of the frozen base model.
+    """
+
+    max_steps: int | None = 1000
+    epochs: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_length: int = 128
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+    max_train_examples: int = 0
+    group_by_length: bool = True
+    readout: str = ""
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.max_steps is not None:
+            # TOML cannot unset a base file's max_steps, so epochs given wins.
+            object.__setattr__(self, "max_steps", None)
+        if self.max_train_examples < 0:
+            raise MicrotuneError("protocol.max_train_examples must be >= 0 (0: all)")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What each cell measures besides its dev metrics.
+
+    Attributes:
+        inference_examples: dev examples timed for inference (0: the whole dev set).
+        rounds: interleaved rounds of base, unmerged and merged inference (0: no timing).
+        step_rounds: interleaved rounds of one training step and one no-grad forward of the
+            same batch (0: none).
+    """
+
+    inference_examples: int = 0
+    rounds: int = 5
+    step_rounds: int = 10
+
+    def __post_init__(self) -> None:
+        if min(self.inference_examples, self.rounds, self.step_rounds) < 0:
+            raise MicrotuneError("timing.* must be >= 0")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """`microtune bench tune`: each method's learning rate from a grid, never on dev data.
+
+    Attributes:
+        factors: the grid, as multiples of each method's `lr` (a method's `lr_grid` replaces it).
+        slice_fraction: fraction of each task's training set held out to score the grid on.
+        slice_max: at most this many held-out examples per task.
+        slice_seed: seeds which training examples are held out.
+        seeds: training seeds per grid point (the score is their mean).
+        write: the file the chosen rates go to, relative to this config (a bench file names it
+            as `lrs`).
+        protocol: fields of `Protocol` that differ while tuning (e.g. fewer steps).
+    """
+
+    factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    slice_fraction: float = 0.1
+    slice_max: int = 1000
+    slice_seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    write: str = "lrs.toml"
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.slice_fraction < 1 or self.slice_max < 1:
+            raise MicrotuneError("tune.slice_fraction must be in (0, 1) and tune.slice_max >= 1")
+        if not self.factors or any(not (f > 0 and math.isfinite(f)) for f in self.factors):
+            raise MicrotuneError("tune.factors must be positive numbers")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method of the grid: a registry name, its options and learning rate.
+
+    Attributes:
+        label: unique name in the report and in cell names.
+        method: registry name (`microtune info` lists them).
+        lr: learning rate (None: the method's default).
+        options: the method's config fields.
+        lr_grid: learning rates `bench tune` tries (empty: tune.factors × lr).
+    """
+
+    label: str
+    method: str
+    lr: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    lr_grid: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A whole bench file, resolved (paths absolute, learning rates filled in).
+
+    Attributes:
+        name: the bench's name (the report's title).
+        model: base model: hub id or local folder.
+        data_dir: data folder laid out like ../shared/data.
+        tasks: task names.
+        seeds: training seeds.
+        methods: the methods, in report order.
+        protocol: how every cell trains.
+        timing: what every cell measures.
+        tune: learning-rate tuning settings.
+        lrs: the tuned learning-rates file (absolute; "" when none).
+        source: the bench file this came from.
+    """
+
+    name: str
+    model: str
+    data_dir: str
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    methods: tuple[MethodEntry, ...]
+    protocol: Protocol = Protocol()
+    timing: Timing = Timing()
+    tune: TuneSettings = TuneSettings()
+    lrs: str = ""
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Hash of everything that decides the results (not where the files are)."""
+        record = self.to_dict()
+        for key in ("source", "data_dir", "lrs"):
+            record.pop(key)
+        return digest(record)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid and what it measures."""
+
+    entry: MethodEntry
+    task: str
+    seed: int
+    config: BenchConfig
+
+    @property
+    def key(self) -> str:
+        """File-name-safe name: label-task-sSEED."""
+        return re.sub(r"[^A-Za-z0-9_.@=+-]", "_", f"{self.entry.label}-{self.task}-s{self.seed}")
+
+    def spec(self) -> dict[str, Any]:
+        """Everything the worker needs, as JSON."""
+        config = self.config
+        return {
+            "key": self.key,
+            "bench": config.name,
+            "label": self.entry.label,
+            "method": self.entry.method,
+            "options": self.entry.options,
+            "lr": self.entry.lr,
+            "task": self.task,
+            "seed": self.seed,
+            "model": config.model,
+            "data_dir": config.data_dir,
+            "protocol": dataclasses.asdict(config.protocol),
+            "timing": dataclasses.asdict(config.timing),
+            "config_hash": config.config_hash(),
+        }
+
+    def cell_hash(self) -> str:
+        """Hash of what decides this cell's training: a record with another is stale."""
+        spec = self.spec()
+        return digest(
+            {k: spec[k] for k in ("method", "options", "lr", "task", "seed", "model")}
+            | {"protocol": spec["protocol"]}
+        )
+
+
+def digest(record: Any) -> str:
+    """Short SHA-256 of canonical JSON."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cells(config: BenchConfig) -> list[Cell]:
+    """The grid, task by task, method by method, seed by seed."""
+    return [
+        Cell(entry, task, seed, config)
+        for task in config.tasks
+        for entry in config.methods
+        for seed in config.seeds
+    ]
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise MicrotuneError(
+                "bench files are TOML, read with tomllib (Python 3.11+); on 3.10: pip install tomli"
+            ) from None
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise MicrotuneError(f"bench file {path} not found; check the path") from None
+    except tomllib.TOMLDecodeError as error:
+        raise MicrotuneError(f"{path} is not valid TOML ({error})") from None
+
+
+def _merged(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's table with its `extends` chain applied (paths made absolute on the way)."""
+    path = path.resolve()
+    if path in seen:
+        raise MicrotuneError(f"{path}: `extends` loops back to itself")
+    table = read_toml(path)
+    if isinstance(table.get("lrs"), str) and table["lrs"]:
+        table["lrs"] = str(path.parent / table["lrs"])
+    if isinstance(table.get("tune"), dict) and "write" in table["tune"]:
+        table["tune"]["write"] = str(path.parent / table["tune"]["write"])
+    base_name = table.pop("extends", None)
+    if base_name is None:
+        return table
+    base = _merged(path.parent / base_name, (*seen, path))
+    for key, value in table.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    """A dataclass from a TOML table; unknown keys are refused by name."""
+    if not isinstance(table, dict):
+        raise MicrotuneError(f"{where} must be a table")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise MicrotuneError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise MicrotuneError(f"{where}: {error}") from None
+
+
+def _method(table: Any, index: int) -> MethodEntry:
+    if not isinstance(table, dict) or "label" not in table and "method" not in table:
+        raise MicrotuneError(f"methods[{index}] needs a label or a method name")
+    table = dict(table)
+    table.setdefault("label", table.get("method"))
+    table.setdefault("method", table["label"])
+    return _build(MethodEntry, table, f"methods[{index}] ({table['label']})")
+
+
+def read_lrs(path: str) -> dict[str, float]:
+    """The `[lrs]` table of a tuned learning-rates file: label -> rate."""
+    if not Path(path).is_file():
+        raise MicrotuneError(
+            f"{path} is missing: run `microtune bench tune` on the tuning config that writes it, "
+            "or drop `lrs` from the bench file to use each method's own lr"
+        )
+    rates = read_toml(Path(path)).get("lrs")
+    if not isinstance(rates, dict):
+        raise MicrotuneError(f"{path} has no [lrs] table; rerun `microtune bench tune`")
+    return rates
+
+
+def load_config(
+    path: str | os.PathLike,
+    overrides: dict[str, Any] | None = None,
+    *,
+    tuned: bool = True,
+) -> BenchConfig:
+    """Read a bench file; `overrides` replace its top-level keys (tables merged by field).
+
+    With `tuned`, the learning rates of the `lrs` file replace the methods' own; every method
+    must have one there."""
+    table = _merged(Path(path))
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(table.get(key), dict):
+            table[key] = {**table[key], **value}
+        else:
+            table[key] = value
+    known = {f.name for f in dataclasses.fields(BenchConfig)} - {"source"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise MicrotuneError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for key in ("model", "tasks", "seeds", "methods"):
+        if not table.get(key):
+            raise MicrotuneError(f"{path}: `{key}` is missing or empty")
+    methods = tuple(_method(m, i) for i, m in enumerate(table["methods"]))
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise MicrotuneError(f"{path}: method labels repeat; give each `[[methods]]` a label")
+    lrs = table.get("lrs") or ""
+    if lrs and tuned:
+        rates = read_lrs(lrs)
+        missing = [label for label in labels if label not in rates]
+        if missing:
+            raise MicrotuneError(
+                f"{lrs} has no learning rate for {missing}; rerun `microtune bench tune`"
+            )
+        methods = tuple(dataclasses.replace(m, lr=float(rates[m.label])) for m in methods)
+    model = str(table["model"])
+    if os.path.isdir(model):
+        model = os.path.abspath(model)  # the worker runs from anywhere
+    data_dir = os.path.abspath(table["data_dir"]) if table.get("data_dir") else ""
+    tune = _build(TuneSettings, table.get("tune", {}), "tune")
+    if "write" not in table.get("tune", {}):
+        tune = dataclasses.replace(tune, write=str(Path(path).resolve().parent / tune.write))
+    return BenchConfig(
+        name=str(table.get("name", Path(path).stem)),
+        model=model,
+        data_dir=data_dir,
+        tasks=tuple(table["tasks"]),
+        seeds=tuple(int(s) for s in table["seeds"]),
+        methods=methods,
+        protocol=_build(Protocol, table.get("protocol", {}), "protocol"),
+        timing=_build(Timing, table.get("timing", {}), "timing"),
+        tune=tune,
+        lrs=lrs,
+        source=str(Path(path).resolve()),
+    )
+
+
+def check_config(config: BenchConfig) -> None:
+    """Every task and method exists and every method's options are valid, before any run."""
+    from microtune.methods import method_class
+    from microtune.tasks import get_task
+
+    for task in config.tasks:
+        get_task(task)
+    for entry in config.methods:
+        try:
+            method_class(entry.method).config_class.from_dict(dict(entry.options))
+        except MicrotuneError as error:
+            raise MicrotuneError(f"method {entry.label}: {error}") from None
+        if entry.lr is not None and not entry.lr > 0:
+            raise MicrotuneError(f"method {entry.label}: lr must be positive, got {entry.lr}")
+
+
+def quick_config_path() -> Path:
+    """bench/configs/quick.toml of this checkout (the `--quick` preset)."""
+    path = CONFIG_FOLDER / QUICK_CONFIG
+    if not path.is_file():
+        raise MicrotuneError(
+            f"--quick needs {path} (a checkout of the repository); pass a bench file instead"
+        )
+    return path

@@ -1,0 +1,193 @@
+"""Running a bench: every cell not yet finished, as worker subprocesses, `jobs` at once.
+
+The output folder holds
+
+    bench.json          the resolved config and its hash
+    cells/<cell>.json   one record per finished cell (written atomically by the worker)
+    failed/<cell>.json  the last error of a cell that failed (rerun next time)
+    specs/<cell>.json   what the worker was given
+    logs/<cell>.log     the worker's output
+    runs/<cell>/        the cell's artifact, metrics.json and train_log.jsonl
+
+A cell whose record exists with the same cell hash is finished and never rerun; a record
+with another hash (the cell's method, options, learning rate or protocol changed) is stale,
+and the cell runs again. Each cell is its own process, so no state leaks between cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import microtune
+from microtune.artifact import write_json
+from microtune.bench.config import BenchConfig, Cell, cells, check_config
+from microtune.errors import MicrotuneError
+
+CELLS, FAILED, SPECS, LOGS, RUNS = "cells", "failed", "specs", "logs", "runs"
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A cell record, or None when it is missing or unreadable (a torn file is rerun)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_records(output: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every finished cell's record in a bench folder, by cell name."""
+    folder = Path(output) / CELLS
+    records = [read_record(p) for p in sorted(folder.glob("*.json"))]
+    return [r for r in records if r is not None]
+
+
+def worker_environment(threads: int) -> dict[str, str]:
+    """The worker's environment: this process's, the same microtune code first on the path,
+    `threads` CPU threads, and the hub offline unless the caller said otherwise."""
+    source = str(Path(microtune.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH", "")
+    env = {
+        **os.environ,
+        "PYTHONPATH": source + (os.pathsep + path if path else ""),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_cell(cell: Cell, output: Path, device: str, threads: int) -> dict[str, Any]:
+    """Run one cell in a worker subprocess; returns its record, or a failure record."""
+    key = cell.key
+    spec_path = output / SPECS / f"{key}.json"
+    command = [sys.executable, "-m", "microtune.bench.worker", str(spec_path)]
+    spec = {
+        **cell.spec(),
+        "cell_hash": cell.cell_hash(),
+        "output": str(output / RUNS / key),
+        "record": str(output / CELLS / f"{key}.json"),
+        "device": device,
+        "threads": threads,
+        "command": command,
+    }
+    write_json(spec_path, spec)
+    (output / LOGS).mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(output / LOGS / f"{key}.log", "w", encoding="utf-8") as log:
+        done = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, env=worker_environment(threads)
+        )
+    seconds = time.time() - started
+    record = read_record(Path(spec["record"]))
+    failed = output / FAILED / f"{key}.json"
+    if done.returncode == 0 and record is not None:
+        failed.unlink(missing_ok=True)
+        return {**record, "_seconds": seconds}
+    lines = (output / LOGS / f"{key}.log").read_text(encoding="utf-8", errors="replace")
+    last = [line for line in lines.splitlines() if line.strip()][-1:] or ["no output"]
+    failure = {
+        "cell": key,
+        "label": cell.entry.label,
+        "task": cell.task,
+        "seed": cell.seed,
+        "returncode": done.returncode,
+        "error": last[0].strip(),
+        "log": str(output / LOGS / f"{key}.log"),
+    }
+    write_json(failed, failure)
+    return {**failure, "failed": True, "_seconds": seconds}
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def progress_line(index: int, total: int, result: dict[str, Any], eta: float) -> str:
+    """One line per finished cell: what it scored, its step time, and the time left."""
+    head = f"[{index}/{total}] {result['cell']}"
+    tail = f"({result['_seconds']:.0f} s; ETA {_duration(eta)})"
+    if result.get("failed"):
+        return f"{head}: FAILED: {result['error']} {tail}"
+    score = result["score"]
+    score_text = "n/a" if score is None else f"{score:.4f}"
+    return (
+        f"{head}: {result['metric']} {score_text}, {result['step_ms']['median']:.1f} ms/step {tail}"
+    )
+
+
+def plan(config: BenchConfig, output: Path) -> tuple[list[Cell], list[Cell], list[Cell]]:
+    """(all cells, finished cells, stale cells) of the grid in this folder."""
+    grid = cells(config)
+    finished, stale = [], []
+    for cell in grid:
+        record = read_record(output / CELLS / f"{cell.key}.json")
+        if record is None:
+            continue
+        (finished if record.get("cell_hash") == cell.cell_hash() else stale).append(cell)
+    return grid, finished, stale
+
+
+def run_bench(
+    config: BenchConfig,
+    output: str | os.PathLike,
+    *,
+    device: str = "auto",
+    jobs: int = 1,
+    threads: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every unfinished cell of `config` into `output`; returns a summary.
+
+    `threads` per worker defaults to the usable CPU cores divided by `jobs`."""
+    if jobs < 1:
+        raise MicrotuneError(f"--jobs must be at least 1, got {jobs}")
+    check_config(config)
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise MicrotuneError(f"--output {output} is a file; choose a folder")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = threads or max(1, (cores or 1) // jobs)
+    write_json(
+        output / "bench.json", {"config": config.to_dict(), "config_hash": config.config_hash()}
+    )
+    grid, finished, stale = plan(config, output)
+    for cell in stale:
+        echo(f"stale: {cell.key} was run with other settings; running it again")
+        (output / CELLS / f"{cell.key}.json").unlink()
+    done = {c.key for c in finished}
+    todo = [c for c in grid if c.key not in done]
+    echo(
+        f"{config.name}: {len(grid)} cells, {len(finished)} finished, {len(todo)} to run "
+        f"({jobs} at once, {threads} threads each) in {output}"
+    )
+    started, durations, failed = time.time(), [], []
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_cell, cell, output, device, threads) for cell in todo]
+        for index, future in enumerate(as_completed(futures), 1):
+            result = future.result()
+            durations.append(result["_seconds"])
+            if result.get("failed"):
+                failed.append(result["cell"])
+            eta = statistics.mean(durations) * (len(todo) - index) / jobs
+            echo(progress_line(index, len(todo), result, eta))
+    return {
+        "output": str(output),
+        "cells": len(grid),
+        "ran": len(todo),
+        "finished": len(grid) - len(failed),
+        "failed": failed,
+        "seconds": round(time.time() - started, 1),
+    }

@@ -1,0 +1,156 @@
+"""Fair tuning: each method's learning rate chosen on a slice of the training set, never dev.
+
+`microtune bench tune CONFIG` carves a seeded slice out of each task's training split (the
+rest trains), writes both as a data folder (the slice in the dev split's place), runs every
+method at every learning rate of its grid on it through the ordinary runner (so tuning is as
+resumable as a bench), and writes the rate with the best mean main metric over tasks and seeds
+into the `lrs` file a bench file names. Nothing of the dev split is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+from microtune.artifact import atomic_write, write_json
+from microtune.bench.config import BenchConfig, MethodEntry, Protocol, Timing, load_config
+from microtune.bench.runner import read_records, run_bench
+from microtune.errors import MicrotuneError
+from microtune.tasks import get_task, load_rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+    atomic_write(path, write)
+
+
+def carve(config: BenchConfig, folder: str | os.PathLike) -> str:
+    """A data folder per task: train = the training split less a seeded slice, the dev split =
+    that slice. Kept when an earlier call made it with the same settings."""
+    folder = Path(folder)
+    tune = config.tune
+    settings = {
+        "source": config.data_dir,
+        "tasks": list(config.tasks),
+        "slice_fraction": tune.slice_fraction,
+        "slice_max": tune.slice_max,
+        "slice_seed": tune.slice_seed,
+    }
+    marker = folder / "carved.json"
+    if marker.is_file() and json.loads(marker.read_text())["settings"] == settings:
+        return str(folder)
+    counts = {}
+    for name in config.tasks:
+        task = get_task(name)
+        rows, _ = load_rows(task, "train", config.data_dir or None)
+        size = min(tune.slice_max, max(1, round(tune.slice_fraction * len(rows))))
+        if size >= len(rows):
+            raise MicrotuneError(f"{name}: a slice of {size} leaves no training examples")
+        held = set(random.Random(tune.slice_seed).sample(range(len(rows)), size))
+        where = folder / task.folder / task.name
+        _write_jsonl(where / "train.jsonl", [r for i, r in enumerate(rows) if i not in held])
+        _write_jsonl(where / f"{task.dev_split}.jsonl", [rows[i] for i in sorted(held)])
+        counts[name] = {"train": len(rows) - size, "slice": size}
+    write_json(marker, {"settings": settings, "counts": counts})
+    return str(folder)
+
+
+def lr_grid(entry: MethodEntry, factors: tuple[float, ...]) -> list[float]:
+    """The rates to try: the method's `lr_grid`, else `factors` × its lr (3 significant
+    digits)."""
+    from microtune.methods import method_class
+
+    if entry.lr_grid:
+        return sorted(entry.lr_grid)
+    base = entry.lr if entry.lr is not None else method_class(entry.method).default_learning_rate
+    return sorted({float(f"{f * base:.3g}") for f in factors})
+
+
+def grid_label(label: str, lr: float) -> str:
+    return f"{label}@lr={lr:g}"
+
+
+def tuning_config(config: BenchConfig, data_dir: str) -> BenchConfig:
+    """The grid as a bench: one method entry per (method, rate), on the carved data, with the
+    tuning protocol and no timing."""
+    entries = [
+        dataclasses.replace(entry, label=grid_label(entry.label, lr), lr=lr)
+        for entry in config.methods
+        for lr in lr_grid(entry, config.tune.factors)
+    ]
+    protocol = dataclasses.asdict(config.protocol)
+    unknown = sorted(set(config.tune.protocol) - set(protocol))
+    if unknown:
+        raise MicrotuneError(f"tune.protocol: unknown key(s) {unknown}; known: {sorted(protocol)}")
+    return dataclasses.replace(
+        config,
+        name=f"{config.name}-tune",
+        data_dir=data_dir,
+        seeds=config.tune.seeds,
+        methods=tuple(entries),
+        protocol=Protocol(**{**protocol, **config.tune.protocol}),
+        timing=Timing(inference_examples=0, rounds=0, step_rounds=0),
+        lrs="",
+    )
+
+
+def choose(config: BenchConfig, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: the mean main metric on the slice of every rate whose cells all finished
+    (an undefined metric counts as 0: chance), and the best rate (the lower one on a tie)."""
+    cells_needed = len(config.tasks) * len(config.tune.seeds)
+    chosen = {}
+    for entry in config.methods:
+        means = {}
+        for lr in lr_grid(entry, config.tune.factors):
+            label = grid_label(entry.label, lr)
+            scores = [r["score"] or 0.0 for r in records if r["label"] == label]
+            if len(scores) == cells_needed:
+                means[lr] = statistics.mean(scores)
+        if not means:
+            raise MicrotuneError(f"no learning rate of {entry.label} finished every cell")
+        best = max(sorted(means), key=lambda lr: means[lr])
+        chosen[entry.label] = {"lr": best, "mean": means[best], "grid": means}
+    return chosen
+
+
+def write_lrs(path: str | os.PathLike, chosen: dict[str, dict[str, Any]], how: str) -> None:
+    lines = [f"# Written by `{how}`: each method's learning rate with the best mean main", ""]
+    lines[0] += " metric on slices of the training sets (never dev). Grid: rate = mean score."
+    lines += ["[lrs]"]
+    for label, choice in chosen.items():
+        grid = ", ".join(f"{lr:g} = {mean:.4f}" for lr, mean in choice["grid"].items())
+        lines.append(f"{json.dumps(label)} = {choice['lr']!r}  # {grid}")
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    atomic_write(path, write)
+
+
+def tune(
+    config_path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    device: str = "auto",
+    jobs: int = 1,
+    overrides: dict[str, Any] | None = None,
+    echo=print,
+) -> dict[str, Any]:
+    """Carve, run the grid into `output`, write the chosen rates to the config's `tune.write`."""
+    config = load_config(config_path, overrides, tuned=False)
+    output = Path(output)
+    data_dir = carve(config, output / "data")
+    grid = tuning_config(config, data_dir)
+    summary = run_bench(grid, output, device=device, jobs=jobs, echo=echo)
+    chosen = choose(config, read_records(output))
+    write_lrs(config.tune.write, chosen, f"microtune bench tune {config_path}")
+    echo(f"wrote {config.tune.write}")
+    return {**summary, "lrs": config.tune.write, "chosen": {k: v["lr"] for k, v in chosen.items()}}

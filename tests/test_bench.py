@@ -1,0 +1,178 @@
+"""`microtune bench`: configs, the runner on a tiny model (records, resume), tuning, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+
+from microtune.bench.config import CONFIG_FOLDER, cells, load_config
+from microtune.bench.runner import CELLS, plan, read_records, run_bench
+from microtune.bench.timing import padded_fraction
+from microtune.bench.tune import carve, choose, tuning_config
+from microtune.cli import run as cli_run
+from microtune.errors import MicrotuneError
+from microtune.methods import METHODS
+
+from .conftest import WORDS
+
+POSITIVE = {"good", "great", "fun", "best", "love"}
+
+
+def toy_glue(folder, task="sst2", sizes=(("train", 64), ("validation", 24))):
+    """A sentiment task in the tiny vocabulary, laid out like ../shared/data."""
+    rng = random.Random(0)
+    for split, size in sizes:
+        rows = []
+        for _ in range(size):
+            words = rng.sample(WORDS, rng.randint(2, 9))  # varied lengths: padding to count
+            rows.append({"sentence": " ".join(words), "label": int(bool(POSITIVE & set(words)))})
+        path = folder / "glue" / task / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def tiny_quick(tmp_path, model_dir, **overrides):
+    """The quick preset on the tiny BERT: 2 methods x 1 task x 1 seed x 2 steps."""
+    base = {
+        "model": str(model_dir),
+        "data_dir": str(toy_glue(tmp_path / "data")),
+        "tasks": ["sst2"],
+        "methods": [{"label": "slash"}, {"label": "lora", "lr": 1e-3}],
+        "protocol": {"max_steps": 2, "batch_size": 8, "max_train_examples": 0},
+        "timing": {"inference_examples": 0, "rounds": 2, "step_rounds": 2},  # 0: all
+    }
+    return load_config(CONFIG_FOLDER / "quick.toml", {**base, **overrides})
+
+
+def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_dirs):
+    config = tiny_quick(tmp_path, tiny_model_dirs["bert"])
+    out = tmp_path / "bench"
+    lines: list[str] = []
+    summary = run_bench(config, out, device="cpu", jobs=2, threads=1, echo=lines.append)
+    assert summary["failed"] == [] and summary["ran"] == 2, lines
+    assert sum("ETA" in line for line in lines) == 2  # one progress line per finished cell
+
+    records = {r["label"]: r for r in read_records(out)}
+    assert set(records) == {"slash", "lora"}
+    for record in records.values():
+        assert record["steps"] == 2 and record["task"] == "sst2" and record["seed"] == 0
+        assert record["metric"] == "accuracy" and 0 <= record["score"] <= 1
+        assert record["trained"]["head"] == 2 * 32 + 2  # tiny hidden 32, two classes
+        assert record["stored_bytes"] > 0 and record["train_time_s"] > 0
+        assert record["step_ms"]["n"] == 1  # the first of the 2 steps is the warm-up
+        assert record["peak_memory"]["rss_bytes"] > 10 * 2**20
+        assert 0 < record["padding"]["padded_fraction"] < 1
+        inference = record["inference"]
+        assert inference["examples"] == 24 and inference["base"]["over_base"] == 1.0
+        for model in ("base", "unmerged", "merged"):
+            times = inference[model]
+            assert times["n"] == 2 and times["min"] <= times["median"] <= times["max"]
+        assert inference["merged_max_abs_logit_diff"] < 1e-4  # merged = trained model
+        assert record["step_vs_forward"]["ratio"] > 0
+        assert record["versions"]["torch"] == torch.__version__
+        assert record["hardware"]["cores"] >= 1
+        assert f"--method {record['method']}" in record["train_command"]
+        assert record["config_hash"] == config.config_hash()
+    assert records["lora"]["lr"] == 1e-3
+    assert records["slash"]["lr"] == METHODS["slash"].default_learning_rate
+    assert records["lora"]["trained"]["method"] > records["slash"]["trained"]["method"] > 0
+
+    # Resume: nothing finished runs again, and the records are untouched.
+    before = {p.name: p.stat().st_mtime_ns for p in (out / CELLS).iterdir()}
+    again = run_bench(config, out, device="cpu", jobs=2, threads=1, echo=lines.append)
+    assert again["ran"] == 0 and again["finished"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in (out / CELLS).iterdir()} == before
+    # A changed learning rate makes exactly that cell stale.
+    changed = dataclasses.replace(
+        config,
+        methods=(config.methods[0], dataclasses.replace(config.methods[1], lr=2e-3)),
+    )
+    _, finished, stale = plan(changed, out)
+    assert [c.key for c in stale] == ["lora-sst2-s0"] and len(finished) == 1
+
+    result = cli_run(["bench", "report", str(out)])
+    text = (out / "report.md").read_text()
+    assert "| slash |" in text and "| lora |" in text and "## sst2 (accuracy)" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert result["plots"] == []
+    else:
+        assert len(result["plots"]) == 4
+        assert all((out / name).stat().st_size > 1000 for name in result["plots"])
+
+    # A second task (records copied with other scores): the summary gains the mean over tasks,
+    # for the methods that ran both.
+    for label, score in (("slash", 0.25), ("lora", None)):
+        record = json.loads((out / CELLS / f"{label}-sst2-s0.json").read_text())
+        record.update(task="rte", cell=f"{label}-rte-s0", score=score)
+        (out / CELLS / f"{label}-rte-s0.json").write_text(json.dumps(record))
+    cli_run(["bench", "report", str(out)])
+    summary_rows = (out / "report.md").read_text().split("## Summary")[1].splitlines()
+    slash_row = next(line for line in summary_rows if line.startswith("| slash |"))
+    lora_row = next(line for line in summary_rows if line.startswith("| lora |"))
+    sst2, mean = records["slash"]["score"], (records["slash"]["score"] + 0.25) / 2
+    assert slash_row.endswith(f"| {sst2:.4f} | 0.2500 | {mean:.4f} |")
+    assert lora_row.endswith("| – | – |")  # no rte score: no mean
+
+
+def test_configs_in_the_repo_parse_and_cover_the_registry():
+    full = load_config(CONFIG_FOLDER / "full.toml", tuned=False)
+    assert set(METHODS) <= {m.method for m in full.methods}  # every method of ours
+    assert full.tasks == ("sst2", "cola", "mrpc", "rte", "stsb") and full.seeds == (0, 1, 2)
+    assert full.lrs.endswith("lrs.toml")
+    quick = load_config(CONFIG_FOLDER / "quick.toml")
+    assert quick.tasks == ("sst2", "rte") and quick.seeds == (0,) and quick.lrs == ""
+    assert len(cells(quick)) == 2 * len(full.methods)
+    grid = load_config(CONFIG_FOLDER / "lr_grid.toml", tuned=False)
+    assert grid.tune.write == full.lrs  # tuning writes what the full bench reads
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text('model = "m"\ntasks = ["sst2"]\nseeds = [0]\n[[methods]]\nlabel = "slash"\n')
+    with pytest.raises(MicrotuneError, match=r"protocol: unknown key\(s\) \['steps'\]"):
+        load_config(path, {"protocol": {"steps": 3}})
+    with pytest.raises(MicrotuneError, match="labels repeat"):
+        load_config(path, {"methods": [{"label": "slash"}, {"method": "slash"}]})
+    path.write_text('colour = "red"\n' + path.read_text())
+    with pytest.raises(MicrotuneError, match=r"unknown key\(s\) \['colour'\]"):
+        load_config(path)
+
+
+def test_padded_fraction_counts_each_micro_batch_to_its_longest_row():
+    lengths = [3, 5, 2, 2, 4]
+    # micro-batches of 2: [3, 5] -> 10 positions, [2] -> 2, [2, 4] -> 8: 14 real of 20.
+    result = padded_fraction(lengths, [[0, 1, 2], [3, 4]], batch_size=2)
+    assert result["tokens"] == 20 and result["fraction"] == pytest.approx(1 - 16 / 20)
+
+
+def test_tuning_slice_comes_from_training_data_only(tmp_path, tiny_model_dirs):
+    data = toy_glue(tmp_path / "own", sizes=(("train", 50),))  # no dev split at all
+    config = tiny_quick(tmp_path, tiny_model_dirs["bert"], data_dir=str(data))
+    config = dataclasses.replace(
+        config, tune=dataclasses.replace(config.tune, slice_fraction=0.2, factors=(0.5, 2.0))
+    )
+    carved = carve(config, tmp_path / "carved")
+    train = (data / "glue/sst2/train.jsonl").read_text().splitlines()
+    kept = (tmp_path / "carved/glue/sst2/train.jsonl").read_text().splitlines()
+    held = (tmp_path / "carved/glue/sst2/validation.jsonl").read_text().splitlines()
+    assert len(held) == 10 and len(kept) == 40 and sorted(kept + held) == sorted(train)
+
+    grid = tuning_config(config, carved)
+    slash_default = METHODS["slash"].default_learning_rate
+    assert [m.lr for m in grid.methods] == [slash_default / 2, slash_default * 2, 5e-4, 2e-3]
+    assert grid.timing.rounds == 0 and grid.data_dir == carved
+    # The best mean on the slice wins; a rate with a missing cell is not eligible.
+    records = [
+        {"label": "slash@lr=0.01", "score": 0.6},
+        {"label": "slash@lr=0.04", "score": 0.7},
+        {"label": "lora@lr=0.0005", "score": 0.9},
+    ]
+    chosen = choose(config, records)
+    assert chosen["slash"]["lr"] == 0.04 and chosen["lora"]["lr"] == 5e-4

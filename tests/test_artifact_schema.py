@@ -220,6 +220,8 @@ OUT_OF_BOUNDS = [
     ("task.text_columns", [], "task.text_columns"),
     ("task.text_columns", ["a", "b", "c"], "task.text_columns"),
     ("task.label_names", ["only one"], "task"),
+    # Only a causal LM has no label column (its round trip: tests/test_causal_lm.py).
+    ("task.label_column", "", "task: label_column is empty for task type classification"),
     ("parameters.trained.head", -1, "parameters.trained.head"),
     ("parameters.stored.total", 1, "parameters.stored: total 1 is not head + method"),
     ("method", "sl4sh", "method"),

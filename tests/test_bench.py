@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from microtune.bench.config import CONFIG_FOLDER, cells, load_config
+from microtune.bench.config import CONFIG_FOLDER, cells, check_config, load_config
 from microtune.bench.runner import CELLS, plan, read_records, run_bench
 from microtune.bench.timing import padded_fraction
 from microtune.bench.tune import carve, choose, tuning_config
@@ -43,6 +43,7 @@ def tiny_quick(tmp_path, model_dir, **overrides):
         "data_dir": str(toy_glue(tmp_path / "data")),
         "tasks": ["sst2"],
         "methods": [{"label": "slash"}, {"label": "lora", "lr": 1e-3}],
+        "only": None,  # the preset's selection of full.toml's labels
         "protocol": {"max_steps": 2, "batch_size": 8, "max_train_examples": 0},
         "timing": {"inference_examples": 0, "rounds": 2, "step_rounds": 2},  # 0: all
     }
@@ -78,6 +79,7 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
         assert record["hardware"]["cores"] >= 1
         assert f"--method {record['method']}" in record["train_command"]
         assert record["config_hash"] == config.config_hash()
+        assert record["jobs"] == 2 and record["threads"] == 1  # timed beside another cell
     assert records["lora"]["lr"] == 1e-3
     assert records["slash"]["lr"] == METHODS["slash"].default_learning_rate
     assert records["lora"]["trained"]["method"] > records["slash"]["trained"]["method"] > 0
@@ -98,6 +100,7 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
     result = cli_run(["bench", "report", str(out)])
     text = (out / "report.md").read_text()
     assert "| slash |" in text and "| lora |" in text and "## sst2 (accuracy)" in text
+    assert "timings taken with 2 cells at once on shared cores" in text.split("## Summary")[0]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -108,11 +111,15 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
 
     # A second task (records copied with other scores): the summary gains the mean over tasks,
     # for the methods that ran both.
+    # All of them as if run one at a time: no warning about shared cores.
     for label, score in (("slash", 0.25), ("lora", None)):
-        record = json.loads((out / CELLS / f"{label}-sst2-s0.json").read_text())
+        path = out / CELLS / f"{label}-sst2-s0.json"
+        record = {**json.loads(path.read_text()), "jobs": 1}
+        path.write_text(json.dumps(record))
         record.update(task="rte", cell=f"{label}-rte-s0", score=score)
         (out / CELLS / f"{label}-rte-s0.json").write_text(json.dumps(record))
     cli_run(["bench", "report", str(out)])
+    assert "cells at once" not in (out / "report.md").read_text()
     summary_rows = (out / "report.md").read_text().split("## Summary")[1].splitlines()
     slash_row = next(line for line in summary_rows if line.startswith("| slash |"))
     lora_row = next(line for line in summary_rows if line.startswith("| lora |"))
@@ -128,7 +135,15 @@ def test_configs_in_the_repo_parse_and_cover_the_registry():
     assert full.lrs.endswith("lrs.toml")
     quick = load_config(CONFIG_FOLDER / "quick.toml")
     assert quick.tasks == ("sst2", "rte") and quick.seeds == (0,) and quick.lrs == ""
-    assert len(cells(quick)) == 2 * len(full.methods)
+    labels = [m.label for m in full.methods]
+    assert [m.label for m in quick.methods] == [
+        "slash", "jrwarp", "full", "linear", "bitfit", "lora", "pafi", "hiwi",
+        "peft-vera", "peft-lora-r1", "peft-ia3-kv", "peft-unilora-8k", "peft-tinylora-9k",
+    ]  # fmt: skip
+    assert {m.label: m for m in quick.methods}.items() <= {m.label: m for m in full.methods}.items()
+    assert len(cells(quick)) == 2 * 13 and len(labels) == len(set(labels))
+    with pytest.raises(MicrotuneError, match=r"`only` names unknown method labels \['nope'\]"):
+        load_config(CONFIG_FOLDER / "quick.toml", {"only": ["slash", "nope"]})
     grid = load_config(CONFIG_FOLDER / "lr_grid.toml", tuned=False)
     assert grid.tune.write == full.lrs  # tuning writes what the full bench reads
 
@@ -140,6 +155,12 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(path, {"protocol": {"steps": 3}})
     with pytest.raises(MicrotuneError, match="labels repeat"):
         load_config(path, {"methods": [{"label": "slash"}, {"method": "slash"}]})
+    with pytest.raises(MicrotuneError, match=r"^protocol: --batch-size and --grad-accum must"):
+        load_config(path, {"protocol": {"batch_size": 0}})  # TrainConfig's bounds
+    causal = load_config(path, {"tasks": ["sst2", "causal-lm"]})
+    with pytest.raises(MicrotuneError, match="causal-lm tasks are not supported") as error:
+        check_config(causal)
+    assert "\n" not in str(error.value)
     path.write_text('colour = "red"\n' + path.read_text())
     with pytest.raises(MicrotuneError, match=r"unknown key\(s\) \['colour'\]"):
         load_config(path)
@@ -176,3 +197,11 @@ def test_tuning_slice_comes_from_training_data_only(tmp_path, tiny_model_dirs):
     ]
     chosen = choose(config, records)
     assert chosen["slash"]["lr"] == 0.04 and chosen["lora"]["lr"] == 5e-4
+    # A cell without a score (undefined metric) rules its rate out, with a note: never 0.
+    records[1].update(score=None, cell="slash@lr=0.04-sst2-s0")
+    notes: list[str] = []
+    chosen = choose(config, records, notes.append)
+    assert chosen["slash"]["lr"] == 0.01 and chosen["slash"]["grid"] == {0.01: 0.6}
+    assert notes == ["slash@lr=0.04: skipped, no score (undefined metric) in slash@lr=0.04-sst2-s0"]
+    with pytest.raises(MicrotuneError, match="no learning rate of slash finished every cell"):
+        choose(config, records[1:], notes.append)

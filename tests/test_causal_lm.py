@@ -4,6 +4,7 @@ artifacts, and the CLI from train to export."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -56,6 +57,7 @@ def causal_dirs(tmp_path_factory):
 
 def task_model(folder, method: str = "slash", options=None, perturb: float = 0.0):
     backbone, tokenizer = load_backbone(str(folder), auto_class=CAUSAL.auto_class)
+    torch.manual_seed(1)  # SLaSh's random start z: fixed, not left to the test order
     model = TaskModel(
         backbone, HeadConfig(1, "tokens"), build_method(method, options), task_type=CAUSAL
     )
@@ -130,6 +132,42 @@ def test_the_lm_head_is_the_base_models_and_stays_frozen(causal_dirs):
         assert not any(n.startswith("head.") for n in model.trainable_state())
     model, _ = task_model(causal_dirs["gpt2"], "linear")
     assert model.count_trainable()["total"] == 0  # api.train refuses this (see the CLI test)
+
+
+def test_a_tied_head_follows_the_float32_masters_of_a_bfloat16_base(causal_dirs, tmp_path):
+    """Full fine-tuning on a bfloat16 GPT-2 trains float32 masters of the embedding, which is
+    the LM head: the head computes with the master (and trains through it), as after merging."""
+    backbone, tokenizer = load_backbone(
+        str(causal_dirs["gpt2"]), dtype="bfloat16", auto_class=CAUSAL.auto_class
+    )
+    model = TaskModel(backbone, HeadConfig(1, "tokens"), build_method("full"), task_type=CAUSAL)
+    assert model.head.linear.weight is model.backbone.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.trainable_state().values():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    rows, labels = encoded(tokenizer)
+    (inputs, label_batch), *_ = batches(rows, labels, 8, tokenizer.pad_token_id)
+    model.train()
+    model.loss(model(**inputs), label_batch).backward()  # the head's gradient reaches the master
+    master = model.method.masters.tensors["wte-weight"]
+    unseen = torch.ones(len(master), dtype=torch.bool)
+    unseen[inputs["input_ids"].unique()] = False
+    assert master.grad[unseen].abs().sum() > 0  # rows only the head uses
+    copy.deepcopy(model)  # the weight the head saw is not part of the module's state
+
+    model.eval()
+    prompts = [tokenizer(" ".join(words)).input_ids for words in PROMPTS]
+    pad = tokenizer.pad_token_id
+    unmerged = greedy_generate(model, prompts, 12, None, pad)
+    with torch.no_grad():
+        unmerged_logits = model(**inputs)
+    model.merge()
+    assert greedy_generate(model, prompts, 12, None, pad) == unmerged
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), unmerged_logits, rtol=0, atol=0)
+    model.train()
+    assert CAUSAL.export_stock(model, {}, tmp_path) and model.training  # its mode is restored
 
 
 @pytest.mark.parametrize("method", MERGEABLE)
@@ -247,10 +285,12 @@ def test_train_eval_generate_export_through_the_cli(causal_dirs, tmp_path, capsy
     assert "microtune generate" in capsys.readouterr().err
 
     exported = tmp_path / "export"
-    argv = ["export", "--artifact", str(out), "--output", str(exported), "--data-file", dev]
+    many = write_jsonl(tmp_path / "many.jsonl", copy_rows(CAUSAL.export_check_examples + 4, 4))
+    argv = ["export", "--artifact", str(out), "--output", str(exported), "--data-file", many]
     assert main(argv) == 0
     check = json.loads(capsys.readouterr().out)
     assert check["format"] == "causal-lm" and check["max_abs_logit_diff"] < 1e-4
+    assert check["examples"] == CAUSAL.export_check_examples  # vocabulary-wide logits: capped
     assert type(AutoModelForCausalLM.from_pretrained(exported)).__name__ == "GPT2LMHeadModel"
 
 
@@ -286,6 +326,9 @@ def test_bad_data_and_a_method_that_trains_nothing_are_one_line_errors(
         assert main([*argv, *common, "--method", method]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err
+    with pytest.raises(MicrotuneError, match="name one or two") as caught:
+        CAUSAL.fit_rows(get_task("causal-lm"), copy_rows(1, 1), ("prompt", "response", "x"))
+    assert "\n" not in str(caught.value)
     with pytest.raises(MicrotuneError, match="missing column"):  # dev rows of another shape
         task = CAUSAL.fit_rows(get_task("causal-lm"), copy_rows(1, 1), None)
         rows_to_examples(task, [{"text": "a"}], "dev.jsonl")

@@ -622,8 +622,10 @@ def check_rows(
 ) -> list:
     """The first `examples` dev rows of the artifact's task (or of `data_file`, for tasks on
     the user's own files), encoded as it was trained: what the export checks compare exported
-    and unmerged logits on."""
+    and unmerged logits on. A task type may cap them (`export_check_examples`: the causal
+    LM's logits span its vocabulary at every token)."""
     task_spec = task_from_record(config["task"])
+    examples = min(examples, getattr(task_spec.task_type, "export_check_examples", examples))
     columns = tuple(config["task"]["text_columns"]) if data_file else None
     label = config["task"].get("label_column") if data_file else None
     dev = load_split(

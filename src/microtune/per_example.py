@@ -234,7 +234,12 @@ def _layer_kind(module: nn.Module) -> str | None:
         return "conv1d"
     if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
         return "layernorm"
-    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.sparse:
+    if (
+        isinstance(module, nn.Embedding)
+        and module.max_norm is None
+        and not module.sparse
+        and not module.scale_grad_by_freq  # a per-batch rescaling: not a sum over examples
+    ):
         return "embedding"
     return None
 
@@ -284,18 +289,23 @@ class GhostClipping:
 
     def __call__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> Iterator:
         """Per-example gradients, materialised (for tests and small models)."""
+        if not self.ghostable:
+            yield from self.fallback(inputs, labels)
+            return
         try:
             losses, records = self._forward_backward(inputs, labels)
         except _NotGhostable as why:
             warnings.warn(f"per-example gradients: {why}; using the torch.func path", stacklevel=2)
+            self.ghostable = False
             yield from self.fallback(inputs, labels)
             return
         grads: Gradients = {}
         for (module, names), (a, g) in zip(self.layers, records, strict=True):
             for kind, name in names.items():
                 shape = (len(labels), *self.parameters[name].shape)
+                parameter = self.parameters[name]
                 grads[name] = (
-                    torch.zeros(shape, dtype=self.parameters[name].dtype)
+                    torch.zeros(shape, dtype=parameter.dtype, device=parameter.device)
                     if g is None
                     else _per_example_grad(module, kind, a, g)
                 )

@@ -122,6 +122,8 @@ class TaskInfo(Record):
     def _names(self) -> TaskInfo:
         if self.label_names and len(self.label_names) != self.num_labels:
             raise ValueError(f"{len(self.label_names)} label_names for {self.num_labels} labels")
+        if not self.label_column and self.type != "causal-lm":
+            raise ValueError(f"label_column is empty for task type {self.type or 'classification'}")
         return self
 
 

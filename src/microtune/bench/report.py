@@ -155,6 +155,17 @@ def failures(folder: Path) -> list[dict[str, Any]]:
     return [f for f in found if f and not (folder / "cells" / f"{f['cell']}.json").is_file()]
 
 
+def shared_cores_warning(records: list[dict[str, Any]]) -> list[str]:
+    """A header line when any cell was timed while others ran (`bench run --jobs` > 1)."""
+    jobs = max(r.get("jobs") or 1 for r in records)  # records before `jobs` existed: unknown
+    if jobs == 1:
+        return []
+    return [
+        f"- **warning**: timings taken with {jobs} cells at once on shared cores: compare "
+        "ratios within a cell (÷ base, ÷ forward), not absolute times across cells"
+    ]
+
+
 def header(records: list[dict[str, Any]], folder: Path) -> list[str]:
     first = records[0]
     protocol, hardware, versions = first["protocol"], first["hardware"], first["versions"]
@@ -185,6 +196,7 @@ def header(records: list[dict[str, Any]], folder: Path) -> list[str]:
         f"- machine: {machine}; device {first['device']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
         f"- config hash: {', '.join(hashes)}",
+        *shared_cores_warning(records),
         "",
         "Score: the task's main dev metric. Trained: numbers trained besides the head. Step ms: "
         "median training step (min–max over steps). Step ÷ fwd: one training step ÷ one no-grad "

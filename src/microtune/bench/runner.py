@@ -67,8 +67,9 @@ def worker_environment(threads: int) -> dict[str, str]:
     return env
 
 
-def run_cell(cell: Cell, output: Path, device: str, threads: int) -> dict[str, Any]:
-    """Run one cell in a worker subprocess; returns its record, or a failure record."""
+def run_cell(cell: Cell, output: Path, device: str, threads: int, jobs: int = 1) -> dict[str, Any]:
+    """Run one cell in a worker subprocess (one of `jobs` at once, `threads` CPU threads);
+    returns its record, or a failure record."""
     key = cell.key
     spec_path = output / SPECS / f"{key}.json"
     command = [sys.executable, "-m", "microtune.bench.worker", str(spec_path)]
@@ -79,6 +80,7 @@ def run_cell(cell: Cell, output: Path, device: str, threads: int) -> dict[str, A
         "record": str(output / CELLS / f"{key}.json"),
         "device": device,
         "threads": threads,
+        "jobs": jobs,
         "command": command,
     }
     write_json(spec_path, spec)
@@ -175,7 +177,8 @@ def run_bench(
     )
     started, durations, failed = time.time(), [], []
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run_cell, cell, output, device, threads) for cell in todo]
+        at_once = min(jobs, len(todo))  # what the cells' timings shared the cores with
+        futures = [pool.submit(run_cell, cell, output, device, threads, at_once) for cell in todo]
         for index, future in enumerate(as_completed(futures), 1):
             result = future.result()
             durations.append(result["_seconds"])

@@ -102,20 +102,31 @@ def tuning_config(config: BenchConfig, data_dir: str) -> BenchConfig:
     )
 
 
-def choose(config: BenchConfig, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def choose(
+    config: BenchConfig, records: list[dict[str, Any]], echo=print
+) -> dict[str, dict[str, Any]]:
     """Per method: the mean main metric on the slice of every rate whose cells all finished
-    (an undefined metric counts as 0: chance), and the best rate (the lower one on a tie)."""
+    with a score, and the best rate (the lower one on a tie). A rate with a cell whose metric
+    is undefined (e.g. constant predictions) is skipped, with a note through `echo`."""
     cells_needed = len(config.tasks) * len(config.tune.seeds)
     chosen = {}
     for entry in config.methods:
         means = {}
         for lr in lr_grid(entry, config.tune.factors):
             label = grid_label(entry.label, lr)
-            scores = [r["score"] or 0.0 for r in records if r["label"] == label]
+            mine = [r for r in records if r["label"] == label]
+            unscored = [r["cell"] for r in mine if r["score"] is None]
+            if unscored:
+                echo(f"{label}: skipped, no score (undefined metric) in {', '.join(unscored)}")
+                continue
+            scores = [r["score"] for r in mine]
             if len(scores) == cells_needed:
                 means[lr] = statistics.mean(scores)
         if not means:
-            raise MicrotuneError(f"no learning rate of {entry.label} finished every cell")
+            raise MicrotuneError(
+                f"no learning rate of {entry.label} finished every cell with a score; see "
+                "the failed or unscored cells above"
+            )
         best = max(sorted(means), key=lambda lr: means[lr])
         chosen[entry.label] = {"lr": best, "mean": means[best], "grid": means}
     return chosen
@@ -150,7 +161,7 @@ def tune(
     data_dir = carve(config, output / "data")
     grid = tuning_config(config, data_dir)
     summary = run_bench(grid, output, device=device, jobs=jobs, echo=echo)
-    chosen = choose(config, read_records(output))
+    chosen = choose(config, read_records(output), echo)
     write_lrs(config.tune.write, chosen, f"microtune bench tune {config_path}")
     echo(f"wrote {config.tune.write}")
     return {**summary, "lrs": config.tune.write, "chosen": {k: v["lr"] for k, v in chosen.items()}}

@@ -142,7 +142,9 @@ def measure_inference(model, spec: dict[str, Any], device: torch.device) -> dict
     from microtune.model import TaskModel, load_backbone
 
     timing, protocol = spec["timing"], spec["protocol"]
-    base_backbone, tokenizer = load_backbone(spec["model"], protocol["dtype"])
+    base_backbone, tokenizer = load_backbone(
+        spec["model"], protocol["dtype"], model.task_type.auto_class
+    )
     # The same read-out and head, so that only the backbones differ.
     base = TaskModel(
         base_backbone,
@@ -179,7 +181,6 @@ def measure_inference(model, spec: dict[str, Any], device: torch.device) -> dict
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Train and measure one cell; returns its record."""
     from microtune import api
-    from microtune.tasks import get_task
 
     started = time.time()
     protocol, timing = spec["protocol"], spec["timing"]
@@ -201,7 +202,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks=[watch],
     )
     model, device = watch.model, watch.device
-    metric = get_task(spec["task"]).main_metric
+    artifact = json.loads((Path(spec["output"]) / "microtune.json").read_text(encoding="utf-8"))
+    metric = artifact["task"]["metrics"][0]  # as the task type fitted it to the rows
     steps = watch.step_seconds[1:] or watch.step_seconds  # the first step warms up
     record: dict[str, Any] = {
         "cell": spec["key"],
@@ -211,9 +213,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "label": spec["label"],
         "method": spec["method"],
         "options": spec["options"],
-        "method_config": json.loads(
-            (Path(spec["output"]) / "microtune.json").read_text(encoding="utf-8")
-        )["method_config"],
+        "method_config": artifact["method_config"],
         "lr": watch.learning_rate,  # the method's default where the spec gives none
         "task": spec["task"],
         "seed": spec["seed"],
@@ -233,6 +233,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "protocol": protocol,
         "timing": timing,
         "device": report["device"],
+        # Cells run at once share the cores: their timings are comparable only within a cell.
+        "jobs": spec.get("jobs", 1),
+        "threads": spec.get("threads"),
         "command": spec["command"],
         "train_command": train_command(spec),
         "versions": versions(),

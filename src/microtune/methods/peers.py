@@ -164,7 +164,11 @@ class PeftPeer(Method):
         if self._tuner is None:
             raise MicrotuneError(f"{self.name}: not attached (already merged or detached)")
         backbone = self._tuner.merge_and_unload() if merge else self._tuner.unload()
-        assert backbone is self._backbone, "peft returned another model than it was given"
+        if backbone is not self._backbone:  # merged in place, or the merge is not ours
+            raise MicrotuneError(
+                f"{self.name}: peft returned another model than it was given; this peft "
+                "version is not supported (pip install 'peft>=0.21')"
+            )
         # BaseTuner leaves its config on the model; the merged backbone is a stock model.
         backbone.__dict__.pop("peft_config", None)
         object.__setattr__(self, "_tuner", None)

@@ -161,3 +161,20 @@ class TaskType(abc.ABC):
         """Write a stock `transformers` task model into `folder` when one computes the same
         function as `task_model` (merged); False (nothing written) when none does."""
         return False
+
+
+def stock_model_like(full: nn.Module, task_model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A freshly built stock model in the base's precision (a stock model has one dtype) and on
+    the task model's device, in eval mode: ready for the same-function probe."""
+    return full.to(device=next(task_model.parameters()).device, dtype=dtype).eval()
+
+
+def own_linear(full: nn.Module) -> nn.Linear | None:
+    """The stock model's one layer with parameters outside its backbone, if it is a linear."""
+    own = [
+        module
+        for name, module in full.named_modules()
+        if not name.startswith(full.base_model_prefix)
+        and any(True for _ in module.parameters(recurse=False))
+    ]
+    return own[0] if len(own) == 1 and isinstance(own[0], nn.Linear) else None

@@ -10,6 +10,10 @@ the embeddings where the model ties them), frozen: a causal-LM artifact stores n
 Dev metrics: `loss` (the mean over scored tokens), `perplexity` (its exp) and, for
 prompt/response data, `exact_match` of greedy answers (generated through the method's hooks,
 up to the reference length + 4 tokens, stripped text against the stripped reference).
+
+A head tied to the embeddings is the embedding: a method that trains the embedding trains the
+head with it (`full`, as in `transformers`; see `LMHead`). `microtune export` compares the
+merged model's logits on at most `CausalLM.export_check_examples` dev rows.
 """
 
 from __future__ import annotations
@@ -34,16 +38,40 @@ TEXT_COLUMNS = ("text",)
 
 class LMHead(nn.Module):
     """The base model's output embedding (its LM head), frozen: hidden states -> vocabulary
-    logits. `linear` is that module itself, so a tied weight stays the embedding's."""
+    logits. `linear` is that module itself, so a tied weight stays the embedding's.
 
-    def __init__(self, linear: nn.Module):
+    Tied to the input embedding (GPT-2, SmolLM2), the head computes with the weight the body's
+    embedding used in the latest forward pass, seen by a pre-hook: a method that substitutes
+    the embedding (float32 masters of `full` on a bfloat16 base) then changes the head with it,
+    as the merge does (it writes the embedding into the shared tensor). On a float32 base, `full`
+    trains the shared tensor in place, so the tied head trains with it (as in `transformers`).
+    """
+
+    def __init__(self, linear: nn.Module, embedding: nn.Module | None = None):
         super().__init__()
         self.linear = linear
         for parameter in linear.parameters():
             parameter.requires_grad_(False)
+        # The embedding's weight in the latest forward pass, where it is not `linear.weight`
+        # (a plain dict: a substituted tensor must not register as a parameter).
+        self._substituted: dict[str, torch.Tensor] = {}
+        if embedding is not None and getattr(embedding, "weight", None) is linear.weight:
+            embedding.register_forward_pre_hook(self._see_embedding)
+
+    def _see_embedding(self, module: nn.Module, args: Any) -> None:
+        self._substituted.clear()
+        if module.weight is not self.linear.weight:
+            self._substituted["weight"] = module.weight
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A substituted weight is a graph tensor (not deep-copyable); the next pass sees anew.
+        return {**self.__dict__, "_substituted": {}}
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features)
+        weight = self._substituted.get("weight")
+        if weight is None:
+            return self.linear(features)
+        return nn.functional.linear(features, weight, self.linear.bias)
 
     def per_example_parameters(self, batch_size: int):
         """Nothing of the head trains, so it has no per-example leaves (DP's fast path)."""
@@ -131,6 +159,9 @@ class CausalLM(TaskType):
     per_token = True
     stock_format = "causal-lm"
     auto_class = "AutoModelForCausalLM"
+    # Dev rows the export check compares (at most): every row's logits span the vocabulary at
+    # every token (16 rows of 256 tokens over SmolLM2's 49,152 are 0.8 GB of float32).
+    export_check_examples = 16
 
     def backbone_and_head(self, model, head_config):
         """The decoder body and its LM head, once checked to give the model's own logits (a
@@ -152,7 +183,7 @@ class CausalLM(TaskType):
                 f"{model.config.model_type}'s causal LM changes the LM head's logits (scaling or "
                 "capping them); it is not supported for --task causal-lm"
             )
-        return body, LMHead(linear)
+        return body, LMHead(linear, model.get_input_embeddings())
 
     def fit_rows(self, task, rows, text_columns):
         """prompt/response rows (exact match is the main metric) or text rows (perplexity);
@@ -160,6 +191,11 @@ class CausalLM(TaskType):
         from dataclasses import replace
 
         columns = tuple(text_columns or ())
+        if len(columns) not in (0, 1, 2):
+            raise MicrotuneError(
+                f"--text-columns {','.join(columns)}: causal-lm reads two columns (prompt, "
+                "response) or one (text); name one or two"
+            )
         first = rows[0] if rows else {}
         if not columns:
             columns = next(
@@ -346,9 +382,11 @@ class CausalLM(TaskType):
         full.to(device)
         ids = (torch.arange(16, device=device).view(2, 8) * 7 + 1) % stock_config.vocab_size
         mask = torch.ones_like(ids)
+        was_training = task_model.training
         with torch.no_grad():
             expected = task_model.eval()(input_ids=ids, attention_mask=mask).float()
             got = full(input_ids=ids, attention_mask=mask).logits.float()
+        task_model.train(was_training)
         scale = max(1.0, float(expected.abs().max()))
         if not float((got - expected).abs().max()) <= 1e-3 * scale:
             raise MicrotuneError(

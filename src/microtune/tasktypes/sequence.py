@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from microtune.errors import MicrotuneError
-from microtune.tasktypes.base import Outputs, TaskType
+from microtune.tasktypes.base import Outputs, TaskType, own_linear, stock_model_like
 
 # Bound on max |stock - task model| logits on the probe batches, relative to the largest
 # |logit| (at least 1): the same merged weights, so only the head's rounding differs (a stock
@@ -93,12 +93,11 @@ class SequenceTaskType(TaskType):
             cls_config.label2id = {name: i for i, name in enumerate(label_names)}
         try:
             full = AutoModelForSequenceClassification.from_config(cls_config)
-            # In the base's precision (the head too: a stock model has one dtype).
-            full = full.to(backbone_dtype(backbone)).eval()
+            full = stock_model_like(full, task_model, backbone_dtype(backbone))
             getattr(full, full.base_model_prefix).load_state_dict(backbone.state_dict())
         except (ValueError, KeyError, AttributeError, RuntimeError):
             return False  # no such class for the family, or its backbone differs
-        classifier = _only_own_linear(full)
+        classifier = own_linear(full)
         if classifier is None:
             return False
         ours = task_model.head.linear
@@ -127,17 +126,6 @@ def _pad_ends_every_text(folder, pad_id: int) -> bool:
         return False
     ids = AutoTokenizer.from_pretrained(folder)("a")["input_ids"]
     return bool(ids) and ids[-1] == pad_id
-
-
-def _only_own_linear(full: nn.Module) -> nn.Linear | None:
-    """The stock model's one layer with parameters outside its backbone, if it is a linear."""
-    own = [
-        module
-        for name, module in full.named_modules()
-        if not name.startswith(full.base_model_prefix)
-        and any(True for _ in module.parameters(recurse=False))
-    ]
-    return own[0] if len(own) == 1 and isinstance(own[0], nn.Linear) else None
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from microtune.errors import MicrotuneError
-from microtune.tasktypes.base import IGNORE_INDEX, Outputs, TaskType
+from microtune.tasktypes.base import IGNORE_INDEX, Outputs, TaskType, own_linear, stock_model_like
 
 
 def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> list[int]:
@@ -181,22 +181,17 @@ class TokenClassification(TaskType):
             full = AutoModelForTokenClassification.from_config(cls_config)
         except (ValueError, KeyError):  # the family has no token-classification class
             return False
-        full = full.to(backbone_dtype(backbone)).eval()
+        full = stock_model_like(full, task_model, backbone_dtype(backbone))
         base = getattr(full, full.base_model_prefix, None)
         if base is None:
             return False
         result = base.load_state_dict(backbone.state_dict(), strict=False)
         if result.missing_keys or any(not k.startswith("pooler.") for k in result.unexpected_keys):
             return False
-        outside = [
-            (name, module)
-            for name, module in full.named_modules()
-            if not name.startswith(full.base_model_prefix)
-            and any(True for _ in module.parameters(recurse=False))
-        ]
-        if len(outside) != 1 or not isinstance(outside[0][1], nn.Linear):
+        classifier = own_linear(full)
+        if classifier is None:
             return False
-        outside[0][1].load_state_dict(task_model.head.linear.state_dict())
+        classifier.load_state_dict(task_model.head.linear.state_dict())
         if not _same_function(full, task_model):
             return False
         full.save_pretrained(folder)

@@ -625,7 +625,9 @@ def check_rows(
     and unmerged logits on. A task type may cap them (`export_check_examples`: the causal
     LM's logits span its vocabulary at every token)."""
     task_spec = task_from_record(config["task"])
-    examples = min(examples, getattr(task_spec.task_type, "export_check_examples", examples))
+    cap = task_spec.task_type.export_check_examples
+    if cap is not None:
+        examples = cap if examples is None else min(examples, cap)
     columns = tuple(config["task"]["text_columns"]) if data_file else None
     label = config["task"].get("label_column") if data_file else None
     dev = load_split(

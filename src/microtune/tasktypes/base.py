@@ -41,12 +41,15 @@ class TaskType(abc.ABC):
         stock_format: the export format written when a stock `transformers` class computes the
             same function (`export_stock`), e.g. "sequence-classification".
         auto_class: the `transformers` Auto class that loads the base model (`load_backbone`).
+        export_check_examples: at most this many dev rows in the export check (None: no cap),
+            for task types whose outputs are large (a causal LM's span its vocabulary).
     """
 
     name: ClassVar[str]
     per_token: ClassVar[bool] = False
     stock_format: ClassVar[str | None] = None
     auto_class: ClassVar[str] = "AutoModel"
+    export_check_examples: ClassVar[int | None] = None
 
     def backbone_and_head(self, model: nn.Module, head_config: Any) -> tuple[nn.Module, nn.Module]:
         """(backbone, head) of a model loaded with `auto_class`: by default the model itself

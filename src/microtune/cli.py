@@ -637,48 +637,38 @@ def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     return describe(backbone)
 
 
-def _predict(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from microtune.serving import load, parse_input_lines
+def _read_inputs(args: argparse.Namespace) -> list:
+    """`--input`'s lines (or standard input's), parsed by `serving.parse_input_lines`."""
+    from microtune.serving import parse_input_lines
 
-    if args.batch_size < 1:
-        raise MicrotuneError(f"--batch-size must be at least 1, got {args.batch_size}")
     source = args.input or "standard input"
     try:
         if args.input:
             with open(args.input, encoding="utf-8") as handle:
-                inputs = parse_input_lines(handle)
-        else:
-            inputs = parse_input_lines(sys.stdin)
+                return parse_input_lines(handle)
+        return parse_input_lines(sys.stdin)
     except OSError as error:
         raise MicrotuneError(f"cannot read --input {args.input}: {error.strerror}") from None
     except UnicodeDecodeError as error:
         raise MicrotuneError(
             f"{source} is not UTF-8 text (byte {error.start}); save it as UTF-8"
         ) from None
-    return load(args.artifact, args.model).predict(inputs, args.batch_size)
+
+
+def _predict(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from microtune.serving import load
+
+    if args.batch_size < 1:
+        raise MicrotuneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    return load(args.artifact, args.model).predict(_read_inputs(args), args.batch_size)
 
 
 def _generate(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from microtune.serving import load, parse_input_lines
+    from microtune.serving import load
 
-    if args.prompt is not None:
-        prompts = [args.prompt]
-    else:
-        try:
-            if args.input:
-                with open(args.input, encoding="utf-8") as handle:
-                    lines = parse_input_lines(handle)
-            else:
-                lines = parse_input_lines(sys.stdin)
-        except OSError as error:
-            raise MicrotuneError(f"cannot read --input {args.input}: {error.strerror}") from None
-        except UnicodeDecodeError as error:
-            raise MicrotuneError(
-                f"{args.input or 'standard input'} is not UTF-8 text (byte {error.start}); save "
-                "it as UTF-8"
-            ) from None
-        prompts = []
-        for number, line in enumerate(lines, 1):
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.prompt is None:
+        for number, line in enumerate(_read_inputs(args), 1):
             if isinstance(line, dict):
                 line = line.get("prompt", line.get("text"))
             if not isinstance(line, str):

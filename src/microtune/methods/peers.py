@@ -83,6 +83,13 @@ def block_paths(backbone: nn.Module, arch: ArchSpec, parts: list[str]) -> list[s
     return [f"{arch.blocks}.{i}.{part}" for i in blocks for part in dict.fromkeys(parts)]
 
 
+def positive_sizes(peer: str, **sizes: int) -> None:
+    """One-line error for a size option below 1 (ranks, vector lengths)."""
+    for option, value in sizes.items():
+        if value < 1:
+            raise MicrotuneError(f"{peer}: {option} must be a positive integer, got {value}")
+
+
 @dataclass
 class PeerConfig(MethodConfig):
     """Options every peer has.
@@ -259,8 +266,7 @@ class PeftLoRAConfig(PeerConfig):
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise MicrotuneError(f"peft-lora: rank must be a positive integer, got {self.rank}")
+        positive_sizes("peft-lora", rank=self.rank)
         if not self.alpha > 0:
             raise MicrotuneError(f"peft-lora: alpha must be positive, got {self.alpha}")
         if not 0 <= self.lora_dropout < 1:
@@ -300,8 +306,7 @@ class PeftVeRAConfig(PeerConfig):
     projection_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise MicrotuneError(f"peft-vera: rank must be a positive integer, got {self.rank}")
+        positive_sizes("peft-vera", rank=self.rank)
 
 
 class PeftVeRA(PeftPeer):
@@ -381,11 +386,7 @@ class PeftUniLoRAConfig(PeerConfig):
     projection_seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.theta_d_length < 1:
-            raise MicrotuneError(
-                f"peft-unilora: rank and theta_d_length must be positive, got {self.rank} and "
-                f"{self.theta_d_length}"
-            )
+        positive_sizes("peft-unilora", rank=self.rank, theta_d_length=self.theta_d_length)
 
 
 class PeftUniLoRA(PeftPeer):
@@ -425,10 +426,7 @@ class PeftTinyLoRAConfig(PeerConfig):
     projection_seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.u < 1:
-            raise MicrotuneError(
-                f"peft-tinylora: rank and u must be positive, got {self.rank} and {self.u}"
-            )
+        positive_sizes("peft-tinylora", rank=self.rank, u=self.u)
         if not 0 <= self.weight_tying <= 1:
             raise MicrotuneError(
                 f"peft-tinylora: weight_tying must be in [0, 1], got {self.weight_tying}"
@@ -469,8 +467,7 @@ class PeftSHiRAConfig(PeerConfig):
     mask_seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise MicrotuneError(f"peft-shira: rank must be a positive integer, got {self.rank}")
+        positive_sizes("peft-shira", rank=self.rank)
 
 
 class PeftSHiRA(PeftPeer):

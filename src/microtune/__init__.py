@@ -1,6 +1,8 @@
 """microtune: fine-tune pretrained transformers with a few thousand parameters per task."""
 
-__version__ = "0.1.0"
+from microtune.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def __getattr__(name: str):

@@ -64,17 +64,6 @@ def collate(rows: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tenso
     return out
 
 
-# Seeds are 32-bit unsigned, as numpy's legacy seeding takes them; the derived torch seeds
-# (seed * 100_003 + epoch here, hashes elsewhere) then stay far inside torch's 64-bit range.
-MAX_SEED = 2**32 - 1
-
-
-def check_seed(flag: str, seed: int) -> None:
-    """Refuse a seed outside 0..MAX_SEED (a huge one overflows torch's generator seeding)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise MicrotuneError(f"{flag} must be a whole number in 0..{MAX_SEED}, got {seed!r}")
-
-
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of one epoch: a pure function of (seed, epoch), so resuming mid-epoch
     replays exactly the batches an uninterrupted run would see."""

@@ -8,11 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-# first: position 0 ([CLS] / <s>); mean: average over non-padding tokens; mask: the [MASK] /
-# <mask> token appended to the first sentence; last: the last non-padding token (decoders);
-# pooler: the backbone's own pooler output (BERT's dense+tanh over [CLS]); tokens: every
-# token's hidden state, no reduction (token classification: the head runs per token).
-READOUTS = ("first", "mean", "mask", "last", "pooler", "tokens")
+from microtune.choices import READOUTS
+
 
 
 def read_out(

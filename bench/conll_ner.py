@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from microtune.api import train
-    from microtune.train import TrainConfig
+    from microtune.trainconfig import TrainConfig
 
     output = args.output or tempfile.mkdtemp(prefix="conll-")
     report = train(

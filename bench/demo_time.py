@@ -43,11 +43,13 @@ def slash_step_seconds(data_dir: str, steps: int = 5) -> float:
 
     import torch
 
+    from microtune.backbone import load_backbone
     from microtune.data import batches, encode
     from microtune.methods import build_method
-    from microtune.model import HeadConfig, TaskModel, load_backbone
-    from microtune.tasks import get_task, load_examples
-    from microtune.train import loss_fn
+    from microtune.model import HeadConfig, TaskModel
+    from microtune.tasks import load_examples
+    from microtune.taskspec import get_task
+    from microtune.tasktypes import loss_fn
 
     backbone, tokenizer = load_backbone()
     model = TaskModel(backbone, HeadConfig(num_labels=2), build_method("slash", {}))
@@ -68,9 +70,10 @@ def slash_step_seconds(data_dir: str, steps: int = 5) -> float:
 
 def padded_token_ratio(data_dir: str) -> float:
     """Padded tokens of one SST-2 epoch in length-grouped batches of 32 ÷ in shuffled ones."""
+    from microtune.backbone import load_backbone
     from microtune.data import encode
-    from microtune.model import load_backbone
-    from microtune.tasks import get_task, load_examples
+    from microtune.tasks import load_examples
+    from microtune.taskspec import get_task
     from microtune.train import LengthGroupedSampler, ShuffledSampler
 
     _, tokenizer = load_backbone()

@@ -26,13 +26,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from microtune.backbone import load_backbone
 from microtune.data import batches, encode
+from microtune.dpconfig import DPConfig
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel
 from microtune.per_example import PerExampleGradients
-from microtune.privacy import DPConfig, DPStep, PrivacyPlan
-from microtune.tasks import get_task, load_examples
-from microtune.train import AdamWStep, TrainConfig, loss_fn
+from microtune.privacy import DPStep, PrivacyPlan
+from microtune.tasks import load_examples
+from microtune.taskspec import get_task
+from microtune.tasktypes import loss_fn
+from microtune.train import AdamWStep
+from microtune.trainconfig import TrainConfig
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -69,7 +69,7 @@ def build_backbone(model: str):
     import torch
 
     if model == "minilm":
-        from microtune.model import load_backbone
+        from microtune.backbone import load_backbone
 
         return load_backbone("minilm")[0]
     from transformers import AutoModel, LlamaConfig
@@ -149,9 +149,10 @@ def optimizer_states(args: argparse.Namespace) -> list[dict]:
     """One real AdamW step per method on MiniLM; the state it leaves behind."""
     import torch
 
+    from microtune.backbone import load_backbone
     from microtune.methods import build_method
-    from microtune.model import HeadConfig, TaskModel, load_backbone
-    from microtune.train import loss_fn
+    from microtune.model import HeadConfig, TaskModel
+    from microtune.tasktypes import loss_fn
 
     lines = Path(args.data_file).read_text().splitlines()[:16]
     rows = [json.loads(line) for line in lines]

@@ -17,8 +17,10 @@ import warnings
 import torch
 from peft import get_peft_model
 
+from microtune.backbone import load_backbone
+from microtune.choices import DEFAULT_MODEL
 from microtune.methods import build_method
-from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel
 
 # name -> the 10K-class preset (options), where the peer's design allows one.
 PRESETS = {

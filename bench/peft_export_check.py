@@ -22,9 +22,10 @@ import torch
 from microtune import api
 from microtune.artifact import load_artifact
 from microtune.data import batches, encode
+from microtune.inference import predict
 from microtune.peft_format import export_peft_and_check
-from microtune.tasks import get_task
-from microtune.train import TrainConfig, predict
+from microtune.taskspec import get_task
+from microtune.trainconfig import TrainConfig
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

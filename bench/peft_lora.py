@@ -24,12 +24,16 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 
-from microtune.api import load_split
+from microtune.backbone import load_backbone
+from microtune.choices import DEFAULT_MODEL
 from microtune.data import batches, encode, epoch_order
+from microtune.inference import predict
 from microtune.methods import build_method
-from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
-from microtune.tasks import get_task
-from microtune.train import evaluate, linear_schedule, loss_fn, predict
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasks import load_split
+from microtune.taskspec import get_task
+from microtune.tasktypes import loss_fn
+from microtune.train import evaluate, linear_schedule
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -7,13 +7,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from microtune import api
-from microtune.artifact import TENSORS_FILE, fingerprint, load_artifact, save_artifact
+from microtune.artifact import load_artifact, save_artifact
+from microtune.backbone import fingerprint, load_backbone
+from microtune.choices import DEFAULT_MODEL
 from microtune.data import encode
 from microtune.errors import MicrotuneError
+from microtune.files import TENSORS_FILE
+from microtune.inference import predict
 from microtune.methods import build_method
-from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone
-from microtune.tasks import get_task, load_examples
-from microtune.train import TrainConfig, predict
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasks import load_examples
+from microtune.taskspec import get_task
+from microtune.trainconfig import TrainConfig
 
 from .conftest import REPO
 

@@ -14,22 +14,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from microtune import cli
-from microtune.api import task_record
-from microtune.artifact import (
-    CONFIG_FILE,
-    TENSORS_FILE,
-    _file_sha256,
-    fingerprint,
-    load_artifact,
-    save_artifact,
-    tokenizer_fingerprint,
-    write_json,
-)
+from microtune.artifact import load_artifact, save_artifact
+from microtune.backbone import fingerprint, load_backbone, tokenizer_fingerprint
 from microtune.errors import MicrotuneError
+from microtune.files import CONFIG_FILE, TENSORS_FILE, write_json
+from microtune.files import file_sha256 as _file_sha256
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel
 from microtune.schema import FIX
-from microtune.tasks import get_task
+from microtune.tasks import task_record
+from microtune.taskspec import get_task
 
 from .conftest import tiny_batch
 

@@ -12,15 +12,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from microtune.api import write_merged
-from microtune.artifact import fingerprint, load_artifact, save_artifact
+from microtune.artifact import load_artifact, save_artifact
+from microtune.backbone import fingerprint, load_backbone
 from microtune.cli import main
-from microtune.data import batches
+from microtune.data import IGNORE_INDEX, batches
 from microtune.errors import MicrotuneError
+from microtune.export import write_merged
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, load_backbone
-from microtune.tasks import Example, get_task, rows_to_examples
-from microtune.tasktypes import IGNORE_INDEX, get_task_type
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasks import rows_to_examples
+from microtune.taskspec import Example, get_task
+from microtune.tasktypes import get_task_type
 from microtune.tasktypes.causal import greedy_generate
 from tests.conftest import TINY_CONFIGS, WORDS, tiny_tokenizer
 

@@ -25,15 +25,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from microtune.api import default_readout, export_merged, load_exported, task_record, train
+from microtune.api import export_merged, load_exported, train
 from microtune.arch import arch_for
-from microtune.artifact import CONFIG_FILE, fingerprint, load_artifact, save_artifact
+from microtune.artifact import load_artifact, save_artifact
+from microtune.backbone import DTYPES, fingerprint, load_backbone
 from microtune.cli import main
 from microtune.errors import MicrotuneError
+from microtune.files import CONFIG_FILE
+from microtune.heads import default_readout
 from microtune.methods import METHODS, build_method
-from microtune.model import DTYPES, HeadConfig, TaskModel, load_backbone
-from microtune.tasks import get_task
-from microtune.train import TrainConfig, loss_fn
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasks import task_record
+from microtune.taskspec import get_task
+from microtune.tasktypes import loss_fn
+from microtune.trainconfig import TrainConfig
 
 from .conftest import tiny_batch
 from .test_method_matrix import ARCH_OPTIONS, TINY_OPTIONS

@@ -1,7 +1,7 @@
 """Real training on real data beats chance: the regression path (STS-B) end to end."""
 
 from microtune import api
-from microtune.train import TrainConfig
+from microtune.trainconfig import TrainConfig
 
 
 def test_stsb_regression_learns(tmp_path, data_dir):

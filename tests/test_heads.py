@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from microtune.backbone import load_backbone
 from microtune.errors import MicrotuneError
 from microtune.heads import read_out
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel
 
 from .conftest import tiny_batch
 

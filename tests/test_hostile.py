@@ -288,7 +288,6 @@ def disk_full_in_safetensors(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    monkeypatch.setattr("microtune.artifact.save_file", disk_full)
 
 
 PATCHES = {"disk full": disk_full_in_save, "disk full in safetensors": disk_full_in_safetensors}

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from microtune.artifact import fingerprint, load_artifact, save_artifact
+from microtune.artifact import load_artifact, save_artifact
+from microtune.backbone import fingerprint, load_backbone
+from microtune.inference import predict
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel
 from microtune.projections import ProjectionBank, project_from_seed
-from microtune.train import loss_fn, predict
+from microtune.tasktypes import loss_fn
 
 from .conftest import ARCH_TYPES, tiny_batch
 

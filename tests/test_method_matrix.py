@@ -15,22 +15,19 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from microtune.api import (
-    artifact_summary,
-    default_readout,
-    load_exported,
-    task_record,
-    write_merged,
-)
+from microtune.api import artifact_summary, load_exported
 from microtune.arch import arch_for
-from microtune.artifact import fingerprint, load_artifact, save_artifact
+from microtune.artifact import load_artifact, save_artifact
+from microtune.backbone import fingerprint, load_backbone
 from microtune.errors import MicrotuneError
+from microtune.export import write_merged
+from microtune.heads import default_readout
 from microtune.methods import METHODS, build_method
 from microtune.methods.slash import SLaSh, site_part
-from microtune.model import HeadConfig, TaskModel, load_backbone
-from microtune.tasks import Task, get_task
-from microtune.tasktypes import get_task_type
-from microtune.train import loss_fn
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasks import task_record
+from microtune.taskspec import Task, get_task
+from microtune.tasktypes import get_task_type, loss_fn
 
 from .conftest import FAMILY_TYPES, TINY_CONFIGS, tiny_batch
 from .test_causal_lm import make_causal_model

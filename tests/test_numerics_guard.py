@@ -14,10 +14,13 @@ from torch import nn
 
 from microtune import api, cli
 from microtune.errors import MicrotuneError
+from microtune.files import CHECKPOINT_FILE
 from microtune.methods.base import MethodConfig
 from microtune.metrics import UndefinedMetricWarning, compute_metrics
-from microtune.tasks import Task, get_task, load_examples
-from microtune.train import CHECKPOINT_FILE, AdamWStep, Diverged, TrainConfig
+from microtune.tasks import load_examples
+from microtune.taskspec import Task, get_task
+from microtune.train import AdamWStep, Diverged
+from microtune.trainconfig import TrainConfig
 
 ARTIFACT_FILES = ("adapter.safetensors", "microtune.json", "metrics.json")
 
@@ -355,7 +358,8 @@ def test_undefined_metrics_are_recorded_as_null_with_a_warning():
 
 
 def test_non_finite_outputs_are_not_scored(tiny_model_dirs):
-    from microtune.model import HeadConfig, TaskModel, load_backbone
+    from microtune.backbone import load_backbone
+    from microtune.model import HeadConfig, TaskModel
     from microtune.train import evaluate
 
     backbone, tokenizer = load_backbone(str(tiny_model_dirs["bert"]))

@@ -15,7 +15,7 @@ import pytest
 
 from microtune import cli, folders
 from microtune.errors import MicrotuneError
-from microtune.train import CHECKPOINT_FILE
+from microtune.files import CHECKPOINT_FILE
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -11,22 +11,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from microtune.api import artifact_summary, default_readout, task_record
+from microtune.api import artifact_summary
 from microtune.arch import arch_for
-from microtune.artifact import (
-    CONFIG_FILE,
-    TENSORS_FILE,
-    config_sha256,
-    fingerprint,
-    load_artifact,
-    save_artifact,
-)
+from microtune.artifact import config_sha256, load_artifact, save_artifact
+from microtune.backbone import fingerprint, load_backbone
 from microtune.errors import MicrotuneError
+from microtune.files import CONFIG_FILE, TENSORS_FILE
+from microtune.heads import default_readout
 from microtune.methods import build_method
 from microtune.methods.pafi import candidate_weights, mask_scores, select_lowest
-from microtune.model import HeadConfig, TaskModel, load_backbone
-from microtune.tasks import get_task
-from microtune.train import loss_fn
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasks import task_record
+from microtune.taskspec import get_task
+from microtune.tasktypes import loss_fn
 
 from .conftest import FAMILY_TYPES, make_tiny_model, tiny_batch
 

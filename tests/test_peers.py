@@ -8,16 +8,18 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from microtune.api import default_readout, task_record
 from microtune.arch import arch_for
-from microtune.artifact import fingerprint, load_artifact, read_artifact_config, save_artifact
+from microtune.artifact import load_artifact, read_artifact_config, save_artifact
+from microtune.backbone import fingerprint, load_backbone
 from microtune.cli import main
 from microtune.errors import MicrotuneError
+from microtune.heads import default_readout
 from microtune.methods import build_method
 from microtune.methods.peers import PEERS, PeftPeer
-from microtune.model import HeadConfig, TaskModel, load_backbone
-from microtune.tasks import get_task
-from microtune.train import loss_fn
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasks import task_record
+from microtune.taskspec import get_task
+from microtune.tasktypes import loss_fn
 
 from .conftest import tiny_batch
 from .test_method_matrix import TINY_OPTIONS  # sizes that fit the tiny models

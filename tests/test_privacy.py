@@ -8,12 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from microtune import api
+from microtune.accounting import calibrate_sigma, epsilon_spent
+from microtune.backbone import load_backbone
 from microtune.cli import main
 from microtune.data import collate
+from microtune.dpconfig import DPConfig
 from microtune.errors import MicrotuneError
-from microtune.methods import METHODS, build_method
+from microtune.files import CHECKPOINT_FILE, LOG_FILE
+from microtune.methods import METHODS, build_method, register_method, unregister_method
 from microtune.methods.linear import LinearProbe
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel
 from microtune.per_example import (
     GhostClipping,
     PerExampleGradients,
@@ -21,15 +25,8 @@ from microtune.per_example import (
     example_losses,
     loop_gradients,
 )
-from microtune.privacy import (
-    DPConfig,
-    DPStep,
-    PoissonSampler,
-    PrivacyPlan,
-    calibrate_sigma,
-    epsilon_spent,
-)
-from microtune.train import CHECKPOINT_FILE, LOG_FILE, TrainConfig
+from microtune.privacy import DPStep, PoissonSampler, PrivacyPlan
+from microtune.trainconfig import TrainConfig
 
 from .conftest import tiny_tokenizer
 
@@ -282,9 +279,10 @@ class _BatchMixing(LinearProbe):
 
 
 def test_a_method_without_per_example_gradients_is_refused_before_training(
-    tmp_path, toy_files, tiny_model_dirs, monkeypatch
+    tmp_path, toy_files, tiny_model_dirs, monkeypatch, request
 ):
-    monkeypatch.setitem(METHODS, _BatchMixing.name, _BatchMixing)
+    register_method(_BatchMixing.name, _BatchMixing.config_class, _BatchMixing)
+    request.addfinalizer(lambda: unregister_method(_BatchMixing.name))
     steps = {"n": 0}
     original = torch.optim.AdamW.step
 

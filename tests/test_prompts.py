@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
+from microtune.backbone import load_backbone
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method
 from microtune.methods.prompts import block_inputs
-from microtune.model import HeadConfig, TaskModel, load_backbone
-from microtune.train import loss_fn
+from microtune.model import HeadConfig, TaskModel
+from microtune.tasktypes import loss_fn
 
 from .conftest import ARCH_TYPES, FAMILY_TYPES, VOCAB_SIZE, tiny_batch
 

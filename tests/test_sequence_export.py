@@ -12,16 +12,20 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from microtune.api import load_exported, task_record, write_merged
+from microtune.api import load_exported
 from microtune.arch import arch_for
-from microtune.artifact import CONFIG_FILE, TENSORS_FILE, load_artifact
+from microtune.artifact import load_artifact
+from microtune.backbone import load_backbone
 from microtune.cli import main
 from microtune.data import batches
+from microtune.export import write_merged
+from microtune.files import CONFIG_FILE, TENSORS_FILE
 from microtune.heads import read_out
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel
 from microtune.per_example import PerExampleGradients, loop_gradients
-from microtune.tasks import get_task
+from microtune.tasks import task_record
+from microtune.taskspec import get_task
 
 from .conftest import FAMILY_TYPES, decoder_tokenizer, make_tiny_model
 

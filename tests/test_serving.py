@@ -13,13 +13,14 @@ from safetensors.torch import load_file
 import microtune
 from microtune import api, cli
 from microtune.arch import arch_for
-from microtune.artifact import fingerprint, save_artifact
+from microtune.artifact import save_artifact
+from microtune.backbone import fingerprint, load_backbone
 from microtune.errors import MicrotuneError
 from microtune.heads import read_out
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, load_backbone
+from microtune.model import HeadConfig, TaskModel
 from microtune.peft_format import ADAPTER_CONFIG_FILE, export_peft
-from microtune.tasks import get_task
+from microtune.taskspec import get_task
 
 from .conftest import REPO
 

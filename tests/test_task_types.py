@@ -15,17 +15,22 @@ import pytest
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from microtune.api import default_readout, load_exported, task_record, write_merged
+from microtune.api import load_exported
 from microtune.arch import arch_for
-from microtune.artifact import fingerprint, load_artifact, save_artifact
+from microtune.artifact import load_artifact, save_artifact
+from microtune.backbone import fingerprint, load_backbone, resolve_model_path
+from microtune.choices import DEFAULT_MODEL
 from microtune.cli import main
-from microtune.data import batches
+from microtune.data import IGNORE_INDEX, batches
 from microtune.errors import MicrotuneError
+from microtune.export import write_merged
+from microtune.heads import default_readout
 from microtune.methods import METHODS, build_method
-from microtune.model import DEFAULT_MODEL, HeadConfig, TaskModel, load_backbone, resolve_model_path
+from microtune.model import HeadConfig, TaskModel
 from microtune.per_example import PerExampleGradients, loop_gradients
-from microtune.tasks import Example, get_task, rows_to_examples, with_data_labels
-from microtune.tasktypes import IGNORE_INDEX, TASK_TYPES, align_labels
+from microtune.tasks import rows_to_examples, task_record, with_data_labels
+from microtune.taskspec import Example, get_task
+from microtune.tasktypes import TASK_TYPES, align_labels, type_of
 from microtune.tasktypes.tokens import encode_words
 
 from .conftest import WORDS
@@ -176,7 +181,7 @@ def test_label_sets_from_the_data_sorted_or_fixed():
 def test_conll2003_tiny_run_on_the_shared_ner_folder(data_dir, tiny_model_dirs, tmp_path):
     """The tiny version of `bench/conll_ner.py` (the real run: MiniLM, 2,000 sentences)."""
     from microtune.api import train
-    from microtune.train import TrainConfig
+    from microtune.trainconfig import TrainConfig
 
     report = train(
         "conll2003",
@@ -207,7 +212,7 @@ def build(method_name: str, folder, task):
         **TINY_OPTIONS.get(method_name, {}),
         **ARCH_OPTIONS.get((method_name, backbone.config.model_type), {}),
     }
-    kind = task.task_type
+    kind = type_of(task)
     head = HeadConfig(
         task.num_labels, kind.readout(None, default_readout(arch_for(backbone).causal))
     )
@@ -230,7 +235,7 @@ def test_task_type_matrix(method_name, model_type, kind, tiny_model_dirs, tmp_pa
     folder = tiny_model_dirs[model_type]
     model, tokenizer, base_fingerprint = build(method_name, folder, task)
     examples = rows_to_examples(task, rows, "rows", None, label_column)
-    encoded, labels = task.task_type.encode(tokenizer, examples, 32)
+    encoded, labels = type_of(task).encode(tokenizer, examples, 32)
     ((inputs, target),) = batches(encoded, labels, len(encoded), tokenizer.pad_token_id)
     inputs = {k: v for k, v in inputs.items() if k != "token_type_ids" or model_type == "bert"}
 
@@ -278,7 +283,7 @@ def test_token_export_is_a_stock_token_classification_model(model_type, tiny_mod
         for p in model.trainable_state().values():
             p.add_(torch.randn_like(p) * 0.1)
     examples = rows_to_examples(task, rows, "rows")
-    encoded, _ = task.task_type.encode(tokenizer, examples, 32)
+    encoded, _ = type_of(task).encode(tokenizer, examples, 32)
     ((inputs, _),) = batches(encoded, [0] * len(encoded), 8, tokenizer.pad_token_id)
     inputs.pop("token_type_ids", None)
     expected = outputs(model, inputs)
@@ -304,7 +309,7 @@ def test_token_classification_per_example_gradients(method_name, tiny_model_dirs
     model, tokenizer, _ = build(method_name, tiny_model_dirs["bert"], task)
     model.eval()
     examples = rows_to_examples(task, rows[:3], "rows")
-    encoded, labels = task.task_type.encode(tokenizer, examples, 32)
+    encoded, labels = type_of(task).encode(tokenizer, examples, 32)
     ((inputs, target),) = batches(encoded, labels, 3, tokenizer.pad_token_id)
     parameters = model.trainable_state()
     engine = PerExampleGradients(model, parameters)

@@ -9,7 +9,8 @@ from scipy.stats import pearsonr, spearmanr
 from microtune.data import batches, encode, epoch_order
 from microtune.errors import MicrotuneError
 from microtune.metrics import compute_metrics
-from microtune.tasks import TASKS, Example, get_task, load_examples
+from microtune.tasks import load_examples
+from microtune.taskspec import TASKS, Example, get_task
 
 from .conftest import tiny_tokenizer
 

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from microtune import api
-from microtune.train import CHECKPOINT_FILE, LOG_FILE, TrainConfig, Trainer, linear_schedule
+from microtune.files import CHECKPOINT_FILE, LOG_FILE
+from microtune.train import Trainer, linear_schedule
+from microtune.trainconfig import TrainConfig
 
 from .conftest import WORDS
 
@@ -117,8 +119,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dirs, tmp_path):
+    from microtune.backbone import load_backbone
     from microtune.methods import build_method
-    from microtune.model import HeadConfig, TaskModel, load_backbone
+    from microtune.model import HeadConfig, TaskModel
 
     from .conftest import tiny_tokenizer
 

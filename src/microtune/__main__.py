@@ -1,5 +1,8 @@
 """`python -m microtune` and the `microtune` script: the command line, with Ctrl-C during the
-(slow, torch-importing) start-up ending as cleanly as Ctrl-C anywhere else."""
+(slow, torch-importing) start-up ending as cleanly as Ctrl-C anywhere else.
+
+The parser is torch-free, so `--help`, `--version`, argparse's errors and `accountant` never
+import torch or transformers; the other commands import them here, before they run."""
 
 import importlib
 import os
@@ -19,13 +22,17 @@ def entry() -> int:
     previous = signal.signal(signal.SIGINT, _interrupted_during_start_up)
     try:
         from microtune.cli import main
+        from microtune.cli.commands import COMMANDS
+        from microtune.cli.parser import parse
 
-        # Most commands need it, and a Ctrl-C inside its (lazy, torch-touching) import is
-        # swallowed like the one above: import it while the handler holds.
-        importlib.import_module("transformers")
+        args = parse(sys.argv[1:])  # --help, --version and argparse's errors exit here
+        # The command's heavy modules, imported while the handler holds: a Ctrl-C inside their
+        # (lazy, torch-touching) imports is swallowed like the one above.
+        for module in COMMANDS[args.command].preload:
+            importlib.import_module(module)
     finally:
         signal.signal(signal.SIGINT, previous)
-    return main()
+    return main(parsed=args)
 
 
 if __name__ == "__main__":

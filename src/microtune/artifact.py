@@ -14,109 +14,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 
-from microtune import __version__
+from microtune.backbone import (
+    backbone_dtype,
+    check_max_length,
+    dtype_name,
+    fingerprint,
+    load_backbone,
+    tokenizer_fingerprint,
+)
 from microtune.errors import MicrotuneError
+from microtune.files import CONFIG_FILE, TENSORS_FILE, file_sha256, write_json, write_tensors
 from microtune.hub import resolve_artifact
 from microtune.methods import build_method
-from microtune.model import HeadConfig, TaskModel, backbone_dtype, dtype_name, load_backbone
+from microtune.model import HeadConfig, TaskModel
 from microtune.schema import FIX, FORMAT_VERSION, check_sizes, problem, validate_config
 from microtune.tasktypes import task_type_of
-
-TENSORS_FILE = "adapter.safetensors"
-CONFIG_FILE = "microtune.json"
-
-
-def fingerprint(backbone: nn.Module) -> str:
-    """SHA-256 over every weight of the backbone (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(backbone.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """SHA-256 over what maps text to ids: the vocabulary (added tokens included), the BPE
-    merges where there are any, and the special tokens with their ids. A shuffled or swapped
-    vocabulary changes it; re-saving the same tokenizer does not."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    merges: list[str] = []
-    if backend is not None and type(backend.model).__name__ == "BPE":  # only BPE has merges
-        model = json.loads(backend.to_str()).get("model", {})
-        # tokenizers writes merges as "a b" strings or, since 0.20, as [a, b] pairs.
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    added = sorted(
-        (index, str(token), bool(getattr(token, "special", False)))
-        for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
-    )
-    special = sorted(
-        (str(token), tokenizer.convert_tokens_to_ids(str(token)))
-        for token in tokenizer.all_special_tokens
-    )
-    digest = hashlib.sha256()
-    # NUL and SOH separate fields (no token holds them); one join is fast for 100k tokens.
-    for section in (vocab, [(m,) for m in merges], added, special):
-        digest.update("\x01".join("\x00".join(map(str, row)) for row in section).encode())
-        digest.update(b"\x02")
-    return "sha256:" + digest.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) then rename into place: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            # Strict JSON: a NaN or infinity here is a bug upstream, never a value to write.
-            json.dump(data, handle, indent=2, sort_keys=True, allow_nan=False)
-            handle.write("\n")
-
-    atomic_write(path, write)
-
-
-def write_tensors(
-    path: str | os.PathLike,
-    tensors: dict[str, torch.Tensor],
-    metadata: dict[str, str] | None = None,
-) -> None:
-    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:  # streamed: a large file is never held whole
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
+from microtune.version import __version__
 
 
 def save_artifact(
@@ -164,7 +85,7 @@ def save_artifact(
         },
         **(extra or {}),
         # Written last: a config that names its tensor file's hash cannot pair with a stale one.
-        "tensors_sha256": _file_sha256(tensors_path),
+        "tensors_sha256": file_sha256(tensors_path),
     }
     config["config_sha256"] = config_sha256(config)
     write_json(directory / CONFIG_FILE, config)
@@ -211,7 +132,7 @@ def read_artifact_config(directory: str | os.PathLike) -> dict[str, Any]:
 def read_artifact_tensors(directory: str | os.PathLike, config: dict[str, Any]) -> dict:
     """The tensor file, once it matches the config's hash and is valid safetensors."""
     path = Path(directory) / TENSORS_FILE
-    if not path.is_file() or _file_sha256(path) != config["tensors_sha256"]:
+    if not path.is_file() or file_sha256(path) != config["tensors_sha256"]:
         raise MicrotuneError(f"{path} is missing or does not match {CONFIG_FILE}; {FIX}")
     try:
         return load_file(path)
@@ -256,8 +177,6 @@ def load_artifact(
     `method_options` override stored method options that do not change the stored tensors,
     e.g. {"memory_lean": True}. Every check that needs no model runs before the model is built.
     """
-    from microtune.api import check_max_length  # api imports this module
-
     directory = resolve_artifact(directory)  # a hub id: fetched once, then a folder
     config = read_artifact_config(directory)
     config_path = directory / CONFIG_FILE

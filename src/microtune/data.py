@@ -7,10 +7,13 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from microtune.errors import MicrotuneError
-from microtune.tasks import Example
-from microtune.tasktypes.base import IGNORE_INDEX
+from microtune.taskspec import Example
 
 Encoded = dict[str, list[int]]
+
+# Label of a position that is not scored (special tokens, a word's later sub-tokens, padding),
+# as `torch.nn.functional.cross_entropy` and `transformers` ignore it.
+IGNORE_INDEX = -100
 
 
 def encode(

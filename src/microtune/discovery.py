@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec, UnsupportedModelError, input_dim, is_conv1d, output_dim
+from microtune.archspec import ArchSpec, UnsupportedModelError, input_dim, is_conv1d, output_dim
 
 
 class _Linear(NamedTuple):
@@ -64,6 +64,31 @@ def discover_arch(backbone: nn.Module) -> ArchSpec:
     embeddings = backbone.get_input_embeddings()
     hidden = _hidden_size(backbone, refuse)
 
+    attn_out, ffn_in, ffn_out, attention_in = _roles(linears, hidden, refuse)
+    attention = _attention([linear.path for linear in attention_in], refuse)
+    norms, pre_norm, attn_norm = _block_norms(
+        order, blocks, {x.path for x in linears}, hidden, attention_in[0].path, attn_out, ffn_in
+    )
+    parts = {"attn_out": attn_out.path, "ffn_in": ffn_in.path, "ffn_out": ffn_out.path}
+    return ArchSpec(
+        blocks=blocks_path,
+        attn_out=attn_out.path,
+        attn_norm=attn_norm,
+        ffn_in=ffn_in.path,
+        ffn_out=ffn_out.path,
+        norms=norms,
+        embeddings=_path_of(backbone, embeddings, refuse),
+        attention=attention,
+        pooler=_pooler(backbone),
+        pre_norm=pre_norm,
+        causal=causal,
+        bias_flags=_bias_flags(backbone, blocks_path, parts),
+        token_type_ids=_takes_token_types(backbone),
+    )
+
+
+def _roles(linears: list[_Linear], hidden: int, refuse) -> tuple:
+    """(attention output, FFN input, FFN output, the linears before the attention output)."""
     # The last linear back to D ends the FFN; the one before it ends attention (q, k and v
     # may map D -> D as well, but they run before the attention output).
     to_hidden = [i for i, linear in enumerate(linears) if linear.fan_out == hidden]
@@ -93,11 +118,23 @@ def discover_arch(backbone: nn.Module) -> ArchSpec:
         raise refuse(
             f"could not tell the FFN's first linear ({hidden} -> {intermediate}); found: {found}"
         )
-    ffn_in = ffn_ins[0]
-    attention = _attention([linear.path for linear in attention_in], refuse)
+    return attn_out, ffn_ins[0], ffn_out, attention_in
+
+
+def _block_norms(
+    order: list[str],
+    blocks: nn.Module,
+    linear_paths: set[str],
+    hidden: int,
+    attention_start: str,
+    attn_out: _Linear,
+    ffn_in: _Linear,
+) -> tuple[tuple[str, ...], bool, str | None]:
+    """(the norms of every block, whether blocks are pre-norm, the norm after attention)."""
+    block = blocks[-1]
 
     # Norms inside attention (Qwen3's, OLMo2's q_norm and k_norm) are not block norms.
-    inside_attention = set(order[order.index(attention_in[0].path) : order.index(attn_out.path)])
+    inside_attention = set(order[order.index(attention_start) : order.index(attn_out.path)])
     block_norms = [
         path
         for path in order
@@ -107,7 +144,6 @@ def discover_arch(backbone: nn.Module) -> ArchSpec:
     ]
     # Listed only if a norm in every block (ModernBERT's block 0 has an Identity there).
     norms = tuple(p for p in block_norms if all(_is_norm(_optional(b, p)) for b in blocks))
-    linear_paths = {linear.path for linear in linears}
     sequence = [path for path in order if path in block_norms or path in linear_paths]
     pre_norm = sequence[0] in block_norms
     attn_norm = None
@@ -115,22 +151,7 @@ def discover_arch(backbone: nn.Module) -> ArchSpec:
         after = sequence[sequence.index(attn_out.path) + 1 : sequence.index(ffn_in.path)]
         attn_norm = next((path for path in after if path in norms), None)
 
-    parts = {"attn_out": attn_out.path, "ffn_in": ffn_in.path, "ffn_out": ffn_out.path}
-    return ArchSpec(
-        blocks=blocks_path,
-        attn_out=attn_out.path,
-        attn_norm=attn_norm,
-        ffn_in=ffn_in.path,
-        ffn_out=ffn_out.path,
-        norms=norms,
-        embeddings=_path_of(backbone, embeddings, refuse),
-        attention=attention,
-        pooler=_pooler(backbone),
-        pre_norm=pre_norm,
-        causal=causal,
-        bias_flags=_bias_flags(backbone, blocks_path, parts),
-        token_type_ids=_takes_token_types(backbone),
-    )
+    return norms, pre_norm, attn_norm
 
 
 def _find_blocks(backbone: nn.Module, refuse) -> str:

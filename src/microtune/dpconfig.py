@@ -15,16 +15,69 @@ ACCOUNTANTS = ("prv", "rdp")
 
 @dataclass
 class DPConfig:
-    """Differential privacy settings (DP-SGD). Training is private when epsilon or sigma is set. Each field's help text is in its metadata."""
+    """Differential privacy settings (DP-SGD). Training is private when epsilon or sigma is set.
 
-    epsilon: float | None = field(default=None, metadata={"help": 'target ε. σ is calibrated so the planned steps spend at most this, and training stops before a step would exceed it.'})
-    delta: float | None = field(default=None, metadata={"help": 'target δ (default 1/(2N) for N training examples).'})
-    sigma: float | None = field(default=None, metadata={"help": 'noise multiplier σ to use instead of calibrating one; with epsilon also set, training stops before the budget runs out.'})
-    clip: float = field(default=1.0, metadata={"help": 'per-example L2 clipping norm C, flat over every trainable tensor (head included).'})
-    batch: int = field(default=2048, metadata={"help": "logical batch size: the expected size for Poisson sampling (rate q = batch / N), the fixed size for shuffled batches. Noise is added once per logical batch; the micro-batch (--batch-size) only bounds memory. 2048 as in the seed paper's private setting: large batches average the noise away."})
-    sampling: str = field(default="poisson", metadata={"help": '"poisson" (each example joins each batch independently with rate q: what the accountant assumes, exact) or "shuffle" (fixed-size batches of a shuffled epoch: an approximation, reported as such).'})
-    accountant: str = field(default="prv", metadata={"help": '"prv" (Opacus\' PRV accountant, tight) or "rdp" (Rényi DP, looser).'})
-    noise_seed: int | None = field(default=None, metadata={"help": "seed of the noise generator, for reproducible runs and tests only: whoever knows it can remove the noise. Default: drawn from the operating system's secure randomness and never written anywhere but the checkpoint."})
+    Each field's help text is in its metadata (with "choices" where the values are fixed); the
+    command line's --dp-* options are generated from it.
+    """
+
+    epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "target ε. σ is calibrated so the planned steps spend at most this, and "
+            "training stops before a step would exceed it."
+        },
+    )
+    delta: float | None = field(
+        default=None, metadata={"help": "target δ (default 1/(2N) for N training examples)."}
+    )
+    sigma: float | None = field(
+        default=None,
+        metadata={
+            "help": "noise multiplier σ to use instead of calibrating one; with epsilon also set, "
+            "training stops before the budget runs out."
+        },
+    )
+    clip: float = field(
+        default=1.0,
+        metadata={
+            "help": "per-example L2 clipping norm C, flat over every trainable tensor "
+            "(head included)."
+        },
+    )
+    batch: int = field(
+        default=2048,
+        metadata={
+            "help": "logical batch size: the expected size for Poisson sampling (rate q = batch / "
+            "N), the fixed size for shuffled batches. Noise is added once per logical batch; the "
+            "micro-batch (--batch-size) only bounds memory. 2048 as in the seed paper's private "
+            "setting: large batches average the noise away."
+        },
+    )
+    sampling: str = field(
+        default="poisson",
+        metadata={
+            "help": '"poisson" (each example joins each batch independently with rate q: what the '
+            'accountant assumes, exact) or "shuffle" (fixed-size batches of a shuffled epoch: an '
+            "approximation, reported as such).",
+            "choices": SAMPLINGS,
+        },
+    )
+    accountant: str = field(
+        default="prv",
+        metadata={
+            "help": '"prv" (Opacus\' PRV accountant, tight) or "rdp" (Rényi DP, looser).',
+            "choices": ACCOUNTANTS,
+        },
+    )
+    noise_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "seed of the noise generator, for reproducible runs and tests only: whoever "
+            "knows it can remove the noise. Default: drawn from the operating system's secure "
+            "randomness and never written anywhere but the checkpoint."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.epsilon is None and self.sigma is None:

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from microtune.artifact import CONFIG_FILE, TENSORS_FILE
+from microtune.backbone import resolve_model_path
 from microtune.errors import MicrotuneError
-from microtune.train import CHECKPOINT_FILE, LOG_FILE
+from microtune.files import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE, TENSORS_FILE
 
 LOCK_FILE = ".microtune.lock"
 # The files that make a folder a model folder for transformers, peft or microtune.
@@ -120,7 +120,6 @@ def _refuse_protected(folder: Path, protected: Iterable[tuple[str, str | os.Path
 
 def training_files() -> tuple[str, ...]:
     """What a training run writes besides its lock: artifact, metrics, checkpoint, log."""
-    from microtune.api import METRICS_FILE  # api imports this module
 
     return (TENSORS_FILE, CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, LOG_FILE)
 
@@ -142,7 +141,6 @@ def _artifact_config(folder: Path) -> dict | None:
 
 def _foreign_files(folder: Path) -> list[str]:
     """Names in a training folder that microtune did not write."""
-    from microtune.api import METRICS_FILE
 
     ours = set(training_files()) | {LOCK_FILE}
     if _artifact_config(folder) is None:  # metrics.json is written after the artifact
@@ -279,7 +277,6 @@ def base_model_folders(
 ) -> list[tuple[str, str]]:
     """The local folders of base models (packaged models included), as (what, path) pairs
     for `protected`: a name that is no local folder (a hub id) is skipped."""
-    from microtune.model import resolve_model_path
 
     folders = []
     for name in names:

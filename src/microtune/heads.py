@@ -11,7 +11,6 @@ from torch import nn
 from microtune.choices import READOUTS
 
 
-
 def read_out(
     readout: str,
     hidden: torch.Tensor,
@@ -81,3 +80,9 @@ class TaskHead(nn.Module):
             yield dict(self._rows)
         finally:
             self._rows = None
+
+
+def default_readout(model_type_is_causal: bool) -> str:
+    """Mean pooling for encoders (what sentence encoders such as MiniLM were trained for), the
+    last token for decoders (the only one that has seen the whole sequence)."""
+    return "last" if model_type_is_causal else "mean"

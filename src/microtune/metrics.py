@@ -12,10 +12,6 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from microtune.errors import MicrotuneError
 
 METRICS = ("accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearman")
-# With the entity-level scores of token classification, computed by its task type with
-# seqeval (`microtune.tasktypes.tokens`), and the causal LM's (`microtune.tasktypes.causal`):
-# what task records may list.
-RECORDED_METRICS = (*METRICS, "precision", "recall", "exact_match", "perplexity", "loss")
 
 
 class UndefinedMetricWarning(UserWarning):

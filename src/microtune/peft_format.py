@@ -16,16 +16,18 @@ Writing needs no peft; loading does (`pip install 'microtune[peft]'`).
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from microtune import folders
-from microtune.api import (
-    EXPORT_FILE,
+from microtune.arch import is_conv1d
+from microtune.artifact import load_artifact, read_artifact_config
+from microtune.data import batches
+from microtune.errors import MicrotuneError
+from microtune.export import (
+    PEFT_FORMAT,
     check_logit_diff,
     check_rows,
     load_exported,
@@ -33,21 +35,11 @@ from microtune.api import (
     write_export_record,
     write_head,
 )
-from microtune.arch import is_conv1d
-from microtune.artifact import (
-    fingerprint,
-    load_artifact,
-    read_artifact_config,
-    write_json,
-    write_tensors,
-)
-from microtune.data import batches
-from microtune.errors import MicrotuneError
+from microtune.files import write_json, write_tensors
+from microtune.inference import join_outputs, predict
 from microtune.methods.lora import LoRA
-from microtune.model import TaskModel, load_backbone
-from microtune.train import join_outputs, predict
+from microtune.model import TaskModel
 
-PEFT_FORMAT = "peft+head"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # peft's PeftModel wraps the base model as base_model (LoraModel) . model (the backbone).
@@ -110,7 +102,7 @@ def write_peft(
     left as it was); returns the output folder, format, target layers and LoRA numbers.
 
     The folder is built beside `output_dir` and moved into place once complete, with the
-    refusals of `api.export_merged` (`folders.model_folder`)."""
+    refusals of `export.export_merged` (`folders.model_folder`)."""
     method = task_model.method
     tensors = peft_tensors(method)
     protected = [
@@ -162,27 +154,6 @@ def check_peft_output(
     protected = folders.export_protected(read_artifact_config(artifact_dir), artifact_dir, model)
     folders.check_model_folder(output_dir, overwrite=overwrite, protected=protected)
     return protected
-
-
-def load_peft(folder: str | os.PathLike, base_model: str | None = None):
-    """The exported folder's backbone as peft serves it: `PeftModel.from_pretrained` over the
-    base model (default: the one the export names; its weights must match the fingerprint)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise MicrotuneError(
-            "loading a peft export needs peft: pip install 'microtune[peft]'"
-        ) from None
-    info = json.loads((Path(folder) / EXPORT_FILE).read_text())
-    name = base_model or info["base_model"]["name"]
-    # In the precision the artifact was trained in (older exports: float32).
-    backbone, _ = load_backbone(name, info["base_model"].get("dtype", "float32"))
-    if fingerprint(backbone) != info["base_model"]["fingerprint"]:
-        raise MicrotuneError(
-            f"base model mismatch: {folder} was exported from '{info['base_model']['name']}' "
-            f"but '{name}' has other weights; pass the original base model"
-        )
-    return PeftModel.from_pretrained(backbone, str(folder)).eval()
 
 
 def export_peft_and_check(

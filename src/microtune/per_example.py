@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from microtune.errors import MicrotuneError
+from microtune.tasktypes import loss_fn, loss_for
 
 # Per-example gradient numbers held at once on the vmap path (float32: 256 MiB).
 GRADIENT_BUDGET = 2**26
@@ -46,9 +47,8 @@ Gradients = dict[str, torch.Tensor]
 def example_losses(
     logits: torch.Tensor, labels: torch.Tensor, model: nn.Module | None = None
 ) -> torch.Tensor:
-    """One loss per example, by the model's task type (`microtune.train.loss_for`); without a
+    """One loss per example, by the model's task type (`microtune.tasktypes.loss_for`); without a
     model, the sentence-level loss (cross-entropy, or squared error for one output)."""
-    from microtune.train import loss_fn, loss_for
 
     return (loss_fn if model is None else loss_for(model))(logits, labels, reduction="none")
 

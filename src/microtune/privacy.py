@@ -1,11 +1,11 @@
 """Differentially private training (DP-SGD, methods.md §7): the one privacy engine.
 
-What lives here: `DPConfig` (the user's settings), `PrivacyPlan` (σ, δ, q and the step budget
+What lives here (the user's settings are `dpconfig.DPConfig`, accounting is `accounting`):
+`PrivacyPlugin` (the trainer plug-in `api.train` takes), `PrivacyPlan` (σ, δ, q and the step budget
 resolved for one training set, accounted by Opacus' maintained PRV or RDP accountant),
 `PoissonSampler` (the sampling the accountant assumes), `DPStep` (per-example gradients, flat
 clipping, one Gaussian draw per logical batch, then AdamW) and `PrivacyBudgetCallback` (ε spent
-in the log and progress bar; stops before the target would be exceeded). `private_plugins`
-builds the three plug-ins the trainer takes.
+in the log and progress bar; stops before the target would be exceeded).
 
 Dropout: a DP step runs the model in eval mode, so backbone, head and LoRA dropout are off and
 each example's gradient is a function of that example and the parameters alone.
@@ -13,10 +13,9 @@ each example's gradient is a function of that example and the parameters alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import secrets
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,67 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from microtune.data import check_seed
+from microtune.accounting import calibrate_sigma, epsilon_spent
+from microtune.dpconfig import DPConfig
 from microtune.errors import MicrotuneError
 from microtune.per_example import check_supported, engine_for
-from microtune.train import AdamWStep, ShuffledSampler, TrainConfig, TrainerCallback
-
-# -- accounting (Opacus' accountants; nothing hand-written) ----------------------------------
-
-
-def _check_accounting(sample_rate: float, steps: int, delta: float, accountant: str) -> None:
-    if not 0 < sample_rate <= 1:
-        raise MicrotuneError(f"sample rate must be in (0, 1], got {sample_rate}")
-    if steps < 1:
-        raise MicrotuneError(f"steps must be at least 1, got {steps}")
-    if not 0 < delta < 1:
-        raise MicrotuneError(f"delta must be in (0, 1), got {delta}")
-    if accountant not in ACCOUNTANTS:
-        raise MicrotuneError(f"accountant '{accountant}' unknown; use {ACCOUNTANTS}")
-
-
-def epsilon_spent(
-    sigma: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
-) -> float:
-    """ε after `steps` subsampled Gaussian steps, from Opacus' accountant (0 for no steps)."""
-    from opacus.accountants import create_accountant
-
-    if steps == 0:
-        return 0.0
-    _check_accounting(sample_rate, steps, delta, accountant)
-    if not sigma > 0:
-        raise MicrotuneError(f"sigma must be positive, got {sigma}")
-    account = create_accountant(mechanism=accountant)
-    account.history = [(sigma, sample_rate, steps)]
-    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" on tiny runs
-        warnings.simplefilter("ignore", UserWarning)
-        return float(account.get_epsilon(delta=delta))
-
-
-def calibrate_sigma(
-    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
-) -> float:
-    """The smallest σ (to a tolerance of 0.1% of ε) whose `steps` steps spend at most ε."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    _check_accounting(sample_rate, steps, delta, accountant)
-    if not epsilon > 0:
-        raise MicrotuneError(f"epsilon must be positive, got {epsilon}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant=accountant,
-                    epsilon_tolerance=1e-3 * epsilon,
-                )
-            )
-    except ValueError as error:  # "The privacy budget is too low."
-        raise MicrotuneError(f"cannot reach epsilon={epsilon}: {error}; raise it") from None
+from microtune.train import AdamWStep, Plugins, ShuffledSampler, TrainerCallback
+from microtune.trainconfig import TrainConfig
 
 
 @dataclass
@@ -285,22 +229,36 @@ class PrivacyBudgetCallback(TrainerCallback):
             trainer.live["epsilon"] = round(self.plan.epsilon(self.step.private_steps), 4)
 
 
-def private_plugins(
-    dp: DPConfig, model: nn.Module, config: TrainConfig, num_examples: int
-) -> tuple[PrivacyPlan, Any, DPStep, list[TrainerCallback]]:
-    """(plan, sampler, step, callbacks) of a private run; the trainer needs nothing else.
+@dataclass(frozen=True)
+class PrivacyPlugin:
+    """DP-SGD as a trainer plug-in (`train.PluginBuilder`): its sampler, step and budget
+    callback for a run, and the privacy record (ε spent, σ, δ, q, ...) of what it trained."""
 
-    Unsupported models are refused here, before any calibration or step."""
-    check_supported(model)
-    if config.grad_accum != 1:
-        raise MicrotuneError(
-            "--grad-accum does not apply to DP training: the logical batch is --dp-batch and "
-            "--batch-size the micro-batch"
+    dp: DPConfig
+    name: str = "privacy"
+    headline: tuple[str, ...] = ("epsilon",)
+
+    def settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.dp)
+
+    def build(self, model: nn.Module, config: TrainConfig, num_examples: int) -> Plugins:
+        """Unsupported models are refused here, before any calibration or step."""
+        check_supported(model)
+        if config.grad_accum != 1:
+            raise MicrotuneError(
+                "--grad-accum does not apply to DP training: the logical batch is --dp-batch "
+                "and --batch-size the micro-batch"
+            )
+        dp = self.dp
+        if dp.sampling == "poisson":
+            sampler = PoissonSampler(num_examples, dp.batch, config.seed)
+        else:  # fixed size: drop the last, smaller batch of each epoch
+            sampler = ShuffledSampler(num_examples, dp.batch, config.seed, drop_last=True)
+        plan = PrivacyPlan.resolve(dp, num_examples, config.steps_for(sampler.batches_per_epoch))
+        step = DPStep(plan)
+        return Plugins(
+            sampler=sampler,
+            step=step,
+            callbacks=[PrivacyBudgetCallback(plan, step)],
+            record=lambda: plan.record(step.private_steps),
         )
-    if dp.sampling == "poisson":
-        sampler = PoissonSampler(num_examples, dp.batch, config.seed)
-    else:  # fixed size: drop the last, smaller batch of each epoch
-        sampler = ShuffledSampler(num_examples, dp.batch, config.seed, drop_last=True)
-    plan = PrivacyPlan.resolve(dp, num_examples, config.steps_for(sampler.batches_per_epoch))
-    step = DPStep(plan)
-    return plan, sampler, step, [PrivacyBudgetCallback(plan, step)]

@@ -14,6 +14,7 @@ Every failure is one line: "<file>: <field path>: <problem>; re-train or restore
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import typing
 from typing import Annotated, Any, Literal
@@ -29,19 +30,16 @@ from pydantic import (
     model_validator,
 )
 
+from microtune.choices import DTYPE_NAMES, READOUTS
 from microtune.errors import MicrotuneError
-from microtune.heads import READOUTS
-from microtune.methods import METHODS
-from microtune.methods.peers import PEERS
-from microtune.metrics import RECORDED_METRICS
-from microtune.model import DTYPES
-from microtune.tasktypes import TASK_TYPES
+from microtune.methods import method_class, method_names
+from microtune.records import Record, Sha256
+from microtune.tasktypes import TASK_TYPES, recorded_metrics
 
 FORMAT_VERSION = 1
 FIX = "re-train or restore the artifact"
 # A name that is used as a file name (task folder, split file): no separators, no "..".
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-SHA256 = r"^sha256:[0-9a-f]{64}$"
 # Generous sanity caps; the sizes that drive allocation are also bounded by the numbers the
 # tensor file really stores (`check_sizes`), so a config cannot claim more than it ships.
 MAX_LABELS = 1 << 20
@@ -58,26 +56,21 @@ def _not_dotted(name: str) -> str:
 SafeName = Annotated[
     str, StringConstraints(pattern=SAFE_NAME, max_length=128), AfterValidator(_not_dotted)
 ]
-Sha256 = Annotated[str, StringConstraints(pattern=SHA256)]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
 Count = Annotated[int, Field(ge=0)]
 
 
-def _one_of(allowed: typing.Iterable[str], what: str):
-    allowed = tuple(allowed)
+def _one_of(allowed: typing.Iterable[str] | typing.Callable[[], typing.Iterable[str]], what: str):
+    """A check against a fixed set of names, or a registry's names when the value is checked
+    (so that a method or task type registered after import is known)."""
 
     def check(value: str) -> str:
-        if value not in allowed:
-            raise ValueError(f"{what} '{value}' is unknown; use one of {', '.join(allowed)}")
+        names = tuple(allowed() if callable(allowed) else allowed)
+        if value not in names:
+            raise ValueError(f"{what} '{value}' is unknown; use one of {', '.join(names)}")
         return value
 
     return AfterValidator(check)
-
-
-class Record(BaseModel):
-    """Strict: exact types, no NaN or infinity, no unknown keys."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class Counts(Record):
@@ -108,7 +101,7 @@ class TaskInfo(Record):
     name: SafeName
     num_labels: Annotated[int, Field(ge=1, le=MAX_LABELS)]
     metrics: Annotated[
-        list[Annotated[str, _one_of(RECORDED_METRICS, "metric")]], Field(min_length=1)
+        list[Annotated[str, _one_of(recorded_metrics, "metric")]], Field(min_length=1)
     ]
     text_columns: Annotated[list[Text], Field(min_length=1, max_length=2)]
     # "" where the task has no label column (the causal LM: its labels are the text's tokens).
@@ -116,7 +109,7 @@ class TaskInfo(Record):
     label_names: Annotated[list[Text], Field(max_length=MAX_LABELS)] = []
     dev_split: SafeName = "validation"
     # Older artifacts name no type: regression for one label, else classification.
-    type: Annotated[str, _one_of(TASK_TYPES, "task type")] | None = None
+    type: Annotated[str, _one_of(lambda: TASK_TYPES, "task type")] | None = None
 
     @model_validator(mode="after")
     def _names(self) -> TaskInfo:
@@ -130,28 +123,9 @@ class TaskInfo(Record):
 class BaseModelInfo(Record):
     name: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
     model_type: Annotated[str, StringConstraints(min_length=1, max_length=128)]
-    dtype: Annotated[str, _one_of(DTYPES, "dtype")] = "float32"  # absent in older artifacts
+    dtype: Annotated[str, _one_of(DTYPE_NAMES, "dtype")] = "float32"  # absent in older artifacts
     fingerprint: Sha256
     tokenizer_fingerprint: Sha256 | None = None  # absent in older artifacts
-
-
-class PaFiState(Record):
-    mask_fingerprint: Sha256
-    k: Annotated[int, Field(ge=1)]
-    candidates: Annotated[int, Field(ge=1)]
-
-
-class PeerState(Record):
-    """A `peft` peer's frozen state (projections, indices), regenerated on load, not stored."""
-
-    frozen_fingerprint: Sha256
-
-
-# What `Method.stored_metadata` records, per method; every other method records {}.
-METHOD_STATES: dict[str, type[Record]] = {
-    "pafi": PaFiState,
-    **{peer.name: PeerState for peer in PEERS},
-}
 
 
 class PrivacyRecord(BaseModel):
@@ -173,7 +147,7 @@ class ArtifactConfig(Record):
     format: Literal["microtune-artifact"]
     format_version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)]
     library_version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    method: Annotated[str, _one_of(sorted(METHODS), "method")]
+    method: Annotated[str, _one_of(method_names, "method")]
     method_config: dict[str, Any]
     method_state: dict[str, Any] = {}  # absent in older artifacts
     parameters: Parameters | None = None  # absent in older artifacts
@@ -205,7 +179,9 @@ def _strict_model(config_class: type) -> type[BaseModel]:
     return create_model(f"{config_class.__name__}Schema", __base__=Record, **fields)
 
 
-_METHOD_SCHEMAS = {name: _strict_model(cls.config_class) for name, cls in METHODS.items()}
+@functools.cache
+def _method_schema(name: str) -> type[BaseModel]:
+    return _strict_model(method_class(name).config_class)
 
 
 def problem(path: str | os.PathLike, field: str, text: str) -> MicrotuneError:
@@ -236,14 +212,14 @@ def validate_config(data: Any, path: str | os.PathLike) -> dict[str, Any]:
     except ValidationError as error:
         raise _first_error(path, error) from None
     try:
-        options = _METHOD_SCHEMAS[config.method].model_validate(config.method_config)
+        options = _method_schema(config.method).model_validate(config.method_config)
     except ValidationError as error:
         raise _first_error(path, error, ("method_config",)) from None
     try:
-        METHODS[config.method].config_class.from_dict(dict(options))
+        method_class(config.method).config_class.from_dict(dict(options))
     except MicrotuneError as error:
         raise problem(path, "method_config", str(error)) from None
-    state_schema = METHOD_STATES.get(config.method)
+    state_schema = method_class(config.method).state_schema
     if state_schema is not None and config.method_state:
         try:
             state_schema.model_validate(config.method_state)

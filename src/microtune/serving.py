@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from microtune import folders
-from microtune.api import export_merged, resolve_device
 from microtune.artifact import load_artifact
+from microtune.backbone import resolve_device
 from microtune.errors import MicrotuneError
+from microtune.export import export_merged
+from microtune.inference import predict
 from microtune.methods import method_class
 from microtune.model import TaskModel
-from microtune.tasks import Example
-from microtune.train import predict
+from microtune.taskspec import Example
 
 # One input: a text, a tuple of texts (sentence pairs), or a mapping with the task's columns.
 Input = str | Sequence[str] | Mapping[str, str]
@@ -115,12 +116,9 @@ class TunedModel:
         return self.task_model.task_type.present(outputs, self.label_names, examples, labels)
 
     def _outputs(self, inputs: Input | Iterable[Input], batch_size: int):
-        """(outputs as `train.predict` returns them, examples, encoded placeholder labels)."""
-        if self.task_model.task_type.name == "causal-lm":  # its outputs are a vocabulary each
-            raise MicrotuneError(
-                "a causal-lm artifact generates text: use `microtune generate --artifact DIR "
-                "--prompt TEXT` (or TunedModel.generate)"
-            )
+        """(outputs as `inference.predict` returns them, examples, encoded placeholder
+        labels)."""
+        self.task_model.task_type.check_predicts()  # a causal LM generates instead
         examples = self._examples(inputs)
         if not examples:
             width = self.task_model.head_config.num_labels
@@ -139,13 +137,7 @@ class TunedModel:
         the prompt encoded as in training (with the tokenizer's special tokens, cut to the
         artifact's max_length), then up to `max_new_tokens` tokens until EOS. Merged or not,
         the tokens are the same (`microtune.tasktypes.causal.greedy_generate`)."""
-        from microtune.tasktypes.causal import CausalLM, greedy_generate
-
-        if not isinstance(self.task_model.task_type, CausalLM):
-            raise MicrotuneError(
-                f"generate needs a causal-lm artifact; this one is "
-                f"{self.task_model.task_type.name}: use predict"
-            )
+        self.task_model.task_type.check_generates()
         if max_new_tokens < 1 or batch_size < 1:
             raise MicrotuneError("--max-new-tokens and --batch-size must be at least 1")
         items = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -153,20 +145,14 @@ class TunedModel:
             raise MicrotuneError("generate takes prompts as texts")
         if not items:
             return []
-        encoded = self.tokenizer(items, add_special_tokens=True).input_ids
-        encoded = [ids[: self.config["max_length"]] for ids in encoded]
-        answers = greedy_generate(
+        return self.task_model.task_type.generate(
             self.task_model,
-            encoded,
+            self.tokenizer,
+            items,
             max_new_tokens,
-            self.tokenizer.eos_token_id,
-            self.tokenizer.pad_token_id,
             batch_size,
+            self.config["max_length"],
         )
-        return [
-            {"prompt": p, "response": self.tokenizer.decode(a, skip_special_tokens=True)}
-            for p, a in zip(items, answers, strict=True)
-        ]
 
     def merge(self) -> TunedModel:
         """Fold the method into the backbone's weights, in place: the same outputs (to float

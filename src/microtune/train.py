@@ -1,12 +1,15 @@
 """The trainer: a short loop over plug-ins, with evaluation, logging, checkpoints and resume.
 
 It trains whatever parameters of the model require gradients and never knows which method
-produced them. Three plug-ins shape a run: a sampler (which examples form each logical batch,
-a pure function of (seed, epoch)), a step (how a logical batch, cut into micro-batches, becomes
-an update: `AdamWStep` here, `privacy.DPStep` for DP-SGD) and callbacks (`TrainerCallback`:
-evaluation, logging, progress, checkpoints, early stop). The step also guards the numerics: a
-non-finite loss, gradient or parameter ends the run with a `MicrotuneError` naming the step, so
-nothing diverged is ever saved as an artifact.
+produced them; its settings are `trainconfig.TrainConfig`. Three plug-ins shape a run: a
+sampler (which examples form each logical batch, a pure function of (seed, epoch)), a step (how
+a logical batch, cut into micro-batches, becomes an update: `AdamWStep` here, `privacy.DPStep`
+for DP-SGD) and callbacks (`TrainerCallback`: evaluation, logging, progress, checkpoints, early
+stop). A trainer plug-in (`PluginBuilder`, e.g. `privacy.PrivacyPlugin`) supplies any of them
+for a run and what the run records of it (`Plugins`); `api.train` takes a list of them.
+
+The step also guards the numerics: a non-finite loss, gradient or parameter ends the run with a
+`MicrotuneError` naming the step, so nothing diverged is ever saved as an artifact.
 
 A checkpoint is one safetensors file (tensors plus JSON metadata), written atomically, that
 holds everything needed to continue bit for bit: the trainable tensors, what the step owns
@@ -30,69 +33,15 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from microtune.artifact import write_tensors
-from microtune.data import Encoded, batches, check_seed, epoch_order
+from microtune.data import Encoded, batches, epoch_order
 from microtune.errors import MicrotuneError
-from microtune.tasks import Task
-from microtune.tasktypes import Outputs, get_task_type
-
-CHECKPOINT_FILE = "checkpoint.safetensors"
-LOG_FILE = "train_log.jsonl"
-
+from microtune.files import CHECKPOINT_FILE, LOG_FILE, write_tensors
+from microtune.taskspec import Task
+from microtune.tasktypes import loss_for, type_of
+from microtune.trainconfig import TrainConfig
 
 # Settings that may differ between a run and its resumption: they do not change the result.
 _RESUMABLE = ("progress", "eval_every", "checkpoint_every", "log_every", "eval_batch_size")
-
-
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The sentence-level loss by output width: cross-entropy for classes, MSE for one-output
-    regression (STS-B). Models that know their task type use theirs (`loss_for`)."""
-    kind = "regression" if logits.shape[-1] == 1 else "classification"
-    return get_task_type(kind).loss(logits, labels, reduction)
-
-
-def loss_for(model: nn.Module) -> Callable[..., torch.Tensor]:
-    """The model's own loss (`TaskModel.loss`: its task type's), else `loss_fn`."""
-    return getattr(model, "loss", loss_fn)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, rows: Sequence[Encoded], pad_token_id: int, batch_size: int = 64
-) -> Outputs:
-    """Logits of every row, in order, with the model in eval mode: one (N, C) array, or for
-    per-token outputs one (T_i, C) array per row (its real tokens, padding cut off).
-
-    Rows are batched longest first (and put back in order), so little of a batch is padding."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-    dummy = [0] * len(rows)
-    outputs = []
-    for inputs, _ in batches(rows, dummy, batch_size, pad_token_id, order):
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        outputs.append(model(**inputs).float().cpu())
-    model.train(was_training)
-    return join_outputs(outputs, rows, order)
-
-
-def join_outputs(
-    outputs: list[torch.Tensor], rows: Sequence[Encoded], order: Sequence[int] | None = None
-) -> Outputs:
-    """Batches of outputs (of the rows in `order`, default as stored) as `predict` returns
-    them: back in row order, per-token outputs cut to each row's length."""
-    order = list(range(len(rows))) if order is None else list(order)
-    if outputs and outputs[0].dim() == 3:
-        flat = [row for batch in outputs for row in batch]
-        joined: list = [None] * len(rows)
-        for index, output in zip(order, flat, strict=True):
-            joined[index] = output[: len(rows[index]["input_ids"])].numpy()
-        return joined
-    logits = torch.cat(outputs)
-    restored = torch.empty_like(logits)
-    restored[torch.tensor(order)] = logits
-    return restored.numpy()
 
 
 def evaluate(
@@ -107,7 +56,7 @@ def evaluate(
     """The task's metrics on these rows, by its task type (`TaskType.evaluate`: by default
     `score` of `predict`'s outputs, refused when not finite); `tokenizer` for types that read
     generated text back (the causal LM's exact match)."""
-    return task.task_type.evaluate(model, task, rows, labels, pad_token_id, batch_size, tokenizer)
+    return type_of(task).evaluate(model, task, rows, labels, pad_token_id, batch_size, tokenizer)
 
 
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -137,6 +86,62 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor: every element of every tensor is finite (stays on the device)."""
     flags = [tensor.isfinite().all() for tensor in tensors]
     return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+# -- plug-ins: what a run adds to the plain loop --------------------------------------------
+
+
+@dataclass
+class Plugins:
+    """What one trainer plug-in adds to a run; any part may be left out.
+
+    Attributes:
+        sampler: which examples form each logical batch (at most one plug-in of a run sets it).
+        step: how a logical batch becomes an update (at most one plug-in sets it).
+        callbacks: watch or steer the loop, before the built-in ones.
+        record: after training, the JSON record of the plug-in (stored under its builder's
+            name in microtune.json and metrics.json), or None to record nothing.
+    """
+
+    sampler: Sampler | None = None
+    step: AdamWStep | None = None
+    callbacks: Sequence[TrainerCallback] = ()
+    record: Callable[[], dict[str, Any] | None] | None = None
+
+
+class PluginBuilder(Protocol):
+    """Builds a trainer plug-in for one run, once the task model and the training set are known.
+
+    Attributes:
+        name: the key of its settings in the run signature (a resume with other settings is
+            refused) and of its record in microtune.json and metrics.json.
+        headline: keys of its record that metrics.json also shows at the top (privacy: epsilon).
+    """
+
+    name: str
+    headline: tuple[str, ...]
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the one that wrote the checkpoint."""
+        ...
+
+    def build(self, model: nn.Module, config: TrainConfig, num_examples: int) -> Plugins:
+        """The run's plug-in (refuse here, before any step, what it cannot train)."""
+        ...
+
+
+def combine_plugins(built: Sequence[Plugins]) -> Plugins:
+    """One set of trainer plug-ins from several; two that both set the sampler or the step are
+    refused, since a run has one of each."""
+    samplers = [p.sampler for p in built if p.sampler is not None]
+    steps = [p.step for p in built if p.step is not None]
+    if len(samplers) > 1 or len(steps) > 1:
+        raise MicrotuneError("two trainer plug-ins both set the sampler or the step; use one")
+    return Plugins(
+        sampler=samplers[0] if samplers else None,
+        step=steps[0] if steps else None,
+        callbacks=[c for p in built for c in p.callbacks],
+    )
 
 
 # -- samplers: which examples form each logical batch ------------------------------------------

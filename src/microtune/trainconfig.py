@@ -18,22 +18,77 @@ MAX_RATE = 1e6
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. Each field's help text is in its metadata."""
+    """Optimisation settings. Each field's help text is in its metadata, where the command line
+    (`microtune.cli.options`) also reads its flag when that is not the field's name ("flag"), its
+    wording on the command line where that differs ("cli_help"), or that it has none ("cli")."""
 
-    learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate of AdamW (None: the method's default)."})
-    batch_size: int = field(default=32, metadata={"help": 'examples per forward pass (micro-batch).'})
-    grad_accum: int = field(default=1, metadata={"help": 'micro-batches per optimizer step (logical batch = batch_size * grad_accum).'})
-    max_steps: int | None = field(default=None, metadata={"help": 'optimizer steps to run; takes precedence over epochs.'})
-    epochs: float | None = field(default=None, metadata={"help": 'passes over the training data, when max_steps is not set.'})
-    warmup_ratio: float = field(default=0.06, metadata={"help": 'fraction of the steps with linear warmup; then linear decay to zero.'})
-    weight_decay: float = field(default=0.0, metadata={"help": 'AdamW decoupled weight decay.'})
-    eval_every: int = field(default=250, metadata={"help": 'evaluate on the dev set every N steps (0: only at the end).'})
-    checkpoint_every: int = field(default=100, metadata={"help": 'write a checkpoint every N steps (0: never).'})
-    log_every: int = field(default=10, metadata={"help": 'write a loss line to the JSONL log every N steps.'})
-    eval_batch_size: int = field(default=64, metadata={"help": 'batch size for evaluation.'})
-    seed: int = field(default=0, metadata={"help": 'seeds the data order, initialisation and dropout.'})
-    progress: bool = field(default=True, metadata={"help": 'show a progress bar.'})
-    group_by_length: bool = field(default=True, metadata={"help": 'batch examples of similar length together (less padding, faster); off: uniformly shuffled batches.'})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak learning rate of AdamW (None: the method's default).",
+            "flag": "--lr",
+            "cli_help": "peak learning rate (default: the method's, e.g. slash 2e-2)",
+        },
+    )
+    batch_size: int = field(
+        default=32, metadata={"help": "examples per forward pass (micro-batch)."}
+    )
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches per optimizer step (logical batch = batch_size * grad_accum)."
+        },
+    )
+    max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "optimizer steps to run; takes precedence over epochs.",
+            "cli_help": f"optimizer steps (default {DEFAULT_MAX_STEPS} unless --epochs)",
+        },
+    )
+    epochs: float | None = field(
+        default=None, metadata={"help": "passes over the training data, when max_steps is not set."}
+    )
+    warmup_ratio: float = field(
+        default=0.06,
+        metadata={"help": "fraction of the steps with linear warmup; then linear decay to zero."},
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
+    eval_every: int = field(
+        default=250,
+        metadata={"help": "evaluate on the dev set every N steps (0: only at the end)."},
+    )
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "write a checkpoint every N steps (0: never)."}
+    )
+    log_every: int = field(
+        default=10,
+        metadata={"help": "write a loss line to the JSONL log every N steps.", "cli": False},
+    )
+    eval_batch_size: int = field(
+        default=64, metadata={"help": "batch size for evaluation.", "cli": False}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seeds the data order, initialisation and dropout."}
+    )
+    progress: bool = field(
+        default=True,
+        metadata={
+            "help": "show a progress bar.",
+            "flag": "--no-progress",
+            "cli_help": "hide the progress bar",
+        },
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "batch examples of similar length together (less padding, faster); off: "
+            "uniformly shuffled batches.",
+            "flag": "--no-group-by-length",
+            "cli_help": "uniformly shuffled batches instead of batches of similar length "
+            "(more padding)",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.epochs is None:

@@ -41,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from microtune.errors import MicrotuneError
+from microtune.methods import method_class
+from microtune.taskspec import get_task
+from microtune.trainconfig import TrainConfig
 
 CONFIG_FOLDER = Path(__file__).resolve().parents[3] / "bench" / "configs"  # in a checkout
 QUICK_CONFIG = "quick.toml"
@@ -86,7 +89,6 @@ class Protocol:
         if self.max_train_examples < 0:
             raise MicrotuneError("protocol.max_train_examples must be >= 0 (0: all)")
         # TrainConfig owns the bounds of the training fields: check them there.
-        from microtune.train import TrainConfig
 
         shared = {f.name for f in dataclasses.fields(TrainConfig)}
         try:
@@ -408,8 +410,6 @@ def load_config(
 
 def check_config(config: BenchConfig) -> None:
     """Every task and method exists and every method's options are valid, before any run."""
-    from microtune.methods import method_class
-    from microtune.tasks import get_task
 
     for task in config.tasks:
         if get_task(task).type == "causal-lm":

@@ -16,9 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from microtune.artifact import atomic_write
 from microtune.bench.runner import FAILED, read_record, read_records
 from microtune.errors import MicrotuneError
+from microtune.files import atomic_write
 
 REPORT_FILE = "report.md"
 PLOTS = {

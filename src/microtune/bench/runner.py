@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import microtune
-from microtune.artifact import write_json
 from microtune.bench.config import BenchConfig, Cell, cells, check_config
 from microtune.errors import MicrotuneError
+from microtune.files import write_json
 
 CELLS, FAILED, SPECS, LOGS, RUNS = "cells", "failed", "specs", "logs", "runs"
 

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from microtune.data import Encoded, batches
+from microtune.train import AdamWStep
+from microtune.trainconfig import TrainConfig
+from microtune.version import __version__
 
 
 def sync(device: torch.device | str) -> None:
@@ -109,7 +112,6 @@ def step_vs_forward(
     """One training step (`train.AdamWStep`: forward, backward, AdamW) against one no-grad
     eval-mode forward of the same batch, interleaved; milliseconds and the ratio of medians.
     The step updates `model`: time it after everything else that reads the model."""
-    from microtune.train import AdamWStep, TrainConfig
 
     step = AdamWStep()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -166,7 +168,6 @@ def versions() -> dict[str, str | None]:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             found[package] = None
-    from microtune import __version__
 
     found["microtune"] = __version__  # the code that ran, even from a checkout
     return found

@@ -17,11 +17,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from microtune.artifact import atomic_write, write_json
 from microtune.bench.config import BenchConfig, MethodEntry, Protocol, Timing, load_config
 from microtune.bench.runner import read_records, run_bench
 from microtune.errors import MicrotuneError
-from microtune.tasks import get_task, load_rows
+from microtune.files import atomic_write, write_json
+from microtune.methods import method_class
+from microtune.taskspec import get_task, load_rows
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -66,7 +67,6 @@ def carve(config: BenchConfig, folder: str | os.PathLike) -> str:
 def lr_grid(entry: MethodEntry, factors: tuple[float, ...]) -> list[float]:
     """The rates to try: the method's `lr_grid`, else `factors` × its lr (3 significant
     digits)."""
-    from microtune.methods import method_class
 
     if entry.lr_grid:
         return sorted(entry.lr_grid)

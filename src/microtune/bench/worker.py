@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from microtune import api
+from microtune.artifact import read_artifact_config
+from microtune.backbone import load_backbone
 from microtune.bench.timing import (
     hardware,
     inference_times,
@@ -32,7 +35,11 @@ from microtune.bench.timing import (
 )
 from microtune.data import batches
 from microtune.errors import MicrotuneError
-from microtune.train import ShuffledSampler, TrainConfig, TrainerCallback
+from microtune.export import check_rows
+from microtune.files import write_json
+from microtune.model import TaskModel
+from microtune.train import ShuffledSampler, TrainerCallback
+from microtune.trainconfig import TrainConfig
 
 
 class BenchCallback(TrainerCallback):
@@ -137,9 +144,6 @@ def train_command(spec: dict[str, Any]) -> str:
 def measure_inference(model, spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Dev-set inference of the base model, the trained model unmerged and merged, interleaved;
     and max |logit merged - unmerged|."""
-    from microtune.api import check_rows
-    from microtune.artifact import read_artifact_config
-    from microtune.model import TaskModel, load_backbone
 
     timing, protocol = spec["timing"], spec["protocol"]
     base_backbone, tokenizer = load_backbone(
@@ -180,7 +184,6 @@ def measure_inference(model, spec: dict[str, Any], device: torch.device) -> dict
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Train and measure one cell; returns its record."""
-    from microtune import api
 
     started = time.time()
     protocol, timing = spec["protocol"], spec["timing"]
@@ -256,7 +259,6 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the cell of the spec file named by the one argument; exit 2 on a `MicrotuneError`."""
-    from microtune.artifact import write_json
 
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))

@@ -10,59 +10,18 @@ and serves unmerged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
 from microtune.arch import ArchSpec, output_dim
-from microtune.errors import MicrotuneError
-from microtune.methods.base import Method, MethodConfig
+from microtune.methods.base import Method
+from microtune.methods.configs.adapter import ACTIVATION_NAMES, ADAPTER_SITES, AdapterConfig
 
-# Which sub-layer outputs get an adapter, as arch parts.
-ADAPTER_SITES = {"houlsby": ("attn_out", "ffn_out"), "pfeiffer": ("ffn_out",)}
+# The torch module of each name the configs accept (`configs.adapter.ACTIVATION_NAMES`).
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
-
-
-@dataclass
-class AdapterConfig(MethodConfig):
-    """Bottleneck adapter options.
-
-    Attributes:
-        adapter_type: "houlsby" (after the attention sub-layer and after the FFN of every block)
-            or "pfeiffer" (after the FFN only).
-        bottleneck: adapter width m; 0 means hidden size // reduction_factor.
-        reduction_factor: hidden size / adapter width, used when bottleneck is 0.
-        activation: nonlinearity between the down and up projections: relu, gelu, tanh, silu
-            (or its alias swish).
-        dropout: keep backbone dropout while training.
-    """
-
-    adapter_type: str = "houlsby"
-    bottleneck: int = 0
-    reduction_factor: int = 16
-    activation: str = "relu"
-    dropout: bool = True
-
-    def __post_init__(self) -> None:
-        if self.adapter_type not in ADAPTER_SITES:
-            raise MicrotuneError(
-                f"adapter: adapter_type '{self.adapter_type}' unknown; use {tuple(ADAPTER_SITES)}"
-            )
-        if self.bottleneck < 0:
-            raise MicrotuneError(f"adapter: bottleneck must be >= 0, got {self.bottleneck}")
-        if self.reduction_factor < 1:
-            raise MicrotuneError(
-                f"adapter: reduction_factor must be a positive integer, got {self.reduction_factor}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise MicrotuneError(
-                f"adapter: activation '{self.activation}' unknown; use {tuple(ACTIVATIONS)}"
-            )
-
-    def width(self, hidden_size: int) -> int:
-        return self.bottleneck or max(1, hidden_size // self.reduction_factor)
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "configs.adapter.ACTIVATION_NAMES is out of date"
 
 
 class BottleneckAdapter(nn.Module):

@@ -1,5 +1,7 @@
 """What every method is: a config dataclass and a module that attaches to a backbone.
 
+The config (`MethodConfig`, re-exported here) lives in `microtune.methods.configs`, free of torch.
+
 A method never reads the CLI and never sees the trainer. It gets a loaded `transformers`
 backbone (frozen by `TaskModel` before `attach`) and the architecture map entry, adds its
 parameters and hooks, and later folds itself back into the weights with `merge`.
@@ -9,72 +11,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
-import functools
-import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from microtune.arch import ArchSpec
-from microtune.data import check_seed
 from microtune.errors import MicrotuneError
-
-
-@dataclass
-class MethodConfig:
-    """Fields every method has.
-
-    Attributes:
-        dropout: keep the backbone's dropout active while training. SLaSh and JR-WARP default
-            to off, as in the original code; methods that train backbone weights default to on.
-    """
-
-    dropout: bool = True
-
-    def __post_init__(self) -> None:
-        self.check_common()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # A method's own __post_init__ need not call super(): the checks every config shares
-        # run first anyway, so a new method gets them for free (and its own checks never see
-        # an inf that, say, int() would choke on).
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("__post_init__")
-        if own is not None and not getattr(own, "checks_common", False):
-
-            @functools.wraps(own)
-            def post_init(self: MethodConfig) -> None:
-                self.check_common()
-                own(self)
-
-            post_init.checks_common = True  # type: ignore[attr-defined]
-            cls.__post_init__ = post_init  # type: ignore[method-assign]
-
-    def check_common(self) -> None:
-        """Every float option must be finite; every `*seed` option a seed `check_seed` takes."""
-        for field in dataclasses.fields(self):
-            flag = "--" + field.name.replace("_", "-")
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise MicrotuneError(f"{flag} must be a finite number, got {value}")
-            if field.name.endswith("seed") and value is not None:
-                check_seed(flag, value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MethodConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MicrotuneError(
-                f"unknown option(s) {unknown} for {cls.__name__}; known: {sorted(known)}"
-            )
-        return cls(**values)
+from microtune.methods.configs.base import MethodConfig
+from microtune.records import Record
 
 
 class Method(nn.Module, abc.ABC):
@@ -89,6 +34,8 @@ class Method(nn.Module, abc.ABC):
     # False for a method whose forward mixes the examples of a batch: no per-example gradient
     # exists, so DP training refuses it before the first step.
     supports_per_example: ClassVar[bool] = True
+    # The record `stored_metadata` returns (the artifact's `method_state`); None: it records {}.
+    state_schema: ClassVar[type[Record] | None] = None
 
     def __init__(self, config: MethodConfig):
         super().__init__()

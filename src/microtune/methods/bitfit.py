@@ -10,28 +10,12 @@ float32 the biases train as float32 copies (`microtune.methods.masters`).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 from torch import nn
 
 from microtune.arch import ArchSpec, ensure_bias
-from microtune.methods.base import MethodConfig
+from microtune.methods.configs.bitfit import BitFitConfig
 from microtune.methods.masters import BackboneTensorMethod
-
-
-@dataclass
-class BitFitConfig(MethodConfig):
-    """BitFit options.
-
-    Attributes:
-        create_missing_biases: add a zero bias to every block linear that has none (Llama) and
-            train it too; merging then sets the config's bias flags (e.g. mlp_bias). Off by
-            default: BitFit trains the biases the model has.
-        dropout: keep backbone dropout while training.
-    """
-
-    create_missing_biases: bool = False
-    dropout: bool = True
 
 
 def _flag_part(arch: ArchSpec, path_in_block: str) -> str | None:

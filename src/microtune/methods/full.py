@@ -7,24 +7,11 @@ model plus AdamW's state, so the low-precision base saves memory only in the for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from microtune.arch import ArchSpec
-from microtune.methods.base import MethodConfig
+from microtune.methods.configs.full import FullConfig
 from microtune.methods.masters import BackboneTensorMethod
-
-
-@dataclass
-class FullConfig(MethodConfig):
-    """Full fine-tuning options.
-
-    Attributes:
-        dropout: keep backbone dropout while training.
-    """
-
-    dropout: bool = True
 
 
 class Full(BackboneTensorMethod):

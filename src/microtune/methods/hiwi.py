@@ -28,7 +28,6 @@ It is refused with a pointer to the weight variant.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,39 +37,11 @@ from torch.func import functional_call
 from microtune.arch import ArchSpec, is_conv1d
 from microtune.errors import MicrotuneError
 from microtune.methods.adapter import ACTIVATIONS
-from microtune.methods.base import Method, MethodConfig, copy_matching
+from microtune.methods.base import Method, copy_matching
+from microtune.methods.configs.hiwi import VARIANTS as VARIANTS  # re-exported
+from microtune.methods.configs.hiwi import HiWiConfig
 
-VARIANTS = ("bias", "weight")
 TARGETS = ("ffn_in", "ffn_out")
-
-
-@dataclass
-class HiWiConfig(MethodConfig):
-    """HiWi options.
-
-    Attributes:
-        variant: "bias" (adapt the FFN biases b1, b2; the artifact stores only the new biases)
-            or "weight" (adapt the FFN weights W1, W2 row-wise along the input dimension).
-        r: adapter bottleneck (A is n x r, B is r x n). The bias variant's artifact size does
-            not depend on it.
-        activation: f in P' = P + f(P A) B: relu (default, as in the paper), gelu, tanh, silu.
-        dropout: keep backbone dropout while training.
-    """
-
-    variant: str = "bias"
-    r: int = 8
-    activation: str = "relu"
-    dropout: bool = True
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise MicrotuneError(f"hiwi: variant '{self.variant}' unknown; use {VARIANTS}")
-        if self.r < 1:
-            raise MicrotuneError(f"hiwi: r must be a positive integer, got {self.r}")
-        if self.activation not in ACTIVATIONS:
-            raise MicrotuneError(
-                f"hiwi: activation '{self.activation}' unknown; use {tuple(ACTIVATIONS)}"
-            )
 
 
 class ParameterAdapter(nn.Module):

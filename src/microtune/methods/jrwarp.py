@@ -7,22 +7,13 @@ are computed once and cached until z changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import nn
 
 from microtune.arch import ArchSpec
-from microtune.methods.projected import ProjectedZConfig, ProjectedZMethod
+from microtune.methods.configs.jrwarp import JRWARPConfig
+from microtune.methods.projected import ProjectedZMethod
 from microtune.methods.prompts import PromptMethod
-
-
-@dataclass
-class JRWARPConfig(ProjectedZConfig):
-    """JR-WARP options: those of every projected-z method (see ProjectedZConfig)."""
-
-    method_label: ClassVar[str] = "jrwarp"
 
 
 class JRWARP(PromptMethod, ProjectedZMethod):

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from microtune.arch import ArchSpec
-from microtune.methods.base import Method, MethodConfig
-
-
-@dataclass
-class LinearProbeConfig(MethodConfig):
-    """Linear probe options.
-
-    Attributes:
-        dropout: keep backbone dropout while training (default off: the probe reads fixed
-            features).
-    """
-
-    dropout: bool = False
+from microtune.methods.base import Method
+from microtune.methods.configs.linear import LinearProbeConfig
 
 
 class LinearProbe(Method):

@@ -11,7 +11,6 @@ removes the hooks, leaving a stock `transformers` model. `unmerge` subtracts it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -19,40 +18,8 @@ from torch import nn
 
 from microtune.arch import ArchSpec, is_conv1d
 from microtune.errors import MicrotuneError
-from microtune.methods.base import Method, MethodConfig
-
-
-@dataclass
-class LoRAConfig(MethodConfig):
-    """LoRA options.
-
-    Attributes:
-        rank: rank r of the update B A.
-        alpha: the update is scaled by alpha / rank.
-        lora_dropout: dropout on the LoRA branch's input (the frozen path is unaffected).
-        target_modules: comma-separated layer names; a layer matches when its dotted path equals
-            a name or ends with "." + name (e.g. "query,value" or "attn.c_attn"). Empty: the
-            architecture's attention query and value (GPT-2: its fused c_attn).
-        dropout: keep backbone dropout while training.
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: str = ""
-    dropout: bool = True
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise MicrotuneError(f"lora: rank must be a positive integer, got {self.rank}")
-        if not self.alpha > 0:
-            raise MicrotuneError(f"lora: alpha must be positive, got {self.alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise MicrotuneError(f"lora: lora_dropout must be in [0, 1), got {self.lora_dropout}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+from microtune.methods.base import Method
+from microtune.methods.configs.lora import LoRAConfig
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:

@@ -10,61 +10,19 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from microtune.errors import MicrotuneError
-from microtune.methods.base import Method, MethodConfig
+from microtune.methods.base import Method
+from microtune.methods.configs.projected import MAX_D as MAX_D  # re-exported
+from microtune.methods.configs.projected import PROJECTION_INITS as CONFIG_INITS
+from microtune.methods.configs.projected import Z_INITS as Z_INITS  # re-exported
+from microtune.methods.configs.projected import ProjectedZConfig
 from microtune.projections import PROJECTION_INITS, ProjectionBank, project_from_seed
 
-Z_INITS = ("normal", "zeros")
-MAX_D = 2**20
-
-
-@dataclass
-class ProjectedZConfig(MethodConfig):
-    """Options of every method that trains z through a projection bank.
-
-    Attributes:
-        d: length of the trainable vector z.
-        projection_seed: seed of the projection bank; the artifact stores it, not the matrices.
-        projection_init: "normal" N(0, 1/d) or "uniform" with the same variance.
-        projection_std_scale: multiplies the projections' standard deviation (2, 0.5, or
-            sqrt(2), sqrt(0.5) for the variance-scaled variants).
-        z_init: "normal" N(0, 1/d), or "zeros" (SLaSh then starts exactly at the pretrained
-            function; JR-WARP's prompt starts as a zero vector).
-        memory_lean: keep no projection matrix in memory: regenerate W_l from its seed in the
-            forward and backward pass (less memory, more time; same gradients).
-        dropout: keep backbone dropout while training (the original code turned it off).
-    """
-
-    # Prefix of this config's error messages.
-    method_label: ClassVar[str] = "projected"
-
-    d: int = 1024
-    projection_seed: int = 0
-    projection_init: str = "normal"
-    projection_std_scale: float = 1.0
-    z_init: str = "normal"
-    memory_lean: bool = False
-    dropout: bool = False
-
-    def __post_init__(self) -> None:
-        name = self.method_label
-        if not 1 <= self.d <= MAX_D:
-            # d x D floats per block: past 2^20 even MiniLM's projections need 9 GB.
-            raise MicrotuneError(f"{name}: d must be an integer in 1..{MAX_D}, got {self.d}")
-        if self.projection_init not in PROJECTION_INITS:
-            raise MicrotuneError(
-                f"{name}: projection_init '{self.projection_init}' unknown; use {PROJECTION_INITS}"
-            )
-        if self.z_init not in Z_INITS:
-            raise MicrotuneError(f"{name}: z_init '{self.z_init}' unknown; use {Z_INITS}")
-        if not self.projection_std_scale > 0:
-            raise MicrotuneError(f"{name}: projection_std_scale must be positive")
+# The torch-free config spells out the bank's draws; they must stay the bank's own.
+assert CONFIG_INITS == PROJECTION_INITS, "configs.projected.PROJECTION_INITS is out of date"
 
 
 def init_z(d: int, mode: str) -> torch.Tensor:

@@ -7,39 +7,16 @@ unmodified architecture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from microtune.arch import ArchSpec, ensure_bias, output_dim
 from microtune.errors import MicrotuneError
-from microtune.methods.projected import ProjectedZConfig, ProjectedZMethod
-
-# Where the shift is added, as the arch part whose output (and bias) receives it.
-POSITIONS = ("output", "intermediate", "attention")
-
-
-@dataclass
-class SLaShConfig(ProjectedZConfig):
-    """SLaSh options: those of ProjectedZConfig, plus where the shift goes.
-
-    Attributes:
-        position: "output" (after the FFN's second linear, folds into its bias), "intermediate"
-            (the FFN's first linear, before the activation) or "attention" (after the attention
-            LayerNorm in post-LN models; on the attention output projection in pre-LN ones).
-    """
-
-    method_label: ClassVar[str] = "slash"
-
-    position: str = "output"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.position not in POSITIONS:
-            raise MicrotuneError(f"slash: position '{self.position}' unknown; use {POSITIONS}")
+from microtune.methods.configs.slash import POSITIONS as POSITIONS  # re-exported
+from microtune.methods.configs.slash import SLaShConfig
+from microtune.methods.projected import ProjectedZMethod
 
 
 def site_part(arch: ArchSpec, position: str) -> str:

@@ -3,43 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from microtune.arch import ArchSpec
-from microtune.errors import MicrotuneError
-from microtune.methods.base import MethodConfig
+from microtune.methods.configs.warp import PROMPT_INITS as PROMPT_INITS  # re-exported
+from microtune.methods.configs.warp import WARPConfig
 from microtune.methods.prompts import PromptMethod, block_inputs
-
-PROMPT_INITS = ("tokens", "normal")
-
-
-@dataclass
-class WARPConfig(MethodConfig):
-    """WARP options.
-
-    Attributes:
-        num_prompts: number k of trainable prompt vectors prepended at the input layer.
-        prompt_init: "tokens" (each prompt starts as the first block's input for a random
-            vocabulary token, so it has the scale of real inputs) or "normal" N(0, 1/D).
-        dropout: keep backbone dropout while training (off, as for SLaSh and JR-WARP).
-    """
-
-    num_prompts: int = 20
-    prompt_init: str = "tokens"
-    dropout: bool = False
-
-    def __post_init__(self) -> None:
-        if self.num_prompts < 1:
-            raise MicrotuneError(
-                f"warp: num_prompts must be a positive integer, got {self.num_prompts}"
-            )
-        if self.prompt_init not in PROMPT_INITS:
-            raise MicrotuneError(
-                f"warp: prompt_init '{self.prompt_init}' unknown; use {PROMPT_INITS}"
-            )
 
 
 class WARP(PromptMethod):

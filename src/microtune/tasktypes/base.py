@@ -12,24 +12,40 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from microtune.data import Encoded
-    from microtune.model import TaskModel
-    from microtune.tasks import Example, Task
+from microtune.data import Encoded
+from microtune.errors import MicrotuneError
+from microtune.heads import TaskHead
+from microtune.inference import Outputs, predict
+from microtune.taskspec import Example, Task, label_key, sentence_example
 
-# Label of a position that is not scored (special tokens, a word's later sub-tokens, padding),
-# as `torch.nn.functional.cross_entropy` and `transformers` ignore it.
-IGNORE_INDEX = -100
 
-# Model outputs of a split, in order: one (N, C) array for sequence types, one (T_i, C) array
-# per example (its real tokens) for per-token types.
-Outputs = np.ndarray | list[np.ndarray]
+class TaskModelLike(Protocol):
+    """What a task type needs of a task model (`microtune.model.TaskModel` is one): its parts,
+    its forward pass (logits), the backbone's outputs before the head, and train/eval modes."""
+
+    backbone: nn.Module
+    head: nn.Module
+    head_config: Any
+    arch: Any
+    method: Any
+    mask_token_id: int | None
+    training: bool
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor: ...
+
+    def backbone_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any: ...
+
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 class TaskType(abc.ABC):
@@ -43,19 +59,22 @@ class TaskType(abc.ABC):
         auto_class: the `transformers` Auto class that loads the base model (`load_backbone`).
         export_check_examples: at most this many dev rows in the export check (None: no cap),
             for task types whose outputs are large (a causal LM's span its vocabulary).
+        metrics: every metric name a task of this type may record (the artifact schema
+            accepts these in a task record).
+        stock_class: the `transformers` Auto class that loads a `stock_format` export.
     """
 
     name: ClassVar[str]
     per_token: ClassVar[bool] = False
+    metrics: ClassVar[tuple[str, ...]] = ()
     stock_format: ClassVar[str | None] = None
+    stock_class: ClassVar[str | None] = None
     auto_class: ClassVar[str] = "AutoModel"
     export_check_examples: ClassVar[int | None] = None
 
     def backbone_and_head(self, model: nn.Module, head_config: Any) -> tuple[nn.Module, nn.Module]:
         """(backbone, head) of a model loaded with `auto_class`: by default the model itself
         and a new linear `TaskHead` over the read-out (`HeadConfig`)."""
-        from microtune.heads import TaskHead
-
         head = TaskHead(
             model.config.hidden_size,
             head_config.num_labels,
@@ -74,15 +93,11 @@ class TaskType(abc.ABC):
     ) -> Example:
         """One example from a data row whose columns are known to be present (`where` names
         the row in errors)."""
-        from microtune.tasks import sentence_example
-
         return sentence_example(task, row, columns, label_column, where)
 
     def seen_labels(self, rows: Sequence[dict], column: str, source: str) -> set[str]:
         """The label names that occur in training rows (for tasks whose labels come from the
         data)."""
-        from microtune.tasks import label_key
-
         return {
             label_key(row.get(column), f"{source}, row {number}")
             for number, row in enumerate(rows, 1)
@@ -121,7 +136,7 @@ class TaskType(abc.ABC):
 
     def evaluate(
         self,
-        model: TaskModel,
+        model: TaskModelLike,
         task: Task,
         rows: Sequence[Encoded],
         labels: Sequence,
@@ -129,12 +144,9 @@ class TaskType(abc.ABC):
         batch_size: int = 64,
         tokenizer: Any = None,
     ) -> dict[str, float | None]:
-        """The dev metrics of `model` on encoded rows: `score` of `train.predict`'s outputs, which
+        """The dev metrics of `model` on encoded rows: `score` of `predict`'s outputs, which
         must be finite. Types whose outputs are too large to hold (a vocabulary per token) or
         that generate override it (`tokenizer`: for those that read text back)."""
-        from microtune.errors import MicrotuneError
-        from microtune.train import predict
-
         outputs = predict(model, rows, pad_token_id, batch_size)
         each = outputs if isinstance(outputs, list) else list(outputs)
         bad = sum(not np.isfinite(o).all() for o in each)
@@ -160,7 +172,30 @@ class TaskType(abc.ABC):
         """One JSON-able prediction per input (what `microtune predict` prints); `labels` are
         the encoded placeholders of the inputs (where per-token types read their words)."""
 
-    def export_stock(self, task_model: TaskModel, config: dict[str, Any], folder) -> bool:
+    def check_predicts(self) -> None:  # noqa: B027 (a hook: most types predict)
+        """Refuse `predict` before any work where the type has no labels to present (a causal
+        LM generates instead)."""
+
+    def check_generates(self) -> None:
+        """Refuse `generate` before any work where the type does not generate text."""
+        raise MicrotuneError(
+            f"generate needs a causal-lm artifact; this one is {self.name}: use predict"
+        )
+
+    def generate(
+        self,
+        task_model: TaskModelLike,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        batch_size: int,
+        max_length: int,
+    ) -> list[dict[str, Any]]:
+        """One {"prompt", "response"} per prompt, for types that generate text."""
+        self.check_generates()
+        return []
+
+    def export_stock(self, task_model: TaskModelLike, config: dict[str, Any], folder) -> bool:
         """Write a stock `transformers` task model into `folder` when one computes the same
         function as `task_model` (merged); False (nothing written) when none does."""
         return False

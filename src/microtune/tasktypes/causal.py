@@ -18,6 +18,8 @@ merged model's logits on at most `CausalLM.export_check_examples` dev rows.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from microtune.backbone import backbone_dtype
+from microtune.data import IGNORE_INDEX, batches, collate
 from microtune.errors import MicrotuneError
-from microtune.tasktypes.base import IGNORE_INDEX, Outputs, TaskType
+from microtune.inference import Outputs
+from microtune.taskspec import Example
+from microtune.tasktypes.base import TaskType
 
 # Tokens a greedy answer may run past its reference's length before it is cut (exact match).
 EXTRA_ANSWER_TOKENS = 4
@@ -75,8 +81,6 @@ class LMHead(nn.Module):
 
     def per_example_parameters(self, batch_size: int):
         """Nothing of the head trains, so it has no per-example leaves (DP's fast path)."""
-        import contextlib
-
         return contextlib.nullcontext({})
 
 
@@ -98,8 +102,6 @@ def greedy_generate(
     merged), without a key/value cache: every step re-runs the whole right-padded batch, so
     every method (prompts, substituted tensors) sees exactly the inputs it trains on. A
     continuation ends at EOS (not included) or after its `max_new_tokens`."""
-    from microtune.data import collate
-
     limits = (
         [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     )
@@ -157,7 +159,9 @@ class CausalLM(TaskType):
 
     name = "causal-lm"
     per_token = True
+    metrics = ("exact_match", "perplexity", "loss")
     stock_format = "causal-lm"
+    stock_class = "AutoModelForCausalLM"
     auto_class = "AutoModelForCausalLM"
     # Dev rows the export check compares (at most): every row's logits span the vocabulary at
     # every token (16 rows of 256 tokens over SmolLM2's 49,152 are 0.8 GB of float32).
@@ -188,8 +192,6 @@ class CausalLM(TaskType):
     def fit_rows(self, task, rows, text_columns):
         """prompt/response rows (exact match is the main metric) or text rows (perplexity);
         --text-columns maps the user's names: two columns are prompt, response; one is text."""
-        from dataclasses import replace
-
         columns = tuple(text_columns or ())
         if len(columns) not in (0, 1, 2):
             raise MicrotuneError(
@@ -210,11 +212,9 @@ class CausalLM(TaskType):
         metrics = (
             ("exact_match", "perplexity", "loss") if len(columns) == 2 else ("perplexity", "loss")
         )
-        return replace(task, text_columns=columns, metrics=metrics)
+        return dataclasses.replace(task, text_columns=columns, metrics=metrics)
 
     def read_example(self, task, row, columns, label_column, where):
-        from microtune.tasks import Example
-
         texts = [row[c] for c in columns]
         if not all(isinstance(t, str) for t in texts):
             raise MicrotuneError(f"{where}: columns {list(columns)} must hold text")
@@ -276,8 +276,6 @@ class CausalLM(TaskType):
     ) -> tuple[list[float], list[int]]:
         """(summed loss, scored tokens) per row, as `loss` scores them, with the vocabulary-wide
         logits computed only at scored positions, a chunk at a time."""
-        from microtune.data import batches
-
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -358,40 +356,70 @@ class CausalLM(TaskType):
         loss = total / max(tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700))}
 
-    def present(self, outputs: Outputs, label_names, examples, labels):
+    def check_predicts(self) -> None:
+        """Its outputs are a vocabulary per token: it generates instead."""
         raise MicrotuneError(
             "a causal-lm artifact generates text: use `microtune generate --artifact DIR "
             "--prompt TEXT` (or TunedModel.generate)"
         )
 
+    def present(self, outputs: Outputs, label_names, examples, labels):
+        self.check_predicts()
+        return []
+
+    def check_generates(self) -> None:
+        """It generates."""
+
+    def generate(self, task_model, tokenizer, prompts, max_new_tokens, batch_size, max_length):
+        """Greedy continuations: each prompt encoded as in training (with the tokenizer's special
+        tokens, cut to `max_length`), then up to `max_new_tokens` tokens until EOS. Merged or
+        not, the tokens are the same (`greedy_generate`)."""
+        encoded = tokenizer(list(prompts), add_special_tokens=True).input_ids
+        encoded = [ids[:max_length] for ids in encoded]
+        answers = greedy_generate(
+            task_model,
+            encoded,
+            max_new_tokens,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            batch_size,
+        )
+        return [
+            {"prompt": p, "response": tokenizer.decode(a, skip_special_tokens=True)}
+            for p, a in zip(prompts, answers, strict=True)
+        ]
+
     def export_stock(self, task_model, config: dict[str, Any], folder) -> bool:
-        """The merged model as a stock `AutoModelForCausalLM` (the LM head tied as in the base),
-        checked to give the task model's logits on a probe batch; refused, never a fallback."""
-        from transformers import AutoModelForCausalLM
-
-        from microtune.model import backbone_dtype
-
-        backbone = task_model.backbone
-        stock_config = backbone.config.__class__.from_dict(backbone.config.to_dict())
-        full = AutoModelForCausalLM.from_config(stock_config).to(backbone_dtype(backbone)).eval()
-        getattr(full, full.base_model_prefix).load_state_dict(backbone.state_dict())
-        head = full.get_output_embeddings()
-        if head.weight is not full.get_input_embeddings().weight:  # untied: the base's own head
-            head.load_state_dict(task_model.head.linear.state_dict())
-        device = next(task_model.parameters()).device
-        full.to(device)
-        ids = (torch.arange(16, device=device).view(2, 8) * 7 + 1) % stock_config.vocab_size
-        mask = torch.ones_like(ids)
-        was_training = task_model.training
-        with torch.no_grad():
-            expected = task_model.eval()(input_ids=ids, attention_mask=mask).float()
-            got = full(input_ids=ids, attention_mask=mask).logits.float()
-        task_model.train(was_training)
-        scale = max(1.0, float(expected.abs().max()))
-        if not float((got - expected).abs().max()) <= 1e-3 * scale:
-            raise MicrotuneError(
-                "the merged model does not reproduce the artifact's logits as a stock "
-                "AutoModelForCausalLM; serve the artifact unmerged (`microtune generate`)"
-            )
-        full.save_pretrained(folder)
+        """The merged model as a stock `AutoModelForCausalLM` (`write_stock_causal_lm`)."""
+        write_stock_causal_lm(task_model, folder)
         return True
+
+
+def write_stock_causal_lm(task_model: nn.Module, folder) -> None:
+    """The merged model as a stock `AutoModelForCausalLM` (the LM head tied as in the base),
+    checked to give the task model's logits on a probe batch; refused, never a fallback."""
+    from transformers import AutoModelForCausalLM
+
+    backbone = task_model.backbone
+    stock_config = backbone.config.__class__.from_dict(backbone.config.to_dict())
+    full = AutoModelForCausalLM.from_config(stock_config).to(backbone_dtype(backbone)).eval()
+    getattr(full, full.base_model_prefix).load_state_dict(backbone.state_dict())
+    head = full.get_output_embeddings()
+    if head.weight is not full.get_input_embeddings().weight:  # untied: the base's own head
+        head.load_state_dict(task_model.head.linear.state_dict())
+    device = next(task_model.parameters()).device
+    full.to(device)
+    ids = (torch.arange(16, device=device).view(2, 8) * 7 + 1) % stock_config.vocab_size
+    mask = torch.ones_like(ids)
+    was_training = task_model.training
+    with torch.no_grad():
+        expected = task_model.eval()(input_ids=ids, attention_mask=mask).float()
+        got = full(input_ids=ids, attention_mask=mask).logits.float()
+    task_model.train(was_training)
+    scale = max(1.0, float(expected.abs().max()))
+    if not float((got - expected).abs().max()) <= 1e-3 * scale:
+        raise MicrotuneError(
+            "the merged model does not reproduce the artifact's logits as a stock "
+            "AutoModelForCausalLM; serve the artifact unmerged (`microtune generate`)"
+        )
+    full.save_pretrained(folder)

@@ -23,8 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from microtune.backbone import backbone_dtype
+from microtune.data import encode
 from microtune.errors import MicrotuneError
-from microtune.tasktypes.base import Outputs, TaskType, own_linear, stock_model_like
+from microtune.inference import Outputs
+from microtune.metrics import METRICS, compute_metrics
+from microtune.tasktypes.base import TaskType, own_linear, stock_model_like
 
 # Bound on max |stock - task model| logits on the probe batches, relative to the largest
 # |logit| (at least 1): the same merged weights, so only the head's rounding differs (a stock
@@ -50,9 +54,11 @@ class SequenceTaskType(TaskType):
         docstring): then the merged model exports as that class."""
         return not (causal and readout == "last")
 
-    def encode(self, tokenizer, examples, max_length, add_mask_token=False):
-        from microtune.data import encode
+    metrics = METRICS
+    stock_format = "sequence-classification"
+    stock_class = "AutoModelForSequenceClassification"
 
+    def encode(self, tokenizer, examples, max_length, add_mask_token=False):
         rows = encode(tokenizer, examples, max_length, add_mask_token)
         return rows, [e.label for e in examples]
 
@@ -64,8 +70,6 @@ class SequenceTaskType(TaskType):
         decoders, when the exported tokenizer never ends a text with the pad token (pad = EOS
         with EOS appended: the stock class would read the token before it)."""
         from transformers import AutoModelForSequenceClassification
-
-        from microtune.model import backbone_dtype
 
         backbone, head, arch = task_model.backbone, task_model.head_config, task_model.arch
         decoder = head.readout == "last" and arch.causal
@@ -160,14 +164,11 @@ class SequenceClassification(SequenceTaskType):
     """One class per example out of num_labels (≥ 2), cross-entropy; softmax scores."""
 
     name = "classification"
-    stock_format = "sequence-classification"
 
     def loss(self, logits, labels, reduction="mean"):
         return nn.functional.cross_entropy(logits, labels, reduction=reduction)
 
     def score(self, task, outputs: Outputs, labels: Sequence):
-        from microtune.metrics import compute_metrics
-
         return compute_metrics(task.metrics, outputs.argmax(-1), labels)
 
     def present(self, outputs: Outputs, label_names, examples, labels):
@@ -182,7 +183,6 @@ class Regression(SequenceTaskType):
     """One number per example (one head output), mean squared error."""
 
     name = "regression"
-    stock_format = "sequence-classification"
 
     def loss(self, logits, labels, reduction="mean"):
         return nn.functional.mse_loss(
@@ -190,8 +190,6 @@ class Regression(SequenceTaskType):
         )
 
     def score(self, task, outputs: Outputs, labels: Sequence):
-        from microtune.metrics import compute_metrics
-
         return compute_metrics(task.metrics, outputs[:, 0], labels)
 
     def present(self, outputs: Outputs, label_names, examples, labels):

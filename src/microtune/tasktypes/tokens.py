@@ -15,8 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from microtune.backbone import backbone_dtype
+from microtune.data import IGNORE_INDEX
 from microtune.errors import MicrotuneError
-from microtune.tasktypes.base import IGNORE_INDEX, Outputs, TaskType, own_linear, stock_model_like
+from microtune.inference import Outputs
+from microtune.taskspec import Example
+from microtune.tasktypes.base import TaskType, own_linear, stock_model_like
 
 
 def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> list[int]:
@@ -59,11 +63,12 @@ class TokenClassification(TaskType):
 
     name = "token-classification"
     per_token = True
+    # Entity-level scores over BIO spans (seqeval); per-type F1 comes as f1_<TYPE> beside them.
+    metrics = ("f1", "precision", "recall")
     stock_format = "token-classification"
+    stock_class = "AutoModelForTokenClassification"
 
     def read_example(self, task, row, columns, label_column, where):
-        from microtune.tasks import Example
-
         words, tags = row[columns[0]], row[label_column]
         if len(columns) != 1:
             raise MicrotuneError(f"token classification reads one column of words, not {columns}")
@@ -167,8 +172,6 @@ class TokenClassification(TaskType):
         hidden state (checked numerically here, so a family whose class adds layers falls back
         to backbone + head)."""
         from transformers import AutoModelForTokenClassification
-
-        from microtune.model import backbone_dtype
 
         backbone, head = task_model.backbone, task_model.head_config
         cls_config = backbone.config.__class__.from_dict(backbone.config.to_dict())

@@ -163,7 +163,9 @@ def test_lora_on_gpt2_conv1d_is_x_w_plus_scaled_x_a_b(tiny_model_dirs):
     with torch.no_grad():
         explicit = x @ layer.weight + layer.bias + scale * (x @ factors.A.T) @ factors.B.T
         hooked = layer(x)
-        torch.testing.assert_close(hooked, explicit, atol=1e-6, rtol=0)
+        # float32 sums of ~7 in magnitude round at ~1e-6: the kernels' order of additions
+        # differs between CPUs (1.4e-6 seen on an AMD EPYC), hence the relative term.
+        torch.testing.assert_close(hooked, explicit, atol=1e-6, rtol=1e-6)
         weight_before = layer.weight.clone()
         model.merge()
         torch.testing.assert_close(

@@ -175,7 +175,8 @@ def test_no_module_imports_ours_inside_a_function_but_the_command_line_front():
     files = [
         p
         for p in PACKAGE.rglob("*.py")
-        if "cli" not in p.relative_to(PACKAGE).parts[:1] and str(p.relative_to(PACKAGE)) not in front
+        if "cli" not in p.relative_to(PACKAGE).parts[:1]
+        and str(p.relative_to(PACKAGE)) not in front
     ]
     assert len(files) > 50
     assert [hit for path in files for hit in _function_level_imports(path)] == []

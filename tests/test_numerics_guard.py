@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from microtune import api, cli
+from microtune import cli, export
 from microtune.errors import MicrotuneError
 from microtune.files import CHECKPOINT_FILE
 from microtune.methods.base import MethodConfig
@@ -374,10 +374,10 @@ def test_non_finite_outputs_are_not_scored(tiny_model_dirs):
 
 def test_the_export_check_fails_on_nan_and_large_differences():
     logits = np.array([[2.0, -3.0]])
-    api.check_logit_diff(1e-6, logits, "float32", "out")
+    export.check_logit_diff(1e-6, logits, "float32", "out")
     for diff in (math.nan, math.inf, 0.1):
         with pytest.raises(MicrotuneError, match="export check failed") as caught:
-            api.check_logit_diff(diff, logits, "float32", "out")
+            export.check_logit_diff(diff, logits, "float32", "out")
         assert "\n" not in str(caught.value)
     with pytest.raises(MicrotuneError, match="export check failed"):  # a NaN artifact
-        api.check_logit_diff(math.nan, np.array([[math.nan, 1.0]]), "float32", "out")
+        export.check_logit_diff(math.nan, np.array([[math.nan, 1.0]]), "float32", "out")

@@ -16,6 +16,7 @@ from microtune.arch import arch_for
 from microtune.artifact import save_artifact
 from microtune.backbone import fingerprint, load_backbone
 from microtune.errors import MicrotuneError
+from microtune.files import EXPORT_FILE, HEAD_FILE
 from microtune.heads import read_out
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
@@ -179,8 +180,8 @@ def test_peft_loads_the_export_with_the_same_outputs(tmp_path, tiny_model_dirs, 
             assert (served(**batch).last_hidden_state - theirs).abs().max() > 1e-2
     assert (ours - theirs).abs().max() <= 1e-5
 
-    info = json.loads((tmp_path / "peft" / api.EXPORT_FILE).read_text())
-    head = load_file(tmp_path / "peft" / api.HEAD_FILE)
+    info = json.loads((tmp_path / "peft" / EXPORT_FILE).read_text())
+    head = load_file(tmp_path / "peft" / HEAD_FILE)
     features = read_out(
         info["readout"], theirs, batch["attention_mask"], batch["input_ids"], None, None
     )

@@ -95,10 +95,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, toy_files, t
 def test_a_failed_checkpoint_write_keeps_the_previous_one(
     tmp_path, toy_files, tiny_model_dirs, monkeypatch
 ):
-    import microtune.artifact as artifact
+    import safetensors.torch  # what microtune.files writes tensor files with
 
     bert = tiny_model_dirs["bert"]
-    real_save = artifact.save_file
+    real_save = safetensors.torch.save_file
     writes = {"n": 0}
 
     def failing_second_write(tensors, path, metadata=None):
@@ -109,7 +109,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(
             raise OSError("disk full")  # ... then the failure
         return real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(artifact, "save_file", failing_second_write)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_second_write)
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, toy_files, bert, "torn")
     folder = tmp_path / "torn"

@@ -76,9 +76,7 @@ def rows_to_examples(
         empty = [c for c in wanted if row[c] is None]  # JSON null, short CSV
         if empty:
             raise MicrotuneError(f"{where}: no value in column(s) {empty}")
-        examples.append(
-            type_of(task).read_example(task, row, columns, label_column, where)
-        )
+        examples.append(type_of(task).read_example(task, row, columns, label_column, where))
     return examples
 
 

@@ -1,7 +1,8 @@
-"""`python -m microtune.cli`: the same as `python -m microtune`."""
+"""`python -m microtune.cli`: the command line (`python -m microtune` also takes Ctrl-C during
+its start-up imports cleanly)."""
 
 import sys
 
-from microtune.__main__ import entry
+from microtune.cli import main
 
-sys.exit(entry())
+sys.exit(main())

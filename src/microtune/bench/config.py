@@ -343,6 +343,17 @@ def read_lrs(path: str) -> dict[str, float]:
     return rates
 
 
+def _tuned(methods: tuple[MethodEntry, ...], lrs: str) -> tuple[MethodEntry, ...]:
+    """The methods with the learning rates of an `lrs` file, which must have each of them."""
+    rates = read_lrs(lrs)
+    missing = [m.label for m in methods if m.label not in rates]
+    if missing:
+        raise MicrotuneError(
+            f"{lrs} has no learning rate for {missing}; rerun `microtune bench tune`"
+        )
+    return tuple(dataclasses.replace(m, lr=float(rates[m.label])) for m in methods)
+
+
 def load_config(
     path: str | os.PathLike,
     overrides: dict[str, Any] | None = None,
@@ -379,13 +390,7 @@ def load_config(
         raise MicrotuneError(f"{path}: method labels repeat; give each `[[methods]]` a label")
     lrs = table.get("lrs") or ""
     if lrs and tuned:
-        rates = read_lrs(lrs)
-        missing = [label for label in labels if label not in rates]
-        if missing:
-            raise MicrotuneError(
-                f"{lrs} has no learning rate for {missing}; rerun `microtune bench tune`"
-            )
-        methods = tuple(dataclasses.replace(m, lr=float(rates[m.label])) for m in methods)
+        methods = _tuned(methods, lrs)
     model = str(table["model"])
     if os.path.isdir(model):
         model = os.path.abspath(model)  # the worker runs from anywhere

@@ -285,6 +285,13 @@ def plot(rows: list[dict[str, Any]], tasks: list[str], folder: Path) -> list[str
         _legend(figure, axes)
         written.append(_save(figure, folder / PLOTS[name]))
 
+    written.append(_plot_steps(plt, rows, tasks, labels, colours, folder))
+    inference = _plot_inference(plt, rows, folder)
+    return written + ([inference] if inference else [])
+
+
+def _plot_steps(plt, rows, tasks, labels, colours, folder: Path) -> str:
+    """Median step time per method and task, as horizontal bars."""
     figure, axes = plt.subplots(
         1, len(tasks), figsize=(4.5 * len(tasks), 0.35 * len(labels) + 1.5), squeeze=False
     )
@@ -299,26 +306,29 @@ def plot(rows: list[dict[str, Any]], tasks: list[str], folder: Path) -> list[str
         axis.set_xlabel("median step ms (log)")
         axis.set_title(task)
         axis.invert_yaxis()
-    written.append(_save(figure, folder / PLOTS["step"]))
+    return _save(figure, folder / PLOTS["step"])
 
+
+def _plot_inference(plt, rows, folder: Path) -> str | None:
+    """Unmerged and merged inference time over the base's, per method (None: none timed)."""
     timed = [r for r in rows if r["unmerged_over_base"] is not None]
-    if timed:
-        methods = list(dict.fromkeys(r["label"] for r in timed))
-        figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(methods) + 2), 4))
-        for offset, key in ((-0.2, "unmerged_over_base"), (0.2, "merged_over_base")):
-            values = [_median([r[key] for r in timed if r["label"] == m]) for m in methods]
-            axis.bar(
-                [i + offset for i in range(len(methods))],
-                [v if v is not None else 0 for v in values],
-                width=0.4,
-                label=key.split("_")[0],
-            )
-        axis.axhline(1.0, color="black", linewidth=0.8)
-        axis.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
-        axis.set_ylabel("inference time ÷ base (median over tasks)")
-        axis.legend()
-        written.append(_save(figure, folder / PLOTS["inference"]))
-    return written
+    if not timed:
+        return None
+    methods = list(dict.fromkeys(r["label"] for r in timed))
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(methods) + 2), 4))
+    for offset, key in ((-0.2, "unmerged_over_base"), (0.2, "merged_over_base")):
+        values = [_median([r[key] for r in timed if r["label"] == m]) for m in methods]
+        axis.bar(
+            [i + offset for i in range(len(methods))],
+            [v if v is not None else 0 for v in values],
+            width=0.4,
+            label=key.split("_")[0],
+        )
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
+    axis.set_ylabel("inference time ÷ base (median over tasks)")
+    axis.legend()
+    return _save(figure, folder / PLOTS["inference"])
 
 
 def task_means(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:

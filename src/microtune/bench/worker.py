@@ -182,28 +182,9 @@ def measure_inference(model, spec: dict[str, Any], device: torch.device) -> dict
     return result
 
 
-def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train and measure one cell; returns its record."""
-
-    started = time.time()
+def cell_record(spec: dict[str, Any], report: dict[str, Any], watch: BenchCallback) -> dict:
+    """What one cell's record holds before its inference and step timings."""
     protocol, timing = spec["protocol"], spec["timing"]
-    watch = BenchCallback()
-    report = api.train(
-        spec["task"],
-        spec["method"],
-        spec["output"],
-        model=spec["model"],
-        method_options=spec["options"],
-        readout=protocol["readout"] or None,
-        train_config=train_config(spec),
-        data_dir=spec["data_dir"] or None,
-        max_length=protocol["max_length"],
-        max_train_examples=protocol["max_train_examples"] or None,
-        device=spec["device"],
-        dtype=protocol["dtype"],
-        overwrite=True,
-        callbacks=[watch],
-    )
     model, device = watch.model, watch.device
     artifact = json.loads((Path(spec["output"]) / "microtune.json").read_text(encoding="utf-8"))
     metric = artifact["task"]["metrics"][0]  # as the task type fitted it to the rows
@@ -244,6 +225,33 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "versions": versions(),
         "hardware": hardware(device),
     }
+    return record
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train and measure one cell; returns its record."""
+
+    started = time.time()
+    protocol, timing = spec["protocol"], spec["timing"]
+    watch = BenchCallback()
+    report = api.train(
+        spec["task"],
+        spec["method"],
+        spec["output"],
+        model=spec["model"],
+        method_options=spec["options"],
+        readout=protocol["readout"] or None,
+        train_config=train_config(spec),
+        data_dir=spec["data_dir"] or None,
+        max_length=protocol["max_length"],
+        max_train_examples=protocol["max_train_examples"] or None,
+        device=spec["device"],
+        dtype=protocol["dtype"],
+        overwrite=True,
+        callbacks=[watch],
+    )
+    model, device = watch.model, watch.device
+    record = cell_record(spec, report, watch)
     if timing["rounds"]:
         record["inference"] = measure_inference(model, spec, device)
     if timing["step_rounds"]:  # last: the step changes the model

@@ -1,5 +1,5 @@
 """Names a user chooses from, kept free of torch so that the command line's parser builds fast:
-the read-outs, the base model's precisions and the default base model."""
+the read-outs, the base model's precisions, the default base model and the projections' draws."""
 
 from __future__ import annotations
 
@@ -14,3 +14,6 @@ READOUTS = ("first", "mean", "mask", "last", "pooler", "tokens")
 
 # The precisions the frozen base can be loaded in (`--dtype`); what trains stays float32.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+# How the seeded projection matrices of SLaSh and JR-WARP are drawn (`projections.ProjectionBank`).
+PROJECTION_INITS = ("normal", "uniform")

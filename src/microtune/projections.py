@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-PROJECTION_INITS = ("normal", "uniform")
+from microtune.choices import PROJECTION_INITS
 
 
 def layer_seed(seed: int, layer: int) -> int:

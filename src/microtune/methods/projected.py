@@ -16,13 +16,9 @@ from torch import nn
 
 from microtune.methods.base import Method
 from microtune.methods.configs.projected import MAX_D as MAX_D  # re-exported
-from microtune.methods.configs.projected import PROJECTION_INITS as CONFIG_INITS
 from microtune.methods.configs.projected import Z_INITS as Z_INITS  # re-exported
 from microtune.methods.configs.projected import ProjectedZConfig
-from microtune.projections import PROJECTION_INITS, ProjectionBank, project_from_seed
-
-# The torch-free config spells out the bank's draws; they must stay the bank's own.
-assert CONFIG_INITS == PROJECTION_INITS, "configs.projected.PROJECTION_INITS is out of date"
+from microtune.projections import ProjectionBank, project_from_seed
 
 
 def init_z(d: int, mode: str) -> torch.Tensor:

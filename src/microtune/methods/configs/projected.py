@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from microtune.choices import PROJECTION_INITS
 from microtune.errors import MicrotuneError
 from microtune.methods.configs.base import MethodConfig
 
-# The projection bank's draws (`microtune.projections.ProjectionBank` checks the same names).
-PROJECTION_INITS = ("normal", "uniform")
 Z_INITS = ("normal", "zeros")
 MAX_D = 2**20
 

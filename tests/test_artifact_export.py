@@ -117,7 +117,7 @@ def test_tampered_tensors_are_refused(trained, tmp_path):
 def test_export_matches_unmerged_and_keeps_the_base_architecture(trained, tmp_path, data_dir):
     folder, _ = trained
     report = api.export_and_check(folder, tmp_path / "merged", data_dir=str(data_dir), examples=128)
-    assert report["format"] == "backbone+head"
+    assert report["format"] == "sentence-transformers"  # mean pooling: no stock class
     assert report["max_abs_logit_diff"] <= 1e-5
     assert report["merged_parameters"] == report["base_parameters"] == 22_713_216
 
@@ -149,7 +149,10 @@ def test_pooler_readout_exports_for_sequence_classification(tmp_path, sst2_dev):
 
 
 def test_readme_loading_snippet_runs_without_microtune(trained, tmp_path, data_dir):
-    """The README's few lines load an export with transformers and safetensors alone."""
+    """The README's few lines load the default export (mean pooling) with sentence-transformers
+    alone, and its logits are the artifact's."""
+    import microtune
+
     folder, _ = trained
     api.merge_artifact(folder, tmp_path / "merged")
     readme = (REPO / "README.md").read_text()
@@ -158,8 +161,5 @@ def test_readme_loading_snippet_runs_without_microtune(trained, tmp_path, data_d
     snippet = re.sub(r'folder = ".*?"', f'folder = "{tmp_path / "merged"}"', snippet)
     namespace: dict = {}
     exec(snippet, namespace)
-    logits = namespace["logits"]
-    expected_fn, _ = api.load_exported(tmp_path / "merged")
-    with torch.no_grad():
-        expected = expected_fn(**namespace["batch"])
-    assert torch.allclose(logits, expected, atol=1e-6)
+    expected = microtune.load(folder).logits(["a gripping , funny film", "dull and lifeless"])
+    assert torch.allclose(namespace["logits"], expected, atol=1e-5)

@@ -21,7 +21,7 @@ from microtune.files import CONFIG_FILE, TENSORS_FILE, write_json
 from microtune.files import file_sha256 as _file_sha256
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.schema import FIX
+from microtune.schema import FIX, FORMAT_VERSION
 from microtune.tasks import task_record
 from microtune.taskspec import get_task
 
@@ -79,8 +79,11 @@ def read_config(folder):
 
 def write_config(folder, config):
     # Hand edits may hold NaN / Infinity, which Python's json reads: write them as such. The
-    # content hash goes (as in older artifacts), so that the schema is what these tests test.
+    # content hash goes, as in a format-1 artifact (the last without it), so that the schema is
+    # what these tests test.
     config = {key: value for key, value in config.items() if key != "config_sha256"}
+    if config.get("format_version") == FORMAT_VERSION:
+        config["format_version"] = 1
     (folder / CONFIG_FILE).write_text(json.dumps(config, allow_nan=True))
 
 
@@ -186,7 +189,7 @@ def test_every_field_deleted_or_of_the_wrong_type(copy_of, paths):
 
 OUT_OF_BOUNDS = [
     ("format_version", 0, "format_version"),
-    ("format_version", 2, "upgrade microtune"),
+    ("format_version", 3, "upgrade microtune"),
     ("format_version", True, "format_version"),
     ("max_length", 0, "max_length"),
     ("max_length", 7, "max_length"),
@@ -506,3 +509,18 @@ def test_a_hand_edited_config_is_refused_by_its_content_hash(copy_of):
         refused(copy_of, "was changed after training", FIX)
     (copy_of / CONFIG_FILE).write_text(json.dumps(original))
     load_artifact(copy_of)  # the untouched config loads
+
+
+def test_the_content_hash_cannot_be_deleted_to_switch_it_off(copy_of):
+    """This version's artifacts always carry config_sha256: an edit that also deletes it is
+    refused; a format-1 artifact (written before the hash) loads without one."""
+    original = read_config(copy_of)
+    assert original["format_version"] == FORMAT_VERSION >= 2
+    edited = copy.deepcopy(original)
+    edited["method_config"]["projection_seed"] = 1
+    del edited["config_sha256"]
+    (copy_of / CONFIG_FILE).write_text(json.dumps(edited))
+    refused(copy_of, "config_sha256 is missing", FIX)
+    older = {key: value for key, value in original.items() if key != "config_sha256"}
+    (copy_of / CONFIG_FILE).write_text(json.dumps({**older, "format_version": 1}))
+    load_artifact(copy_of)

@@ -116,7 +116,7 @@ def perturb(model: TaskModel) -> None:
 def exported_weights(folder) -> dict[str, torch.Tensor]:
     return {
         name: tensor
-        for path in folder.glob("*.safetensors")
+        for path in folder.rglob("*.safetensors")  # backbone + head: the backbone in backbone/
         if path.name != "head.safetensors"
         for name, tensor in load_file(path).items()
     }
@@ -183,7 +183,9 @@ def test_every_method_trains_saves_merges_and_exports_on_a_low_precision_base(
 
     weights = exported_weights(tmp_path / "export")
     assert weights and {t.dtype for t in weights.values()} == {DTYPES[dtype]}
-    saved = json.loads((tmp_path / "export" / "config.json").read_text())
+    inner = {"backbone+head": "backbone", "sentence-transformers": "0_Transformer"}
+    where = tmp_path / "export" / inner.get(export_format, "")
+    saved = json.loads((where / "config.json").read_text())
     assert saved["dtype"] == dtype
     exported_logits, _ = load_exported(tmp_path / "export")
     batch = tiny_batch(reloaded_tokenizer, pair=True)
@@ -250,6 +252,7 @@ def test_an_artifact_without_a_dtype_is_float32_and_a_wrong_one_is_refused(
     record = json.loads(path.read_text())
     assert record["base_model"].pop("dtype") == "float32"
     record.pop("config_sha256")  # as an artifact from before --dtype (and the content hash)
+    record["format_version"] = 1  # which format 1 is
     path.write_text(json.dumps(record))
     model, _, _ = load_artifact(tmp_path)
     assert next(model.backbone.parameters()).dtype == torch.float32

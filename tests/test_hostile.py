@@ -1,8 +1,11 @@
-"""Hostile and careless input (issue 12): one table of cases, one uniform assertion.
+"""Hostile and careless input (issues 12 and 23): one table of cases, one uniform assertion.
 
 Every case runs the real command line (`microtune.cli.main` in process; a subprocess where a
-signal is the point) in a fresh workspace holding a copy of a tiny artifact, the toy data, an
-output folder, and the current and temporary folders. Each case asserts the same three outcomes:
+signal is the point, or where a regression could hang in C code or eat the machine's memory:
+the accountant), each under a time bound (`CASE_SECONDS`), so that a hang fails its case
+instead of stalling the suite, in a fresh workspace holding a copy of a tiny artifact, the toy
+data, an output folder, and the current and temporary folders. Each case asserts the same
+three outcomes:
 
 1. the exit code: 2 for a refusal, 130 for Ctrl-C, 0 for what must succeed;
 2. stderr: for a refusal exactly one line starting with "microtune: error:" (so no traceback
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from microtune import cli
 from microtune.artifact import config_sha256
+from tests.test_causal_lm import make_causal_model
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = ".microtune.lock"
@@ -53,7 +59,13 @@ KINDS = {
     "concurrent": "concurrent runs, Ctrl-C and kill -9",
     "numerics": "the numerics guard",
     "options": "bad option values",
+    "privacy": "DP options and the accountant (issue 23)",
+    "model-folder": "base model folders: pickles, a config that disagrees with the weights",
+    "input": "predict and generate input: standard input, empty prompts",
 }
+# Every case's time bound: a hang fails its case instead of stalling the suite (in process by
+# SIGALRM; a subprocess is killed).
+CASE_SECONDS = 120
 
 Prepare = Callable[["Workspace"], None]
 
@@ -74,8 +86,11 @@ class Case:
         leaves: paths (relative) a failed run may leave: the log of a diverged run.
         hold_lock: a lock file (relative) that another process holds while the command runs.
         patch: a failure injected in process (a key of PATCHES).
-        how: "cli" (in process) or "sigint:<module>" (a subprocess given Ctrl-C when its
-            start-up first imports that module).
+        how: "cli" (in process), "subprocess" (`python -m microtune` in a subprocess under a
+            memory limit: where a regression would hang in C code or eat the machine's memory)
+            or "sigint:<module>" (a subprocess given Ctrl-C when its start-up first imports
+            that module).
+        stdin: bytes on the command's standard input.
     """
 
     kind: str
@@ -89,6 +104,7 @@ class Case:
     hold_lock: str | None = None
     patch: str | None = None
     how: str = "cli"
+    stdin: bytes | None = None
 
     @property
     def id(self) -> str:
@@ -427,6 +443,13 @@ def stsb_train(label: str) -> Prepare:
     )
 
 
+def flip_labels(ws: Workspace) -> None:
+    """The same number of training rows, every label flipped."""
+    file = ws.root / SST2 / "train.jsonl"
+    lines = file.read_text().splitlines()
+    file.write_text(rows(*({**row, "label": 1 - row["label"]} for row in map(json.loads, lines))))
+
+
 def outside_link(ws: Workspace) -> Path:
     return ws.root / "outside" / "secret.jsonl"
 
@@ -569,7 +592,9 @@ _FOLDER_CASES: list[Case] = [
     folder_case(
         "merge --overwrite a model, full disk",
         f"{MERGE} {{out}} --overwrite",
-        write("out/model.safetensors", b"old weights"),
+        both(
+            write("out/model.safetensors", b"old weights"), write("out/microtune_export.json", "{}")
+        ),
         expect="No space left",
         patch="disk full",
     ),
@@ -753,6 +778,219 @@ def _option_cases() -> list[Case]:
     return cases
 
 
+# -- (g) issue 23: the surfaces added since (DP, accountant, own data, causal LM, model folders,
+# predict/generate input, the bench) ---------------------------------------------------------
+
+ACCOUNTANT = "accountant --sample-rate 0.01 --delta 1e-5"
+DP = "--dp-batch 16 --dp-noise-seed 0"
+USER_TRAIN = (
+    "train --task classification --method slash --d 8 --model {base} --train-file {ws}/t.csv "
+    "--dev-file {ws}/t.csv --text-columns text --label-column category --max-steps 2 "
+    "--eval-every 0 --no-progress --output {out}"
+)
+CAUSAL_TRAIN = (
+    "train --task causal-lm --method slash --d 8 --model {gpt2} --train-file {ws}/long.jsonl "
+    "--dev-file {ws}/long.jsonl --max-length 8 --max-steps 2 --eval-every 0 --no-progress "
+    "--output {out}"
+)
+LONG_PROMPTS = rows(*[{"prompt": "the film is " * 6, "response": "good"}] * 4)
+BENCH = 'tasks = ["sst2"]\nseeds = [0]\n[[methods]]\nmethod = "slash"\n'
+BINARY = b"\xff\xfe\x00caf\xe9 \x80\n"
+CAUSAL = ("causal",)  # its base is the module's tiny GPT-2, named by absolute path
+
+
+def user_csv(text: str) -> Prepare:
+    return write("t.csv", text)
+
+
+def copies(*names: str) -> Prepare:
+    """Copies of the module's runs or models, each into the workspace folder of its name."""
+    return both(*(copy_in(name, name) for name in names))
+
+
+def model_copy(relative: str, change: Callable[[Path], None]) -> Prepare:
+    """A copy of the base model's folder, changed."""
+
+    def prepare(ws: Workspace) -> None:
+        change(Path(shutil.copytree(ws.base, ws.root / relative)))
+
+    return prepare
+
+
+def pickled_only(folder: Path) -> None:
+    """The weights as a pickle (pytorch_model.bin) and no safetensors file."""
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def wider_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _privacy_cases() -> list[Case]:
+    cases = [
+        Case("privacy", f"train {extra}", train(f"{extra} {DP}"), expect=expect)
+        for extra, expect in (
+            ("--dp-epsilon 1e300", "epsilon"),
+            ("--dp-epsilon 8 --dp-delta 0.5", "delta"),
+            ("--dp-epsilon 8 --dp-delta 0.02", "1/N"),  # 96 examples: δ must be below 1/96
+            ("--dp-sigma 1e-6", "--dp-sigma"),
+        )
+    ]
+    for extra, expect in (
+        ("--sigma inf --steps 100", "sigma"),
+        ("--epsilon 1e300 --steps 100", "epsilon"),
+        ("--epsilon inf --steps 100", "epsilon"),
+        ("--sigma 1e-6 --steps 100", "sigma"),
+        ("--sigma 1 --steps 1000000000000", "steps"),
+        ("--sigma 1 --epochs inf", "--epochs"),
+        ("--sigma 1 --epochs 1e300", "--epochs"),
+        ("--sigma 0.5 --steps 1000000", "grid"),  # PRV's grid would not fit in memory
+        ("--sigma 1 --steps 100 --num-examples 10 --delta 0.2", "1/N"),
+    ):
+        argv = f"{ACCOUNTANT} {extra}"
+        cases.append(Case("privacy", f"accountant {extra}", argv, expect=expect, how="subprocess"))
+    return cases
+
+
+def _model_folder_cases() -> list[Case]:
+    pickled = model_copy("pickled", pickled_only)
+    cases = [
+        Case("model-folder", f"{command}: pickled weights only", argv, pickled, expect="pickled")
+        for command, argv in (
+            ("train", train().replace("--model {base}", "--model {ws}/pickled")),
+            ("eval", ARTIFACT_COMMANDS["eval"] + " --model {ws}/pickled"),
+            ("inspect", "inspect --model {ws}/pickled"),
+        )
+    ]
+    wide = train().replace("--model {base}", "--model {ws}/wide")
+    cases.append(
+        Case(
+            "model-folder",
+            "train: config wider than the weights",
+            wide,
+            model_copy("wide", wider_config),
+            expect="disagrees",
+        )
+    )
+    return cases
+
+
+_INPUT_CASES: list[Case] = [
+    Case(
+        "input",
+        "predict: binary standard input",
+        "predict --artifact {art}",
+        stdin=BINARY,
+        expect="UTF-8",
+    ),
+    Case(
+        "input",
+        "generate: binary standard input",
+        "generate --artifact {causal}",
+        copies(*CAUSAL),
+        stdin=BINARY,
+        expect="UTF-8",
+    ),
+    Case(
+        "input",
+        "generate --prompt ''",
+        "generate --artifact {causal} --prompt {empty}",
+        copies(*CAUSAL),
+        expect="prompt",
+    ),
+]
+
+_ROUND_TWO_DATA: list[tuple[str, str, Prepare | None, str]] = [
+    ("train: stsb label 99", train(task="stsb"), stsb_train("99"), "range"),
+    ("train: stsb label -7", train(task="stsb"), stsb_train("-7"), "range"),
+    ("train: every text empty", USER_TRAIN, user_csv("text,category\n,a\n ,b\n,a\n,b\n"), "empty"),
+    (
+        "train: the CSV header repeated",
+        USER_TRAIN,
+        user_csv("text,category\ngood film,a\nbad film,b\ntext,category\nfun,a\n"),
+        "header",
+    ),
+    (
+        "train: two columns named category",
+        USER_TRAIN,
+        user_csv("text,category,category\ngood film,a,b\nbad film,b,a\n"),
+        "more than once",
+    ),
+    (
+        "train causal-lm: every prompt past --max-length",
+        CAUSAL_TRAIN,
+        both(write("long.jsonl", LONG_PROMPTS), copies("gpt2")),
+        "no scored token",
+    ),
+    (
+        "eval causal-lm: every dev prompt past max_length",
+        "eval --artifact {causal} --data-file {ws}/long.jsonl",
+        both(write("long.jsonl", LONG_PROMPTS), copies(*CAUSAL)),
+        "no scored token",
+    ),
+    (
+        "train --resume on changed rows, same count",
+        train("--checkpoint-every 2 --resume", steps=4),
+        both(copy_in("interrupted"), flip_labels),
+        "train_data_sha256",
+    ),
+]
+
+_BENCH_RUN = "bench run {ws}/one.toml --model {base} --data-dir {data}"
+
+
+def _round_two_cases() -> list[Case]:
+    cases = [*_privacy_cases(), *_model_folder_cases(), *_INPUT_CASES]
+    cases += [Case("data-file", n, a, p, expect=e) for n, a, p, e in _ROUND_TWO_DATA]
+    for name, path, value in (
+        ("projection_seed edited", "method_config.projection_seed", 1),
+        ("label_names swapped", "task.label_names", ["positive", "negative"]),
+    ):
+        edit = both(edit_config(path, value), edit_config("config_sha256", delete=True))
+        for command in ("predict", "info"):
+            name_ = f"{command}: {name}, config_sha256 deleted"
+            argv = ARTIFACT_COMMANDS[command]
+            cases.append(Case("artifact-json", name_, argv, edit, expect="config_sha256"))
+    stsb = edit_config("task.name", "stsb", forge=True)
+    cases += [
+        Case(
+            "artifact-json",
+            "info: stsb with a two-label head",
+            "info --artifact {art}",
+            stsb,
+            expect="labels",
+        ),
+        folder_case(
+            "merge --output . --overwrite over the user's files",
+            "merge --artifact {art} --output . --overwrite",
+            write("cwd/notes.txt", "mine\n"),
+            expect="did not write",
+        ),
+        folder_case(
+            "export --overwrite over the user's files",
+            f"{EXPORT} {{out}} --overwrite",
+            user_folder(),
+            expect="did not write",
+        ),
+        folder_case(
+            "bench run --output holding the user's bench.json",
+            f"{_BENCH_RUN} --output {{out}}",
+            both(write("one.toml", BENCH), write("out/bench.json", '{"mine": 1}\n')),
+            expect="not a bench folder",
+        ),
+        folder_case(
+            "bench run, a name with ../",
+            _BENCH_RUN,
+            write("one.toml", 'name = "../escape"\n' + BENCH),
+            expect="bench name",
+        ),
+    ]
+    return cases
+
+
 CASES: list[Case] = [
     *_artifact_cases(),
     *(
@@ -763,6 +1001,7 @@ CASES: list[Case] = [
     *_CONCURRENT_CASES,
     *_NUMERICS_CASES,
     *_option_cases(),
+    *_round_two_cases(),
 ]
 
 # Cases the code does not pass yet (test id → the defect); each is a strict xfail, so fixing the
@@ -817,6 +1056,8 @@ class Workspace:
             "ws": self.root,
             "empty": "",
             "blank": "   ",
+            "causal": self.root / "causal",
+            "gpt2": self.root / "gpt2",
         }
         return [arg.format(**names) for arg in line.split()]
 
@@ -897,13 +1138,48 @@ def run_sigint(ws: Workspace, module: str, argv: list[str]) -> tuple[int, str]:
     return process.returncode, err
 
 
-def run_in_process(argv: list[str], capfd) -> tuple[int, str]:
+class CaseTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout(f"the case ran past its {CASE_SECONDS} s bound")
+
+
+def run_in_process(argv: list[str], capfd, stdin: bytes | None = None) -> tuple[int, str]:
     capfd.readouterr()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(CASE_SECONDS)
+    saved = sys.stdin
+    if stdin is not None:  # as a terminal in the C locale gives them: undecodable bytes escaped
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8", errors="surrogateescape")
     try:
         code = cli.main(argv)
     except SystemExit as exit_:  # argparse
         code = exit_.code
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        sys.stdin = saved
     return code, capfd.readouterr().err
+
+
+def run_subprocess(ws: Workspace, argv: list[str], stdin: bytes | None) -> tuple[int, str]:
+    """`python -m microtune` under a 4 GiB address-space limit and the case's time bound."""
+    memory = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30,) * 2)"
+    script = (
+        f"{memory}; sys.argv[0] = 'microtune'; runpy.run_module('microtune', run_name='__main__')"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        cwd=ws.root / "cwd",
+        env=env,
+        input=stdin or b"",
+        capture_output=True,
+        timeout=CASE_SECONDS,
+    )
+    return done.returncode, done.stderr.decode(errors="replace")
 
 
 def run_case(case: Case, ws: Workspace, capfd, monkeypatch) -> None:
@@ -912,6 +1188,7 @@ def run_case(case: Case, ws: Workspace, capfd, monkeypatch) -> None:
         (ws.root / name).mkdir()
     if case.prepare:
         case.prepare(ws)
+    in_cwd = sorted(os.listdir(ws.root / "cwd"))  # the user's own files, in some cases
     monkeypatch.chdir(ws.root / "cwd")
     monkeypatch.setattr(tempfile, "tempdir", str(ws.root / "tmp"))
     if case.patch:
@@ -926,8 +1203,10 @@ def run_case(case: Case, ws: Workspace, capfd, monkeypatch) -> None:
     try:
         if case.how.startswith("sigint:"):
             code, err = run_sigint(ws, case.how.removeprefix("sigint:"), argv)
+        elif case.how == "subprocess":
+            code, err = run_subprocess(ws, argv, case.stdin)
         else:
-            code, err = run_in_process(argv, capfd)
+            code, err = run_in_process(argv, capfd, case.stdin)
     finally:
         if holder:
             holder.kill()
@@ -956,7 +1235,7 @@ def run_case(case: Case, ws: Workspace, capfd, monkeypatch) -> None:
         assert not any(Path(path).name == LOCK for path in new), "a lock file was left"
     else:
         assert new == sorted(str(ws.root / path) for path in case.leaves), new
-    assert os.listdir(ws.root / "cwd") == [] and os.listdir(ws.root / "tmp") == []
+    assert sorted(os.listdir(ws.root / "cwd")) == in_cwd and os.listdir(ws.root / "tmp") == []
 
 
 # -- fixtures and the test ----------------------------------------------------------------------
@@ -1007,6 +1286,16 @@ def sources(tmp_path_factory, tiny_model_dirs, toy_files) -> dict[str, Path]:
         process.kill()
         process.communicate()
     assert (found["killed"] / CHECKPOINT).is_file() and (found["killed"] / LOCK).is_file()
+
+    # A causal-lm artifact on a tiny GPT-2 (issue 23's generate and eval cases).
+    found["gpt2"] = make_causal_model("gpt2", root / "gpt2", tie=True)
+    pairs = root / "pairs.jsonl"
+    pairs.write_text(rows(*[{"prompt": "the film is", "response": "good fun"}] * 8))
+    found["causal"] = root / "causal"
+    argv = ws.argv(
+        CAUSAL_TRAIN.replace("long.jsonl", "pairs.jsonl").replace("{gpt2}", str(found["gpt2"]))
+    )
+    assert cli.main(_output(argv, found["causal"])) == 0
     return found
 
 
@@ -1031,3 +1320,43 @@ def test_hostile_case(case: Case, sources, tmp_path, capfd, monkeypatch):
     shutil.copytree(sources["data"], ws.root / "data")
     run_case(case, ws, capfd, monkeypatch)
     assert os.listdir(tmp_path) == ["ws"]  # nothing beside the workspace
+
+
+# -- issue 23's checks that are not a command line's outcome ------------------------------------
+
+
+def test_the_model_card_takes_epsilon_from_the_hashed_record(sources):
+    """metrics.json is covered by no hash: an edited epsilon there never reaches the card."""
+    from microtune.push import model_card
+
+    config = json.loads((sources["artifact"] / "microtune.json").read_text())
+    config["privacy"] = {"epsilon": 3.0, "delta": 1e-5, "sigma": 1.1, "clip": 1.0, "steps": 2}
+    card = model_card(config, {"epsilon": 0.01, "metrics": {}}, "user/repo", 100)
+    assert "ε = 3.0" in card and "0.01" not in card
+    assert "ε" not in model_card({**config, "privacy": None}, {"epsilon": 0.01}, "user/repo", 100)
+
+
+def test_rows_that_lose_every_response_token_are_counted_in_a_warning():
+    from microtune.taskspec import Example
+    from microtune.tasktypes import get_task_type
+    from tests.conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    examples = [Example(("the film is " * 6, "good"), ()), Example(("the film", "good"), ())]
+    with pytest.warns(UserWarning, match="1 of 2 examples lose every response token"):
+        _, labels = get_task_type("causal-lm").encode(tokenizer, examples, 8)
+    assert len(labels) == 2
+
+
+def test_microtune_load_refuses_an_edit_whose_content_hash_was_deleted(sources, tmp_path):
+    import microtune
+    from microtune.errors import MicrotuneError
+
+    artifact = Path(shutil.copytree(sources["artifact"], tmp_path / "artifact"))
+    edit_config("method_config.projection_seed", 1)(Workspace(tmp_path, sources["base"]))
+    config = json.loads((artifact / "microtune.json").read_text())
+    del config["config_sha256"]
+    (artifact / "microtune.json").write_text(json.dumps(config))
+    with pytest.raises(MicrotuneError, match="config_sha256 is missing"):
+        microtune.load(artifact)

@@ -366,8 +366,8 @@ def expected_format(kind: str, model_type: str) -> str:
     if kind == "token-classification":
         return "backbone+head" if model_type in NO_STOCK_TOKEN_CLASS else kind
     # A sentence head: the stock class for decoders (last token, bias-free head); encoders read
-    # the mean (the default), which no stock class does.
-    return "sequence-classification" if arch_for(model_type).causal else "backbone+head"
+    # the mean (the default), which no stock class does: a sentence-transformers folder.
+    return "sequence-classification" if arch_for(model_type).causal else "sentence-transformers"
 
 
 def axis_folder(kind: str, model_type: str, tiny_model_dirs, causal_model_dirs):

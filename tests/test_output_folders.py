@@ -268,16 +268,23 @@ def test_merge_refuses_a_folder_that_is_not_empty_unless_overwrite(
         "holds a model (config.json)",
     )
     assert snapshot(model_folder) == {"config.json": b"{}"}
-    assert cli.main([*merge, "--overwrite"]) == 0  # replaces the folder as a whole
-    assert not (user_folder / "notes.txt").exists()
-    assert json.loads((user_folder / "microtune_export.json").read_text())["method"] == "slash"
+    # --overwrite never deletes the user's files (issue 23); it replaces an earlier export whole.
+    refused([*merge, "--overwrite"], capsys, "holds files microtune did not write")
+    assert snapshot(user_folder) == before
+    export = tmp_path / "export"
+    assert cli.main(["merge", "--artifact", str(artifact), "--output", str(export)]) == 0
+    assert (
+        cli.main(["merge", "--artifact", str(artifact), "--output", str(export), "--overwrite"])
+        == 0
+    )
+    assert json.loads((export / "microtune_export.json").read_text())["method"] == "slash"
 
 
 def test_a_merged_folder_appears_whole_with_the_usual_permissions(artifact, tmp_path, capsys):
     output = tmp_path / "out" / "merged"
     assert cli.main(["merge", "--artifact", str(artifact), "--output", str(output)]) == 0
-    assert (output / "model.safetensors").is_file()
-    for path in [output, *output.iterdir()]:
+    assert (output / "0_Transformer" / "model.safetensors").is_file()  # sentence-transformers
+    for path in [output, *output.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
     assert sorted(os.listdir(output.parent)) == ["merged"]  # no staging or lock left beside it
@@ -300,9 +307,13 @@ def test_a_failed_merge_leaves_nothing_half_written(artifact, tmp_path, capsys, 
     # Replacing an existing model: the old one is kept whole.
     (parent / "merged").mkdir()
     (parent / "merged" / "model.safetensors").write_bytes(b"old weights")
+    (parent / "merged" / "microtune_export.json").write_bytes(b"{}")  # an earlier export
     refused([*merge, "--overwrite"], capsys, "No space left on device")
     assert os.listdir(parent) == ["merged"]
-    assert snapshot(parent / "merged") == {"model.safetensors": b"old weights"}
+    assert snapshot(parent / "merged") == {
+        "model.safetensors": b"old weights",
+        "microtune_export.json": b"{}",
+    }
 
 
 def test_save_pretrained_follows_the_same_rules(artifact, user_folder, tmp_path):
@@ -313,8 +324,12 @@ def test_save_pretrained_follows_the_same_rules(artifact, user_folder, tmp_path)
         with pytest.raises(MicrotuneError, match=expected):
             model.save_pretrained(folder)
     assert not model.merged  # refused before merging in place
-    assert model.save_pretrained(user_folder, overwrite=True) == "backbone+head"
-    assert (user_folder / "head.safetensors").is_file()
+    with pytest.raises(MicrotuneError, match="did not write"):
+        model.save_pretrained(user_folder, overwrite=True)
+    export = tmp_path / "export"
+    assert model.save_pretrained(export) == "sentence-transformers"
+    assert model.save_pretrained(export, overwrite=True) == "sentence-transformers"
+    assert (export / "modules.json").is_file()
 
 
 def test_an_interrupted_export_leaves_nothing_and_frees_the_folder(tmp_path):

@@ -215,6 +215,7 @@ def test_an_artifact_from_before_the_bias_field_loads_with_a_bias(
     record = train_cli(tiny_model_dirs["bert"], toy_files, tmp_path)
     del record["head"]["bias"]
     record.pop("config_sha256")  # as an artifact from before the field (and the content hash)
+    record["format_version"] = 1  # which format 1 is
     (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
     model, _, _ = load_artifact(tmp_path)
     assert model.head_config.bias and model.head.linear.bias is not None

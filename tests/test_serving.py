@@ -122,9 +122,9 @@ def test_merge_keeps_the_logits(tmp_path, tiny_model_dirs, method):
 def test_save_pretrained_reloads_with_plain_transformers(tmp_path, lora_artifact):
     model = microtune.load(lora_artifact)
     unmerged = model.logits(TEXTS)
-    assert model.save_pretrained(tmp_path / "merged") == "backbone+head"
-    logits_fn, backbone = api.load_exported(tmp_path / "merged")
-    assert type(backbone).__name__ == "BertModel"  # a stock transformers class
+    assert model.save_pretrained(tmp_path / "merged") == "sentence-transformers"
+    logits_fn, loaded = api.load_exported(tmp_path / "merged")
+    assert type(loaded[0].auto_model).__name__ == "BertModel"  # a stock transformers class
     batch = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         assert (logits_fn(**batch) - unmerged).abs().max() <= 1e-5
@@ -260,4 +260,4 @@ def test_readme_python_snippet_runs(lora_artifact, tmp_path):
         ["a gripping , funny film", "dull and lifeless"]
     )
     assert namespace["model"].merged
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "merged" / "0_Transformer" / "model.safetensors").is_file()

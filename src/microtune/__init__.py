@@ -2,7 +2,7 @@
 
 from microtune.version import __version__
 
-__all__ = ["__version__", "load"]
+__all__ = ["__version__", "load", "load_many"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from microtune.serving import load
 
         return load
+    if name == "load_many":  # many tasks on one base, mixed batches (`microtune.multitask`)
+        from microtune.multitask import load_many
+
+        return load_many
     raise AttributeError(f"module 'microtune' has no attribute '{name}'")

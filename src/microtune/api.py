@@ -11,7 +11,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from microtune.arch import arch_for
 from microtune.artifact import artifact_bytes, load_artifact, read_artifact_config, save_artifact
 from microtune.backbone import check_max_length, fingerprint, load_backbone, resolve_device
 from microtune.choices import DEFAULT_MODEL
+from microtune.distributed import World
 from microtune.dpconfig import DPConfig
 from microtune.errors import MicrotuneError
 from microtune.export import export_and_check, export_merged, load_exported, merge_artifact
@@ -34,6 +36,7 @@ from microtune.methods import build_method, method_class
 from microtune.model import HeadConfig, TaskModel
 from microtune.privacy import PrivacyPlugin
 from microtune.tasks import (
+    examples_fingerprint,
     load_split,
     rows_to_examples,
     task_from_record,
@@ -94,23 +97,50 @@ def train(
     metrics.json and the artifact under its name. `privacy` adds the DP-SGD plug-in
     (`privacy.PrivacyPlugin`): ε spent is metrics.json's `epsilon`. `callbacks`
     (`train.TrainerCallback`) watch or steer the loop (`microtune bench` times steps with one).
+
+    Under `torchrun` or `accelerate launch` the processes train together (`distributed.World`,
+    `batch_size` per process); rank 0 alone holds the folder, evaluates and writes, the others
+    return None.
     """
     started = time.time()
     data = TrainingData(task, data_dir, train_file, dev_file, text_columns, label_column)
     config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
     model = _checked_inputs(model, train_file, dev_file, max_train_examples)
     builders = [*plugins, *([PrivacyPlugin(privacy)] if privacy is not None else [])]
-    with folders.training_folder(
-        output_dir,
-        resume=resume,
-        overwrite=overwrite,
-        protected=folders.base_model_folders([model]),
-    ) as output_dir:
+    world = World.from_env()
+    device = world.device(device)
+    rules = {"resume": resume, "overwrite": overwrite}
+    rules["protected"] = folders.base_model_folders([model])
+    with world.group(resolve_device(device)), _rank0_folder(world, output_dir, **rules) as folder:
         data.load(labels, max_train_examples)
-        run = TrainingRun(data, model, method, method_options, config, max_length, builders)
+        run = TrainingRun(data, model, method, method_options, config, max_length, builders, world)
         run.build_model(dtype, readout, head_dropout, head_bias, device)
-        report = run.fit_and_save(output_dir, callbacks, resume, started)
-    return report
+        report = run.fit_and_save(folder, callbacks, resume, started)
+    return report if world.is_main else None
+
+
+@contextmanager
+def _rank0_folder(world: World, output_dir: str | os.PathLike, **rules: Any) -> Iterator[Path]:
+    """`folders.training_folder` held by rank 0 alone; the other processes wait for its
+    verdict and stop with the same one line when it refuses the folder."""
+    if world.size == 1:
+        with folders.training_folder(output_dir, **rules) as folder:
+            yield folder
+        return
+    if not world.is_main:
+        refusal = world.from_main(None)
+        if refusal:
+            raise MicrotuneError(refusal)
+        yield Path(output_dir)
+        return
+    with ExitStack() as stack:
+        try:
+            folder = stack.enter_context(folders.training_folder(output_dir, **rules))
+        except MicrotuneError as error:
+            world.from_main(str(error))
+            raise
+        world.from_main(None)
+        yield folder
 
 
 def _checked_inputs(
@@ -180,6 +210,7 @@ class TrainingRun:
         config: TrainConfig,
         max_length: int,
         builders: Sequence[PluginBuilder],
+        world: World | None = None,
     ):
         self.data, self.model, self.method, self.method_options = (
             data,
@@ -189,6 +220,7 @@ class TrainingRun:
         )
         self.config, self.max_length, self.builders = config, max_length, list(builders)
         self.built: list[Plugins] = []
+        self.world = world or World()  # the processes that train together
 
     def build_model(
         self,
@@ -252,17 +284,20 @@ class TrainingRun:
             sampler=plugins.sampler,
             step=plugins.step,
             callbacks=[*plugins.callbacks, *callbacks],
+            world=self.world,
         )
 
     def fit_and_save(
         self, output_dir: Path, callbacks: Sequence[TrainerCallback], resume: bool, started: float
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         """Train (or continue from the checkpoint), save the artifact, drop the checkpoint and
-        write metrics.json; returns what metrics.json holds."""
+        write metrics.json; returns what metrics.json holds (None on ranks other than 0)."""
         trainer = self.trainer(output_dir, callbacks)
         train_started = time.time()
         dev_metrics = trainer.fit(resume=resume)
         train_seconds = time.time() - train_started
+        if not self.world.is_main:
+            return None
         records = self.records()
         size = save_artifact(
             output_dir,
@@ -291,6 +326,7 @@ class TrainingRun:
             "task": self.data.record(),
             "max_length": self.max_length,
             "train_examples": train_examples,
+            "train_data_sha256": examples_fingerprint(self.data.train),
             **{builder.name: builder.settings() for builder in self.builders},
         }
 
@@ -327,6 +363,7 @@ class TrainingRun:
             "wall_time_s": round(time.time() - started, 2),
             "device": str(next(self.task_model.parameters()).device),
             "torch_threads": torch.get_num_threads(),
+            "processes": self.world.size,
             "library_version": __version__,
         }
         for builder in self.builders:
@@ -381,21 +418,13 @@ def evaluate_artifact(
         )
     task_model, tokenizer, config = load_artifact(artifact_dir, model)
     own = task is None or task == config["task"]["name"]
-    task_spec = task_from_record(config["task"]) if own else get_task(task)
     if own:
         text_columns = text_columns or tuple(config["task"]["text_columns"])
         label_column = label_column or config["task"].get("label_column", "label")
-        task_spec = type_of(task_spec).fit_rows(task_spec, [], text_columns)
-    if task_spec.type != task_model.task_type.name:
-        raise MicrotuneError(
-            f"task {task_spec.name} is {task_spec.type} but the artifact was trained for "
-            f"{task_model.task_type.name}; evaluate on the task it was trained for"
-        )
-    if task_spec.num_labels != config["head"]["num_labels"]:
-        raise MicrotuneError(
-            f"task {task_spec.name} has {task_spec.num_labels} labels but the artifact's head "
-            f"has {config['head']['num_labels']}; evaluate on the task it was trained for"
-        )
+        task_spec = artifact_task(config, task_model, text_columns)
+    else:
+        task_spec = get_task(task)
+        _check_task_fits(task_spec, task_model, config)
     examples = load_split(
         task_spec,
         split or task_spec.dev_split,
@@ -412,13 +441,40 @@ def evaluate_artifact(
     )
 
 
+def _check_task_fits(task_spec: Task, task_model: TaskModel, config: dict[str, Any]) -> None:
+    if task_spec.type != task_model.task_type.name:
+        raise MicrotuneError(
+            f"task {task_spec.name} is {task_spec.type} but the artifact was trained for "
+            f"{task_model.task_type.name}; evaluate on the task it was trained for"
+        )
+    if task_spec.num_labels != config["head"]["num_labels"]:
+        raise MicrotuneError(
+            f"task {task_spec.name} has {task_spec.num_labels} labels but the artifact's head "
+            f"has {config['head']['num_labels']}; evaluate on the task it was trained for"
+        )
+
+
+def artifact_task(
+    config: dict[str, Any], task_model: TaskModel, text_columns: tuple[str, ...] | None = None
+) -> Task:
+    """The task an artifact was trained on, checked against its model exactly as `eval` checks
+    it (so `info` refuses what `eval` refuses)."""
+    task_spec = task_from_record(config["task"])
+    columns = text_columns or tuple(config["task"]["text_columns"])
+    task_spec = type_of(task_spec).fit_rows(task_spec, [], columns)
+    _check_task_fits(task_spec, task_model, config)
+    return task_spec
+
+
 def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     """What `microtune info --artifact` prints: method, sizes, base model, metrics if present."""
     artifact_dir = resolve_artifact(artifact_dir)  # a hub id: its cached folder, fetched once
     config = read_artifact_config(artifact_dir)
     # Checked as every other command checks it (tensor file, names, shapes, dtypes, values,
-    # base model and tokenizer), so `info` never describes an artifact the others refuse.
-    load_artifact(artifact_dir)
+    # base model and tokenizer, its task against its head), so `info` never describes an
+    # artifact the others refuse.
+    task_model, _, _ = load_artifact(artifact_dir)
+    artifact_task(config, task_model)
     stored = stored_tensor_summary(artifact_dir)
     summary = {
         "method": config["method"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +165,42 @@ def check_tensors(
             raise problem(path, name, "holds NaN or infinite values")
 
 
+@dataclass
+class LoadedBase:
+    """A base model already in memory (as `load_backbone` returns it) with its fingerprints, so
+    that many artifacts load onto one copy without reloading or rehashing it
+    (`microtune.multitask`); the checks against each artifact's record are the same."""
+
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    tokenizer_fingerprint: str
+
+
+def check_base(
+    base: dict[str, Any], model_name: str | None, found: str, found_tokenizer: str
+) -> None:
+    """The base model's weights (and, where recorded, its tokenizer) are the artifact's."""
+    if found != base["fingerprint"]:
+        raise MicrotuneError(
+            f"base model mismatch: the artifact was trained on '{base['name']}' "
+            f"({base['fingerprint'][:19]}…) but '{model_name or base['name']}' has "
+            f"{found[:19]}…; pass --model with the original base model"
+        )
+    expected_tokenizer = base.get("tokenizer_fingerprint")
+    if expected_tokenizer and found_tokenizer != expected_tokenizer:
+        raise MicrotuneError(
+            f"tokenizer mismatch: '{model_name or base['name']}' has the base weights the "
+            "artifact was trained on but a different tokenizer (vocabulary, merges or special "
+            "tokens); pass --model with the original base model folder"
+        )
+
+
 def load_artifact(
     directory: str | os.PathLike,
     model_name: str | None = None,
     method_options: dict[str, Any] | None = None,
+    base_model: LoadedBase | None = None,
 ) -> tuple[TaskModel, Any, dict[str, Any]]:
     """Rebuild the trained task model: (model, tokenizer, artifact config).
 
@@ -176,6 +208,7 @@ def load_artifact(
     way its weights (and, where recorded, its tokenizer) must match the stored fingerprints.
     `method_options` override stored method options that do not change the stored tensors,
     e.g. {"memory_lean": True}. Every check that needs no model runs before the model is built.
+    `base_model`: a base already loaded, used (and changed by the method) in place of loading.
     """
     directory = resolve_artifact(directory)  # a hub id: fetched once, then a folder
     config = read_artifact_config(directory)
@@ -185,23 +218,15 @@ def load_artifact(
     base = config["base_model"]
     # In the precision it was trained in, so the fingerprint (which covers dtypes) matches.
     task_type = task_type_of(config["task"])
-    backbone, tokenizer = load_backbone(
-        model_name or base["name"], base.get("dtype", "float32"), task_type.auto_class
-    )
-    found = fingerprint(backbone)
-    if found != base["fingerprint"]:
-        raise MicrotuneError(
-            f"base model mismatch: the artifact was trained on '{base['name']}' "
-            f"({base['fingerprint'][:19]}…) but '{model_name or base['name']}' has "
-            f"{found[:19]}…; pass --model with the original base model"
+    if base_model is None:
+        backbone, tokenizer = load_backbone(
+            model_name or base["name"], base.get("dtype", "float32"), task_type.auto_class
         )
-    expected_tokenizer = base.get("tokenizer_fingerprint")
-    if expected_tokenizer and tokenizer_fingerprint(tokenizer) != expected_tokenizer:
-        raise MicrotuneError(
-            f"tokenizer mismatch: '{model_name or base['name']}' has the base weights the "
-            "artifact was trained on but a different tokenizer (vocabulary, merges or special "
-            "tokens); pass --model with the original base model folder"
-        )
+        found, found_tokenizer = fingerprint(backbone), None
+    else:
+        backbone, tokenizer = base_model.model, base_model.tokenizer
+        found, found_tokenizer = base_model.fingerprint, base_model.tokenizer_fingerprint
+    check_base(base, model_name, found, found_tokenizer or tokenizer_fingerprint(tokenizer))
     try:
         check_max_length(backbone, config["max_length"])
     except MicrotuneError as error:

@@ -91,6 +91,27 @@ def backbone_dtype(backbone: nn.Module) -> torch.dtype:
     return next(p.dtype for p in backbone.parameters() if p.is_floating_point())
 
 
+# Weight files that are pickles: loading one can run any code, so microtune never does.
+_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
+
+
+def refuse_pickled_weights(folder: str) -> None:
+    """A model folder whose only weights are pickled files is refused by name, before
+    transformers could unpickle (or half-refuse) them; safetensors is what loads."""
+    names = os.listdir(folder)
+    if any(
+        name.endswith(".safetensors") or name.endswith(".safetensors.index.json") for name in names
+    ):
+        return
+    pickled = sorted(n for n in names if n.endswith(_PICKLED_WEIGHTS) or ".bin.index" in n)
+    if pickled:
+        raise MicrotuneError(
+            f"model folder {folder} holds only pickled weights ({', '.join(pickled)}), which "
+            "microtune never loads (unpickling can run code); accepted: model.safetensors "
+            "(convert with transformers: save_pretrained(..., safe_serialization=True)) or GGUF"
+        )
+
+
 def load_backbone(
     name: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = torch.float32,
@@ -109,6 +130,8 @@ def load_backbone(
 
     gguf = gguf_location(name)
     path, extra = (gguf[0], {"gguf_file": gguf[1]}) if gguf else (resolve_model_path(name), {})
+    if not gguf and os.path.isdir(path):
+        refuse_pickled_weights(path)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -124,6 +147,13 @@ def load_backbone(
         raise MicrotuneError(
             f"could not load model '{name}': {first_line} "
             "(pass a local model folder, or a hub id with a network)"
+        ) from None
+    except RuntimeError as error:
+        if "size mismatch" not in str(error) and "mismatched" not in str(error):
+            raise
+        raise MicrotuneError(
+            f"model '{name}': its config.json disagrees with the shapes of its weights "
+            "(transformers refused to load them); restore the config.json that came with them"
         ) from None
     if gguf:
         # The weights are dequantised: a plain model that merge and export can save as it is.

@@ -11,6 +11,11 @@ from microtune.errors import MicrotuneError
 
 SAMPLINGS = ("poisson", "shuffle")
 ACCOUNTANTS = ("prv", "rdp")
+# Bounds on what the accountants are asked (issue 23: unbounded values hung or ran out of
+# memory inside Opacus). Past ε 100 a DP guarantee says nothing; σ up to Opacus' MAX_SIGMA.
+EPSILON_MAX = 100.0
+SIGMA_MIN, SIGMA_MAX = 0.1, 1e6
+STEPS_MAX = 10**7
 
 
 @dataclass
@@ -91,10 +96,17 @@ class DPConfig:
             check_seed("--dp-noise-seed", self.noise_seed)
         if self.epsilon is not None and not self.epsilon > 0:
             raise MicrotuneError(f"DP epsilon must be positive, got {self.epsilon}")
+        if self.epsilon is not None and self.epsilon > EPSILON_MAX:
+            raise MicrotuneError(
+                f"--dp-epsilon {self.epsilon} is above {EPSILON_MAX:g}, where a DP guarantee says "
+                "nothing; choose a smaller target (1 to 10 is usual)"
+            )
         if self.delta is not None and not 0 < self.delta < 1:
             raise MicrotuneError(f"DP delta must be in (0, 1), got {self.delta}")
-        if self.sigma is not None and not self.sigma > 0:
-            raise MicrotuneError(f"DP sigma must be positive, got {self.sigma}")
+        if self.sigma is not None and not SIGMA_MIN <= self.sigma <= SIGMA_MAX:
+            raise MicrotuneError(
+                f"--dp-sigma must be in [{SIGMA_MIN}, {SIGMA_MAX:.0e}], got {self.sigma}"
+            )
         if not self.clip > 0:
             raise MicrotuneError(f"DP clip norm must be positive, got {self.clip}")
         if self.batch < 1:

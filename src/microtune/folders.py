@@ -9,7 +9,8 @@ Every command that writes a folder goes through here, so the rules live in one p
   unfinished run's checkpoint unless --resume / --overwrite says what to do with them;
 - `model_folder` (merge, export, peft export, `TunedModel.save_pretrained`): always refuses the
   base model's folder and the artifact's (and any folder holding them), refuses a folder that
-  is not empty unless --overwrite, and hands out a staging folder beside the output that is
+  is not empty unless --overwrite and it is a folder microtune exported (never the user's own
+  files), and hands out a staging folder beside the output that is
   moved into place only once complete, so a failure (disk full) leaves nothing half-written.
 
 The lock is `filelock`'s: an OS lock (flock) that the kernel releases when its process dies, so
@@ -33,7 +34,14 @@ from filelock import FileLock, Timeout
 
 from microtune.backbone import resolve_model_path
 from microtune.errors import MicrotuneError
-from microtune.files import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE, TENSORS_FILE
+from microtune.files import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    EXPORT_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    TENSORS_FILE,
+)
 
 LOCK_FILE = ".microtune.lock"
 # The files that make a folder a model folder for transformers, peft or microtune.
@@ -254,7 +262,18 @@ def check_model_folder(
             f"--output {folder}: {folder.parent} is not writable, and the export is built "
             "beside its folder; choose a folder you can write"
         )
-    if not folder.is_dir() or overwrite:
+    if not folder.is_dir():
+        return folder
+    others = sorted(set(os.listdir(folder)) - {LOCK_FILE})
+    if overwrite and others and not (folder / EXPORT_FILE).is_file():
+        # --overwrite replaces a folder as a whole: only one microtune exported (issue 23)
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise MicrotuneError(
+            f"--output {folder} holds files microtune did not write ({shown}); --overwrite only "
+            f"replaces a folder microtune exported (with {EXPORT_FILE}): choose a new or empty "
+            "folder"
+        )
+    if overwrite:
         return folder
     models = _model_files(folder)
     if models:
@@ -262,12 +281,11 @@ def check_model_folder(
             f"--output {folder} holds a model ({', '.join(models[:3])}); --overwrite to "
             "replace the folder, or choose another --output"
         )
-    others = sorted(set(os.listdir(folder)) - {LOCK_FILE})
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise MicrotuneError(
-            f"--output {folder} is not empty ({shown}); choose a new or empty folder, or "
-            "--overwrite to replace the folder and everything in it"
+            f"--output {folder} is not empty ({shown}); choose a new or empty folder (--overwrite "
+            "replaces only a folder microtune exported)"
         )
     return folder
 

@@ -3,7 +3,7 @@ the export checks share, apart from the training loop."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,13 +27,31 @@ def predict(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    try:
+        return predict_with(
+            lambda **inputs: model(**{k: v.to(device) for k, v in inputs.items()}),
+            rows,
+            pad_token_id,
+            batch_size,
+        )
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def predict_with(
+    forward: Callable[..., torch.Tensor],
+    rows: Sequence[Encoded],
+    pad_token_id: int,
+    batch_size: int = 64,
+) -> Outputs:
+    """`predict` with any function of the padded inputs (an exported model: onnxruntime,
+    sentence-transformers), batched the same way."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     dummy = [0] * len(rows)
     outputs = []
     for inputs, _ in batches(rows, dummy, batch_size, pad_token_id, order):
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        outputs.append(model(**inputs).float().cpu())
-    model.train(was_training)
+        outputs.append(forward(**inputs).float().cpu())
     return join_outputs(outputs, rows, order)
 
 

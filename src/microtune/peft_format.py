@@ -111,10 +111,12 @@ def write_peft(
     ]
     with folders.model_folder(output_dir, overwrite=overwrite, protected=protected) as staging:
         write_tensors(staging / ADAPTER_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-        write_json(
-            staging / ADAPTER_CONFIG_FILE,
-            peft_config(method, task_model.backbone, config["base_model"]["name"]),
-        )
+        settings = peft_config(method, task_model.backbone, config["base_model"]["name"])
+        # Without a base named here, transformers' pipeline() and Auto classes refuse the folder
+        # (KeyError) instead of loading the base with a random head under the adapter; peft
+        # loads it over the base passed in (`load_peft`, microtune_export.json names it).
+        del settings["base_model_name_or_path"]
+        write_json(staging / ADAPTER_CONFIG_FILE, settings)
         write_head(task_model, staging)
         tokenizer.save_pretrained(staging)
         write_export_record(task_model, config, staging, PEFT_FORMAT)

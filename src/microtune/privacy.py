@@ -9,6 +9,11 @@ in the log and progress bar; stops before the target would be exceeded).
 
 Dropout: a DP step runs the model in eval mode, so backbone, head and LoRA dropout are off and
 each example's gradient is a function of that example and the parameters alone.
+
+Several processes (`torchrun`, `accelerate launch`): every process draws the same Poisson batch
+and clips its own share's examples; the clipped sums are all-reduced and the noise is added
+once, by rank 0 (as Opacus' distributed optimizer does), so the update, σ and ε are the
+one-process run's, with the accountant at the global rate q = batch / N.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from microtune.accounting import calibrate_sigma, epsilon_spent
+from microtune.accounting import calibrate_sigma, check_delta, epsilon_spent
+from microtune.distributed import SINGLE, World
 from microtune.dpconfig import DPConfig
 from microtune.errors import MicrotuneError
 from microtune.per_example import check_supported, engine_for
@@ -49,6 +55,7 @@ class PrivacyPlan:
                 "lower it"
             )
         delta = config.delta if config.delta is not None else 1 / (2 * num_examples)
+        check_delta(delta, num_examples)
         sample_rate = config.batch / num_examples
         sigma = config.sigma
         if sigma is None:
@@ -163,8 +170,15 @@ class DPStep(AdamWStep):
         self.private_steps = 0
         self.per_example = None  # the per-example engine (microtune.per_example), at bind
 
-    def bind(self, model: nn.Module, parameters, config: TrainConfig, total_steps: int) -> None:
-        super().bind(model, parameters, config, total_steps)
+    def bind(
+        self,
+        model: nn.Module,
+        parameters,
+        config: TrainConfig,
+        total_steps: int,
+        world: World = SINGLE,
+    ) -> None:
+        super().bind(model, parameters, config, total_steps, world)
         self.per_example = engine_for(model, parameters)  # refuses before any step
 
     def train_mode(self, model: nn.Module) -> None:
@@ -180,12 +194,18 @@ class DPStep(AdamWStep):
                 sums[name] += part
             loss_sum += float(losses.sum())
             count += len(losses)
-        for name, parameter in self.parameters.items():
-            # Drawn on the CPU in float32 in a fixed order: the same noise on every device.
+        for name, parameter in self.parameters.items() if self.world.is_main else ():
+            # Added once, to rank 0's share of the sum; drawn on the CPU in float32 in a fixed
+            # order: the same noise on every device.
             noise = torch.randn(parameter.shape, generator=self.noise) * (sigma * clip)
-            total = sums[name] + noise.to(device=parameter.device, dtype=parameter.dtype)
+            sums[name] += noise.to(device=parameter.device, dtype=parameter.dtype)
+        device = next(iter(self.parameters.values())).device
+        stats = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device)
+        *totals, stats = self.world.all_reduce_sum([*sums.values(), stats])
+        for parameter, total in zip(self.parameters.values(), totals, strict=True):
             parameter.grad = total / self.plan.config.batch
         self.private_steps += 1
+        loss_sum, count = stats.tolist()
         return loss_sum / max(count, 1)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -190,6 +190,15 @@ def _card_rows(
             f"{key} {value:.4f}" for key, value in values.items() if isinstance(value, float)
         )
         rows.append(("dev metrics", f"{shown} after {metrics.get('steps', '?')} steps"))
-        if metrics.get("epsilon") is not None:
-            rows.append(("privacy", f"DP-SGD, ε = {metrics['epsilon']}"))
+    # The privacy claim comes from microtune.json's record, which config_sha256 covers, never
+    # from metrics.json, which no hash covers (issue 23).
+    privacy = config.get("privacy")
+    if privacy is not None:
+        rows.append(
+            (
+                "privacy",
+                f"DP-SGD, ε = {privacy['epsilon']}, δ = {privacy['delta']} (σ {privacy['sigma']}, "
+                f"clip {privacy['clip']}, {privacy['steps']} steps)",
+            )
+        )
     return rows

@@ -36,7 +36,10 @@ from microtune.methods import method_class, method_names
 from microtune.records import Record, Sha256
 from microtune.tasktypes import TASK_TYPES, recorded_metrics
 
-FORMAT_VERSION = 1
+# 2: config_sha256 is mandatory (issue 23: deleting it switched the check off). Version 1
+# artifacts, written before it was, still load without one.
+FORMAT_VERSION = 2
+HASHED_SINCE = 2
 FIX = "re-train or restore the artifact"
 # A name that is used as a file name (task folder, split file): no separators, no "..".
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -156,8 +159,19 @@ class ArtifactConfig(Record):
     max_length: Annotated[int, Field(ge=8, le=MAX_LENGTH)]
     base_model: BaseModelInfo
     privacy: PrivacyRecord | None = None
+    # Informative: the federation that made the artifact (`microtune federate`), if one did.
+    federated: dict[str, Any] | None = None
     tensors_sha256: Sha256
-    config_sha256: Sha256 | None = None  # absent in older artifacts
+    config_sha256: Sha256 | None = None  # absent in format 1 only
+
+    @model_validator(mode="after")
+    def _hashed(self) -> ArtifactConfig:
+        if self.config_sha256 is None and self.format_version >= HASHED_SINCE:
+            raise ValueError(
+                f"config_sha256 is missing, and every format {self.format_version} artifact "
+                "carries it (it was deleted?)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _head_fits_task(self) -> ArtifactConfig:

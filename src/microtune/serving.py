@@ -8,6 +8,7 @@ model.predict(["a gripping film", "dull"])  # [{"label": "positive", "score": ..
 model.merge()                              # fold into the base weights: same outputs
 model.save_pretrained("runs/sst2-merged")  # the standard export folder (`microtune merge`)
 # causal-lm: model.generate(["Q: 2+2?\nA:"])  # [{"prompt": ..., "response": ...}], greedy
+exported = microtune.load("runs/sst2-onnx")  # an export folder runs as written (any format)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,11 +26,13 @@ from microtune import folders
 from microtune.artifact import load_artifact
 from microtune.backbone import resolve_device
 from microtune.errors import MicrotuneError
-from microtune.export import export_merged
-from microtune.inference import predict
+from microtune.export import export_merged, load_exported, read_export_record
+from microtune.files import CONFIG_FILE, EXPORT_FILE
+from microtune.inference import predict, predict_with
 from microtune.methods import method_class
 from microtune.model import TaskModel
 from microtune.taskspec import Example
+from microtune.tasktypes import task_type_of
 
 # One input: a text, a tuple of texts (sentence pairs), or a mapping with the task's columns.
 Input = str | Sequence[str] | Mapping[str, str]
@@ -68,20 +72,35 @@ class TunedModel:
         return tuple(self.config["task"]["text_columns"])
 
     @property
+    def task_type(self):
+        """The task type: what `predict` presents, how inputs are encoded."""
+        return self.task_model.task_type
+
+    @property
     def label_names(self) -> list[str]:
         """Class names from the task record, else LABEL_0, LABEL_1, ... (as transformers)."""
-        count = self.task_model.head_config.num_labels
+        count = self._num_labels()
         names = self.config["task"].get("label_names") or []
         return list(names) if len(names) == count else [f"LABEL_{i}" for i in range(count)]
 
+    def _num_labels(self) -> int:
+        return self.task_model.head_config.num_labels
+
+    def _readout(self) -> str:
+        return self.task_model.head_config.readout
+
+    def _run(self, rows: list, batch_size: int):
+        """Outputs of encoded rows, as `inference.predict` returns them."""
+        return predict(self.task_model, rows, self.tokenizer.pad_token_id, batch_size)
+
     @property
     def is_regression(self) -> bool:
-        return self.task_model.task_type.name == "regression"
+        return self.task_type.name == "regression"
 
     @property
     def per_token(self) -> bool:
         """Token classification: one tag per word."""
-        return self.task_model.task_type.per_token
+        return self.task_type.per_token
 
     @property
     def merged(self) -> bool:
@@ -113,22 +132,21 @@ class TunedModel:
         the score the prediction; for token classification {"tokens", "tags", "scores"}, one
         tag per word (None for words cut off by the artifact's max_length)."""
         outputs, examples, labels = self._outputs(inputs, batch_size)
-        return self.task_model.task_type.present(outputs, self.label_names, examples, labels)
+        return self.task_type.present(outputs, self.label_names, examples, labels)
 
     def _outputs(self, inputs: Input | Iterable[Input], batch_size: int):
         """(outputs as `inference.predict` returns them, examples, encoded placeholder
         labels)."""
-        self.task_model.task_type.check_predicts()  # a causal LM generates instead
+        self.task_type.check_predicts()  # a causal LM generates instead
         examples = self._examples(inputs)
         if not examples:
-            width = self.task_model.head_config.num_labels
+            width = self._num_labels()
             return ([] if self.per_token else np.empty((0, width), np.float32)), [], []
-        with_mask = self.task_model.head_config.readout == "mask"
-        rows, labels = self.task_model.task_type.encode(
+        with_mask = self._readout() == "mask"
+        rows, labels = self.task_type.encode(
             self.tokenizer, examples, self.config["max_length"], with_mask
         )
-        outputs = predict(self.task_model, rows, self.tokenizer.pad_token_id, batch_size)
-        return outputs, examples, labels
+        return self._run(rows, batch_size), examples, labels
 
     def generate(
         self, prompts: str | Iterable[str], max_new_tokens: int = 64, batch_size: int = 16
@@ -163,10 +181,11 @@ class TunedModel:
 
     def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False) -> str:
         """Merge (in place) and write the standard export folder, as `microtune merge` does;
-        returns its format ("backbone+head" or "sequence-classification").
+        returns its format ("sequence-classification", "sentence-transformers", ...).
 
         As `microtune merge`: the base model's and the artifact's folders are refused, and a
-        folder that is not empty is replaced only with `overwrite`."""
+        folder that is not empty is replaced only with `overwrite`, and only when
+        microtune exported it."""
         protected = folders.export_protected(self.config, self.artifact_dir)
         folders.check_model_folder(folder, overwrite=overwrite, protected=protected)
         self.merge()  # after the check: a refused folder leaves the model unmerged
@@ -178,6 +197,11 @@ class TunedModel:
             overwrite=overwrite,
             protected=protected,
         )
+
+    def examples(self, inputs: Input | Iterable[Input]) -> list[Example]:
+        """The inputs as the task's examples, checked (one-line errors): what `predict` encodes;
+        the multi-task engine (`microtune.multitask`) reads each request so."""
+        return self._examples(inputs)
 
     def _examples(self, inputs: Input | Iterable[Input]) -> list[Example]:
         if self.per_token:
@@ -226,8 +250,70 @@ class TunedModel:
         return examples
 
 
+class ExportedModel(TunedModel):
+    """An export folder (`microtune export` / `merge`) run as it was written, by the library
+    that loads its format (its stock `transformers` class, sentence-transformers,
+    onnxruntime, or backbone + head): `predict` and `logits` as a `TunedModel`'s, so a user
+    can check an export against the artifact without writing code."""
+
+    def __init__(self, folder: str | os.PathLike, base_model: str | None = None):
+        from transformers import AutoTokenizer
+
+        self.record = read_export_record(folder)
+        self._type = task_type_of(self.record["task"])
+        self.forward, self.runtime = load_exported(folder, base_model)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # Exports before the record kept max_length: the tokenizer's, at most 512.
+        max_length = self.record.get("max_length") or min(tokenizer.model_max_length, 512)
+        config = {**self.record, "max_length": max_length}
+        super().__init__(None, tokenizer, config, folder)
+
+    def __repr__(self) -> str:
+        return (
+            f"ExportedModel(format={self.record['format']!r}, "
+            f"task={self.config['task']['name']!r}, folder={str(self.artifact_dir)!r})"
+        )
+
+    @property
+    def task_type(self):
+        return self._type
+
+    @property
+    def merged(self) -> bool:
+        return True
+
+    def _num_labels(self) -> int:
+        return int(self.record["num_labels"])
+
+    def _readout(self) -> str:
+        return self.record["readout"]
+
+    def _run(self, rows: list, batch_size: int):
+        return predict_with(self.forward, rows, self.tokenizer.pad_token_id, batch_size)
+
+    def generate(self, prompts, max_new_tokens: int = 64, batch_size: int = 16):
+        raise MicrotuneError(
+            "generate runs an artifact (microtune generate --artifact); a causal-lm export is "
+            "a stock AutoModelForCausalLM: generate with transformers"
+        )
+
+    def merge(self) -> TunedModel:
+        return self  # an export is merged
+
+    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False) -> str:
+        raise MicrotuneError(
+            f"{self.artifact_dir} is already an export; copy the folder, or export the artifact"
+        )
+
+
+def is_export_folder(path: str | os.PathLike) -> bool:
+    """A folder `microtune export` / `merge` wrote (an export record, no artifact)."""
+    folder = Path(path)
+    return (folder / EXPORT_FILE).is_file() and not (folder / CONFIG_FILE).is_file()
+
+
 def load(artifact: str | os.PathLike, model: str | None = None, device: str = "cpu") -> TunedModel:
-    """Load a trained artifact for inference.
+    """Load a trained artifact, or an export folder, for inference.
 
     Args:
         artifact: the folder `microtune train --output` wrote, or a hub repo id holding one,
@@ -239,8 +325,11 @@ def load(artifact: str | os.PathLike, model: str | None = None, device: str = "c
 
     Returns:
         A `TunedModel` with `predict`, `logits`, `merge` and `save_pretrained` (`generate` for
-        a causal-lm artifact).
+        a causal-lm artifact); for an export folder an `ExportedModel` (`predict`, `logits`),
+        on the CPU, run by the library its format names (`model`: a peft export's base).
     """
+    if is_export_folder(artifact):
+        return ExportedModel(artifact, model)
     task_model, tokenizer, config = load_artifact(artifact, model)  # a hub id: fetched there
     task_model.to(resolve_device(device))
     return TunedModel(task_model, tokenizer, config, artifact)
@@ -266,4 +355,4 @@ def parse_input_lines(lines: Iterable[str]) -> list[Input]:
     return inputs
 
 
-__all__ = ["TunedModel", "load", "parse_input_lines"]
+__all__ = ["ExportedModel", "TunedModel", "is_export_folder", "load", "parse_input_lines"]

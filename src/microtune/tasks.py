@@ -8,6 +8,8 @@ a task meets its `TaskType` (`microtune.tasktypes`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -77,7 +79,29 @@ def rows_to_examples(
         if empty:
             raise MicrotuneError(f"{where}: no value in column(s) {empty}")
         examples.append(type_of(task).read_example(task, row, columns, label_column, where))
+    if not any(_has_text(row[c]) for row in rows for c in columns):
+        raise MicrotuneError(
+            f"{source}: every text in column(s) {list(columns)} is empty; check --text-columns "
+            "or the file"
+        )
     return examples
+
+
+def _has_text(value) -> bool:
+    """Whether a cell holds any text (a token task's cell is a list of words)."""
+    if isinstance(value, list):
+        return any(_has_text(item) for item in value)
+    return bool(str(value).strip())
+
+
+def examples_fingerprint(examples: list[Example]) -> str:
+    """A hash of the examples' texts and labels, in order: what `--resume` checks, so that a
+    run never continues on data that changed under it (even at the same row count)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([list(example.texts), example.label], default=str).encode())
+        digest.update(b"\n")
+    return "sha256:" + digest.hexdigest()
 
 
 def load_examples(

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from microtune.errors import MicrotuneError
@@ -40,6 +40,7 @@ class Task:
         folder: the data folder's subfolder that holds `<name>/<split>.jsonl`.
         labels_from_data: the label set is read from the training data (sorted, or as given
             by --labels) and labels are read by name only.
+        label_range: a regression task's declared (lowest, highest) label, checked on read.
     """
 
     name: str
@@ -53,6 +54,7 @@ class Task:
     label_column: str = "label"
     folder: str = "glue"
     labels_from_data: bool = False
+    label_range: tuple[float, float] | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -91,7 +93,10 @@ TASKS: dict[str, Task] = {
             "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy")
         ),
         _glue("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",)),
-        _glue("stsb", ("sentence1", "sentence2"), (), ("pearson", "spearman")),
+        replace(
+            _glue("stsb", ("sentence1", "sentence2"), (), ("pearson", "spearman")),
+            label_range=(0.0, 5.0),  # similarity scores 0..5 (GLUE's STS-B)
+        ),
         _glue("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",)),
         _glue(
             "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy")
@@ -208,7 +213,18 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[dict]:
     rows = []
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
+        header = reader.fieldnames or []
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:  # DictReader keeps the last of them without a word
+            raise MicrotuneError(
+                f"{path}: the header names column(s) {repeated} more than once; rename them"
+            )
         for row in reader:
+            if header and list(row.values()) == header:
+                raise MicrotuneError(
+                    f"{path}, line {reader.line_num}: the header line again (files joined "
+                    "with their headers?); delete that line"
+                )
             if None in row:  # DictReader's key for fields past the header's
                 raise MicrotuneError(
                     f"{path}, line {reader.line_num}: more fields than the header's "
@@ -235,8 +251,9 @@ def _json_lines(text: str, path: Path) -> list[dict]:
     return rows
 
 
-def _path_part(value: str, what: str) -> str:
-    """A task name or split as one plain file-name part, never a way out of the data folder."""
+def check_path_name(value: str, what: str) -> str:
+    """A name that becomes part of a path (a task name, a split, a bench name) as one plain
+    file-name part, never a way out of its folder."""
     if (
         not isinstance(value, str)
         or not value
@@ -245,15 +262,16 @@ def _path_part(value: str, what: str) -> str:
         or any(sep in value for sep in ("/", "\\", os.sep, "\0"))
     ):
         raise MicrotuneError(
-            f"{what} {value!r} cannot name a data file: use a plain name without '/', '\\' or '..'"
+            f"{what} {value!r} cannot name a data file or folder: use a plain name without "
+            "'/', '\\' or '..'"
         )
     return value
 
 
 def split_file(data_dir: str | os.PathLike, task: Task, split: str) -> Path:
     """The file for a split in a folder laid out like ../shared/data (never outside it)."""
-    folder = Path(data_dir) / task.folder / _path_part(task.name, "task name")
-    split = _path_part(split, "split")
+    folder = Path(data_dir) / task.folder / check_path_name(task.name, "task name")
+    split = check_path_name(split, "split")
     for suffix in (".jsonl", ".json", ".csv", ".tsv"):
         candidate = folder / f"{split}{suffix}"
         if candidate.is_file():
@@ -279,6 +297,12 @@ def _convert_label(task: Task, value, source: str) -> float | int:
         if not math.isfinite(label):
             raise MicrotuneError(
                 f"{source}: label {value!r} is not a finite number; fix or drop that row"
+            )
+        if task.label_range and not task.label_range[0] <= label <= task.label_range[1]:
+            low, high = task.label_range
+            raise MicrotuneError(
+                f"{source}: label {value!r} is outside {task.name}'s range {low:g}..{high:g}; "
+                "fix or drop that row"
             )
         return label
     if task.labels_from_data:

@@ -14,6 +14,12 @@ The step also guards the numerics: a non-finite loss, gradient or parameter ends
 A checkpoint is one safetensors file (tensors plus JSON metadata), written atomically, that
 holds everything needed to continue bit for bit: the trainable tensors, what the step owns
 (optimizer state; DP's noise generator), the RNG state and the position in the data stream.
+
+Under `torchrun` or `accelerate launch` (a `distributed.World` of several processes) every
+process draws the same logical batches and trains on its share (`World.shard`); the step sums
+the gradients of the trainable tensors over the processes (one all-reduce) before the update,
+so every process holds the same parameters. Rank 0 alone logs, evaluates, shows progress and
+writes checkpoints (holding every rank's RNG state); its decision to stop is everyone's.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from microtune.data import Encoded, batches, epoch_order
+from microtune.distributed import SINGLE, World
 from microtune.errors import MicrotuneError
 from microtune.files import CHECKPOINT_FILE, LOG_FILE, write_tensors
 from microtune.taskspec import Task
-from microtune.tasktypes import loss_for, type_of
+from microtune.tasktypes import loss_for, loss_units_for, type_of
 from microtune.trainconfig import TrainConfig
 
 # Settings that may differ between a run and its resumption: they do not change the result.
@@ -222,9 +229,10 @@ class LengthGroupedSampler:
         return [out[i] for i in shuffle]
 
 
-def default_sampler(config: TrainConfig, rows: Sequence[Encoded]) -> Sampler:
-    """Logical batches of batch_size * grad_accum: length-grouped unless switched off."""
-    size = config.batch_size * config.grad_accum
+def default_sampler(config: TrainConfig, rows: Sequence[Encoded], processes: int = 1) -> Sampler:
+    """Logical batches of batch_size * grad_accum per process: length-grouped unless switched
+    off (each process's share of a length-grouped batch is length-grouped too)."""
+    size = config.batch_size * config.grad_accum * processes
     if config.group_by_length:
         lengths = tuple(len(row["input_ids"]) for row in rows)
         return LengthGroupedSampler(lengths, size, config.seed)
@@ -238,7 +246,8 @@ class AdamWStep:
     """The plain step: the mean loss of the logical batch, backward, AdamW, warmup/linear decay.
 
     Subclasses change `gradients` (DP-SGD) or `train_mode`; a step owns the checkpoint entries
-    of what it adds (`state` / `load_state`).
+    of what it adds (`state` / `load_state`). With several processes (`world`) each step sees
+    this process's share of the logical batch and sums over the processes before the update.
     """
 
     def bind(
@@ -247,9 +256,11 @@ class AdamWStep:
         parameters: dict[str, nn.Parameter],
         config: TrainConfig,
         total_steps: int,
+        world: World = SINGLE,
     ) -> None:
         """Called once by the trainer, before any step: create the optimizer and schedule."""
         self.parameters = parameters
+        self.world = world
         self.optimizer = torch.optim.AdamW(
             parameters.values(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -263,14 +274,41 @@ class AdamWStep:
         model.train()
 
     def gradients(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
-        """Fill `.grad` with the gradient of the logical batch's mean loss; return that loss."""
-        total = 0.0
+        """Fill `.grad` with the gradient of the logical batch's mean loss; return that loss.
+
+        The mean is over what the loss averages (`TaskType.loss_units`: examples, or scored
+        tokens), over every micro-batch of every process: each micro-batch's loss is weighed
+        by its units, and the sum over the processes divided by theirs, so the cut of the
+        logical batch (`logical_size` examples in all) changes nothing but rounding.
+        """
+        units_of = loss_units_for(model)
+        loss_sum, units = 0.0, 0
         for inputs, labels in micro_batches:
+            count = units_of(labels)
             loss = loss_for(model)(model(**inputs), labels)
-            weight = len(labels) / logical_size  # the mean over the logical batch
-            (loss * weight).backward()
-            total += loss.item() * weight
-        return total
+            (loss * count).backward()
+            loss_sum += loss.item() * count
+            units += count
+        return self.average_gradients(loss_sum, units)
+
+    def average_gradients(self, loss_sum: float, units: int) -> float:
+        """Sum the gradients (of loss sums) and units over the processes in one all-reduce,
+        divide; return the mean loss. A tensor no process gave a gradient keeps none."""
+        params = list(self.parameters.values())
+        if self.world.size == 1:  # in place: no second copy of the gradients
+            for parameter in params:
+                if parameter.grad is not None:
+                    parameter.grad.div_(max(units, 1))
+            return loss_sum / max(units, 1)
+        device = params[0].device
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        present = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        stats = torch.tensor([loss_sum, float(units)], dtype=torch.float64, device=device)
+        *grads, present, stats = self.world.all_reduce_sum([*grads, present, stats])
+        loss_sum, units = stats.tolist()
+        for parameter, grad, given in zip(params, grads, present.tolist(), strict=True):
+            parameter.grad = grad / max(units, 1.0) if given else None
+        return loss_sum / max(units, 1.0)
 
     def __call__(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
         loss = self.gradients(model, micro_batches, logical_size)
@@ -374,7 +412,7 @@ class ProgressCallback(TrainerCallback):
         self.bar = tqdm(
             total=trainer.total_steps,
             initial=trainer.step,
-            disable=not trainer.config.progress,
+            disable=not (trainer.config.progress and trainer.world.is_main),
             # Say up front how much one step is, so a long accumulation is not a silent wait.
             desc=f"train ({trainer.config.batch_size}x{trainer.config.grad_accum} per step)"
             if trainer.config.grad_accum > 1
@@ -416,6 +454,7 @@ class Trainer:
     order in batches of batch_size * grad_accum), `step` (how a logical batch, cut into
     micro-batches of batch_size, becomes an update; default `AdamWStep`) and `callbacks`
     (run before the built-in evaluation, logging, progress and checkpoint callbacks).
+    `world`: the processes that train together (`distributed.World`; default: this one).
     """
 
     def __init__(
@@ -433,8 +472,10 @@ class Trainer:
         sampler: Sampler | None = None,
         step: AdamWStep | None = None,
         callbacks: Sequence[TrainerCallback] = (),
+        world: World = SINGLE,
     ):
         self.model = model
+        self.world = world
         self.config = config
         self.rows = train_rows
         self.labels = train_labels
@@ -446,6 +487,8 @@ class Trainer:
         self.run_signature = {
             **(run_signature or {}),
             "train_config": {k: v for k, v in asdict(config).items() if k not in _RESUMABLE},
+            # Each process's RNG state and data share depend on how many there are.
+            **({"processes": world.size} if world.size > 1 else {}),
         }
         if config.learning_rate is None:
             raise MicrotuneError("TrainConfig.learning_rate is not set (api.train fills it in)")
@@ -454,10 +497,10 @@ class Trainer:
             raise MicrotuneError("the model has no trainable parameters")
         if sampler is None:
             config.check_logical_batch(len(train_rows))
-        self.sampler = sampler or default_sampler(config, train_rows)
+        self.sampler = sampler or default_sampler(config, train_rows, world.size)
         self.total_steps = config.steps_for(self.sampler.batches_per_epoch)
         self.step_plugin = step or AdamWStep()
-        self.step_plugin.bind(model, self.parameters, config, self.total_steps)
+        self.step_plugin.bind(model, self.parameters, config, self.total_steps, world)
         evaluation = [EvaluateCallback()] if evaluate_fn else []
         self.callbacks = [
             *callbacks,
@@ -484,12 +527,14 @@ class Trainer:
         return self.step % self.config.log_every == 0 or self.step == self.total_steps
 
     def log(self, record: dict) -> None:
+        if not self.world.is_main:
+            return
         with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, allow_nan=False) + "\n")
 
     def evaluate(self) -> None:
-        """Evaluate on the dev set (once per step), log it and tell the callbacks."""
-        if self.evaluate_fn is None or self.evaluated_at == self.step:
+        """Evaluate on the dev set (once per step, on rank 0), log it and tell the callbacks."""
+        if self.evaluate_fn is None or self.evaluated_at == self.step or not self.world.is_main:
             return
         self.last_metrics = self.evaluate_fn(self.model)
         self.evaluated_at = self.step
@@ -504,12 +549,18 @@ class Trainer:
         return self.output_dir / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> None:
+        """Every rank gives its RNG state; rank 0 writes the checkpoint."""
+        rng = {"rng.torch": torch.get_rng_state()}
+        if torch.cuda.is_available():  # dropout on the GPU draws from the CUDA generator
+            rng["rng.cuda"] = torch.cuda.get_rng_state()
+        every_rng = self.world.gather(rng)
+        if not self.world.is_main:
+            return
         step_tensors, step_meta = self.step_plugin.state()
         tensors = {f"model.{n}": p for n, p in self.parameters.items()}
         tensors.update({f"step.{k}": v for k, v in step_tensors.items()})
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():  # dropout on the GPU draws from the CUDA generator
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        for rank, states in enumerate(every_rng):
+            tensors.update({_rank_key(key, rank): state for key, state in states.items()})
         meta = {
             "step": self.step,
             "epoch": self.epoch,
@@ -525,7 +576,7 @@ class Trainer:
         try:
             meta, tensors = self._read_checkpoint()
         except Exception as error:  # whatever a torn or edited file raises: one line
-            raise self._unreadable(error) from None
+            raise _unreadable(self.checkpoint_path, error) from None
         changed = _differences(meta["run_signature"], self.run_signature)
         if changed or meta["param_shapes"] != {
             n: list(p.shape) for n, p in self.parameters.items()
@@ -543,11 +594,12 @@ class Trainer:
                 k[len("step.") :]: v for k, v in tensors.items() if k.startswith("step.")
             }
             self.step_plugin.load_state(step_tensors, meta["step_plugin"])
-            torch.set_rng_state(tensors["rng.torch"])
-            if "rng.cuda" in tensors and torch.cuda.is_available():
-                torch.cuda.set_rng_state(tensors["rng.cuda"])
+            torch.set_rng_state(tensors[_rank_key("rng.torch", self.world.rank)])
+            cuda_rng = _rank_key("rng.cuda", self.world.rank)
+            if cuda_rng in tensors and torch.cuda.is_available():
+                torch.cuda.set_rng_state(tensors[cuda_rng])
         except Exception as error:  # an edited file: entries of the wrong shape or type
-            raise self._unreadable(error) from None
+            raise _unreadable(self.checkpoint_path, error) from None
         self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
         self.batch_in_epoch = int(meta["batch_in_epoch"])
         self.last_metrics = meta["last_metrics"]
@@ -561,33 +613,15 @@ class Trainer:
             raise ValueError("its metadata is not a JSON object")
         keys = ("step", "epoch", "batch_in_epoch", "step_plugin", "param_shapes")
         missing = [k for k in (*keys, "run_signature", "last_metrics") if k not in meta]
-        needed = ("rng.torch", *(f"model.{n}" for n in self.parameters))
+        needed = (_rank_key("rng.torch", self.world.rank), *(f"model.{n}" for n in self.parameters))
         missing += [k for k in needed if k not in tensors]
         if missing:
             raise ValueError(f"missing {', '.join(missing[:3])}")
         return meta, tensors
 
-    def _unreadable(self, error: Exception) -> MicrotuneError:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return MicrotuneError(
-            f"checkpoint {self.checkpoint_path} is unreadable ({reason}); "
-            "pass --overwrite instead of --resume to start over"
-        )
-
     def remove_checkpoint(self) -> None:
-        if self.checkpoint_path.is_file():
+        if self.world.is_main and self.checkpoint_path.is_file():
             self.checkpoint_path.unlink()
-
-    def _trim_log(self) -> None:
-        """After a resume, drop log lines from steps the crashed run did past its checkpoint."""
-        path = self.output_dir / LOG_FILE
-        if path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if _log_step(line) is not None and _log_step(line) <= self.step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -601,10 +635,11 @@ class Trainer:
             self.batch_in_epoch = 0
 
     def _micro_batches(self, indices: list[int]) -> Iterator:
-        """The logical batch cut into micro-batches of batch_size, on the model's device."""
+        """This process's share of the logical batch cut into micro-batches of batch_size, on
+        the model's device."""
         device = next(self.model.parameters()).device
-        size = self.config.batch_size
-        for inputs, labels in batches(self.rows, self.labels, size, self.pad_token_id, indices):
+        size, share = self.config.batch_size, self.world.shard(indices)
+        for inputs, labels in batches(self.rows, self.labels, size, self.pad_token_id, share):
             yield {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
 
     def _diverged(self, error: Diverged) -> MicrotuneError:
@@ -623,18 +658,26 @@ class Trainer:
             getattr(callback, event)(self, *args)
 
     def fit(self, resume: bool = False) -> dict[str, float]:
-        """Train to the end (or continue from the checkpoint); returns the final dev metrics."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if resume and self.checkpoint_path.is_file():
+        """Train to the end (or continue from the checkpoint); returns the final dev metrics
+        (rank 0's: the other processes do not evaluate)."""
+        main = self.world.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        # Rank 0 decides, so that all resume or none (each reads the checkpoint itself).
+        if self.world.from_main(resume and self.checkpoint_path.is_file()):
             self.load_checkpoint()
-            self._trim_log()
-        elif (self.output_dir / LOG_FILE).exists():
+            if main:
+                _trim_log(self.output_dir / LOG_FILE, self.step)
+        elif main and (self.output_dir / LOG_FILE).exists():
             (self.output_dir / LOG_FILE).unlink()
+        # Every process starts from rank 0's tensors, as DDP does.
+        self.world.broadcast_tensors(list(self.parameters.values()))
         self.step_plugin.train_mode(self.model)
         self._call("on_train_begin")
         stream = self._logical_batches()
         while self.step < self.total_steps:
             self._call("on_step_begin")
+            self.stop_reason = self.world.from_main(self.stop_reason)
             if self.stop_reason:
                 self.log({"step": self.step, "stopped": self.stop_reason})
                 break
@@ -647,6 +690,30 @@ class Trainer:
             self._call("on_step_end", {"loss": loss, "lr": self.step_plugin.learning_rate})
         self._call("on_train_end")
         return self.last_metrics
+
+
+def _unreadable(path: Path, error: Exception) -> MicrotuneError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return MicrotuneError(
+        f"checkpoint {path} is unreadable ({reason}); "
+        "pass --overwrite instead of --resume to start over"
+    )
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """After a resume, drop log lines from steps the crashed run did past its checkpoint."""
+    if path.is_file():
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if _log_step(line) is not None and _log_step(line) <= step
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _rank_key(key: str, rank: int) -> str:
+    """A per-rank checkpoint entry's name; rank 0 keeps the one-process name."""
+    return key if rank == 0 else f"{key}.{rank}"
 
 
 def _log_step(line: str) -> int | None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from microtune.errors import MicrotuneError
 from microtune.methods import method_class
-from microtune.taskspec import get_task
+from microtune.taskspec import check_path_name, get_task
 from microtune.trainconfig import TrainConfig
 
 CONFIG_FOLDER = Path(__file__).resolve().parents[3] / "bench" / "configs"  # in a checkout
@@ -399,7 +399,8 @@ def load_config(
     if "write" not in table.get("tune", {}):
         tune = dataclasses.replace(tune, write=str(Path(path).resolve().parent / tune.write))
     return BenchConfig(
-        name=str(table.get("name", Path(path).stem)),
+        # the default output folder is runs/bench-<name>: never a way out of ./runs
+        name=check_path_name(str(table.get("name", Path(path).stem)), "bench name"),
         model=model,
         data_dir=data_dir,
         tasks=tuple(table["tasks"]),

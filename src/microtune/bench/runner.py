@@ -142,6 +142,24 @@ def plan(config: BenchConfig, output: Path) -> tuple[list[Cell], list[Cell], lis
     return grid, finished, stale
 
 
+def _refuse_foreign_folder(output: Path) -> None:
+    """A bench writes only into a new or empty folder or an earlier bench's (its bench.json is
+    a bench record): never over the user's own bench.json or beside their files."""
+    record = output / "bench.json"
+    if not output.is_dir() or not os.listdir(output):
+        return
+    try:
+        ours = set(json.loads(record.read_text(encoding="utf-8"))) >= {"config", "config_hash"}
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        shown = ", ".join(sorted(os.listdir(output))[:3])
+        raise MicrotuneError(
+            f"--output {output} is not a bench folder microtune wrote ({shown}); choose a new "
+            "or empty folder"
+        )
+
+
 def run_bench(
     config: BenchConfig,
     output: str | os.PathLike,
@@ -160,6 +178,7 @@ def run_bench(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise MicrotuneError(f"--output {output} is a file; choose a folder")
+    _refuse_foreign_folder(output)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = threads or max(1, (cores or 1) // jobs)
     write_json(

@@ -7,7 +7,7 @@ import argparse
 import math
 from typing import Any
 
-from microtune.dpconfig import ACCOUNTANTS
+from microtune.dpconfig import ACCOUNTANTS, STEPS_MAX
 from microtune.errors import MicrotuneError
 
 TEXT = (
@@ -45,17 +45,24 @@ def _delta(args: argparse.Namespace) -> float:
 def _steps(args: argparse.Namespace, q: float) -> int:
     if args.steps is not None:
         return args.steps
-    if not args.epochs > 0:
-        raise MicrotuneError(f"--epochs must be positive, got {args.epochs}")
-    return math.ceil(args.epochs * max(1, math.floor(1 / q)))
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise MicrotuneError(f"--epochs must be a positive finite number, got {args.epochs}")
+    steps = args.epochs * max(1, math.floor(1 / q))
+    if steps > STEPS_MAX:  # before ceil: an astronomic float is no int to count
+        raise MicrotuneError(f"--epochs {args.epochs} gives {steps:.3g} steps; at most {STEPS_MAX}")
+    return math.ceil(steps)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from microtune.accounting import calibrate_sigma, epsilon_spent
+    from microtune.accounting import calibrate_sigma, check_delta, epsilon_spent
 
     delta = _delta(args)
+    if args.num_examples is not None:
+        if args.num_examples < 1:
+            raise MicrotuneError(f"--num-examples must be at least 1, got {args.num_examples}")
+        check_delta(delta, args.num_examples)
     q = args.sample_rate
-    if not (q is not None and 0 < q <= 1):
+    if not (q is not None and math.isfinite(q) and 0 < q <= 1):
         raise MicrotuneError(f"--sample-rate must be in (0, 1], got {q}")
     steps = _steps(args, q)
     result = {"delta": delta, "sample_rate": q, "steps": steps, "accountant": args.accountant}

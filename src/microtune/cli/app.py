@@ -73,6 +73,8 @@ def failure(error: Exception) -> tuple[str, int]:
 
 
 def print_result(result: Any) -> None:
+    if result is None:  # nothing to show: a training process other than rank 0
+        return
     if isinstance(result, list):  # `predict`, `generate`: one JSON line per input
         for record in result:
             print(json.dumps(record))

@@ -18,12 +18,14 @@ from microtune.cli import (
     bench,
     evaluate,
     export,
+    federate,
     generate,
     info,
     inspect_model,
     merge,
     predict,
     push,
+    serve,
     train,
 )
 
@@ -47,7 +49,9 @@ COMMANDS: dict[str, Command] = {
     "generate": Command(generate.add, generate.run),
     "accountant": Command(accountant.add, accountant.run, preload=()),
     "bench": Command(bench.add, bench.run),
+    "federate": Command(federate.add, federate.run),
     "info": Command(info.add, info.run),
     "push": Command(push.add, push.run),
     "inspect": Command(inspect_model.add, inspect_model.run),
+    "serve": Command(serve.add, serve.run),
 }

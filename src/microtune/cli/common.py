@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 from microtune.errors import MicrotuneError
@@ -81,8 +82,9 @@ def add_folder_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace --output (the whole folder) if it is not empty; the base model's and "
-        "the artifact's folders are always refused",
+        help="replace --output (the whole folder) if it holds an earlier export; a folder "
+        "with files microtune did not write, the base model's and the artifact's are always "
+        "refused",
     )
     sub.add_argument("--model", help=MODEL_HELP)
 
@@ -96,7 +98,11 @@ def read_inputs(args: argparse.Namespace) -> list:
         if args.input:
             with open(args.input, encoding="utf-8") as handle:
                 return parse_input_lines(handle)
-        return parse_input_lines(sys.stdin)
+        # Strict UTF-8 like --input, whatever the locale (its surrogate escapes reached the
+        # tokenizer as a TypeError)
+        buffer = getattr(sys.stdin, "buffer", None)  # None: already text (a test's StringIO)
+        stdin = sys.stdin if buffer is None else io.TextIOWrapper(buffer, encoding="utf-8")
+        return parse_input_lines(stdin)
     except OSError as error:
         raise MicrotuneError(f"cannot read --input {args.input}: {error.strerror}") from None
     except UnicodeDecodeError as error:

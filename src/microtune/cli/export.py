@@ -27,12 +27,20 @@ def add(commands) -> None:
     )
     export.add_argument(
         "--format",
-        choices=("merged", "peft"),
+        choices=("merged", "peft", "onnx"),
         default="merged",
         help="merged: the method folded into the base weights, a standard model "
-        "folder; peft (LoRA only): peft's adapter_config.json + "
-        "adapter_model.safetensors with the head beside it, checked by loading it with "
-        "PeftModel.from_pretrained",
+        "folder (a stock transformers class, else a sentence-transformers folder for mean or "
+        "first-token read-outs, else backbone + head); peft (LoRA only): peft's "
+        "adapter_config.json + adapter_model.safetensors with the head beside it, checked by "
+        "loading it with PeftModel.from_pretrained; onnx: model.onnx, the merged model with "
+        "its read-out and head, checked in onnxruntime",
+    )
+    export.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="with --format onnx: dynamic int8 quantisation of the weights (smaller, faster "
+        "on CPUs; checked against the artifact's labels)",
     )
 
 
@@ -42,8 +50,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from microtune.api import export_and_check as export
     if args.data_file and args.format == "peft":
-        raise MicrotuneError("--data-file applies to --format merged")
+        raise MicrotuneError("--data-file applies to --format merged or onnx")
+    if args.quantize and args.format != "onnx":
+        raise MicrotuneError("--quantize applies to --format onnx")
     own_file = {"data_file": args.data_file} if args.data_file else {}
+    if args.format == "onnx":
+        own_file |= {"onnx": True, "quantize": args.quantize}
     return export(
         args.artifact,
         args.output,

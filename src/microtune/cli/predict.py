@@ -13,11 +13,18 @@ def add(commands) -> None:
     predict = commands.add_parser(
         "predict",
         help="label texts with an artifact; prints one JSON line per input",
-        description="Label inputs with an artifact (unmerged): one JSON line "
+        description="Label inputs with an artifact (unmerged), or with an export folder as "
+        "its own runtime loads it (--model-folder: transformers, sentence-transformers, "
+        "onnxruntime, backbone + head): one JSON line "
         '{"label": ..., "score": ...} per input, in order. Inputs are lines of text, or JSON '
         "objects with the task's text columns (needed for pair tasks), from --input or stdin.",
     )
-    predict.add_argument("--artifact", required=True, help=ARTIFACT_HELP)
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--artifact", help=ARTIFACT_HELP)
+    source.add_argument(
+        "--model-folder",
+        help="an export folder (microtune export / merge, any --format), run as written",
+    )
     predict.add_argument("--input", help="file of inputs, one per line (default: stdin)")
     predict.add_argument("--model", help=MODEL_HELP)
     predict.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
@@ -28,4 +35,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if args.batch_size < 1:
         raise MicrotuneError(f"--batch-size must be at least 1, got {args.batch_size}")
-    return load(args.artifact, args.model).predict(read_inputs(args), args.batch_size)
+    if args.model_folder:
+        from microtune.serving import ExportedModel, is_export_folder
+
+        if not is_export_folder(args.model_folder):
+            raise MicrotuneError(
+                f"--model-folder {args.model_folder} is not an export folder (no "
+                "microtune_export.json); pass what `microtune export` wrote, or --artifact"
+            )
+        model = ExportedModel(args.model_folder, args.model)
+    else:
+        model = load(args.artifact, args.model)
+    return model.predict(read_inputs(args), args.batch_size)

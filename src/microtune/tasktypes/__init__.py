@@ -93,6 +93,13 @@ def loss_for(model: nn.Module) -> Callable[..., torch.Tensor]:
     return getattr(model, "loss", loss_fn)
 
 
+def loss_units_for(model: nn.Module) -> Callable[[torch.Tensor], int]:
+    """What the model's loss averages over in a batch (`TaskType.loss_units`); examples for a
+    model without a task type (`loss_fn`'s sentence-level losses)."""
+    task_type = getattr(model, "task_type", None)
+    return task_type.loss_units if task_type is not None else len
+
+
 __all__ = [
     "TASK_TYPES",
     "TaskModelLike",
@@ -101,6 +108,7 @@ __all__ = [
     "get_task_type",
     "loss_fn",
     "loss_for",
+    "loss_units_for",
     "recorded_metrics",
     "register_task_type",
     "stock_classes",

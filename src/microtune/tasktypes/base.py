@@ -134,6 +134,12 @@ class TaskType(abc.ABC):
     ) -> torch.Tensor:
         """The training loss; `reduction="none"` gives one loss per example (DP-SGD)."""
 
+    def loss_units(self, labels: torch.Tensor) -> int:
+        """How many things `loss` (reduction "mean") averages over in this batch: examples by
+        default. The trainer weighs each micro-batch (and each process's share) by it, so a
+        logical batch's loss is the same however it is cut."""
+        return len(labels)
+
     def evaluate(
         self,
         model: TaskModelLike,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -253,6 +254,7 @@ class CausalLM(TaskType):
                 label = list(ids)
             rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
             labels.append(label)
+        _check_scored(labels, max_length)
         return rows, labels
 
     def loss(self, logits, labels, reduction="mean"):
@@ -269,6 +271,10 @@ class CausalLM(TaskType):
         if reduction == "none":
             return flat.sum(-1) / scored.sum(-1).clamp_min(1.0)
         return flat.sum() / scored.sum().clamp_min(1.0)
+
+    def loss_units(self, labels: torch.Tensor) -> int:
+        """The scored next-token positions: what `loss` averages over."""
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
     @torch.no_grad()
     def token_losses(
@@ -376,6 +382,11 @@ class CausalLM(TaskType):
         not, the tokens are the same (`greedy_generate`)."""
         encoded = tokenizer(list(prompts), add_special_tokens=True).input_ids
         encoded = [ids[:max_length] for ids in encoded]
+        # An empty prompt: nothing to continue (and no token at all where no BOS is added)
+        pairs = enumerate(zip(prompts, encoded, strict=True), 1)
+        empty = next((n for n, (p, ids) in pairs if not (p.strip() and ids)), None)
+        if empty is not None:
+            raise MicrotuneError(f"prompt {empty} is empty; give some text to continue")
         answers = greedy_generate(
             task_model,
             encoded,
@@ -393,6 +404,23 @@ class CausalLM(TaskType):
         """The merged model as a stock `AutoModelForCausalLM` (`write_stock_causal_lm`)."""
         write_stock_causal_lm(task_model, folder)
         return True
+
+
+def _check_scored(labels: Sequence[Sequence[int]], max_length: int) -> None:
+    """Refuse a split whose every example is cut to zero scored tokens (it trains on nothing
+    and evaluates to a perfect score); warn with counts when only some are."""
+    lost = sum(not any(label != IGNORE_INDEX for label in row[1:]) for row in labels)
+    if lost == len(labels):
+        raise MicrotuneError(
+            f"every one of the {lost} examples has no scored token left at --max-length "
+            f"{max_length} (prompts fill it); raise --max-length or shorten the prompts"
+        )
+    if lost:
+        warnings.warn(
+            f"{lost} of {len(labels)} examples lose every response token at --max-length "
+            f"{max_length} (their prompts fill it) and add nothing to the loss",
+            stacklevel=3,
+        )
 
 
 def write_stock_causal_lm(task_model: nn.Module, folder) -> None:

@@ -124,6 +124,10 @@ class TokenClassification(TaskType):
             return flat.sum(-1) / scored.sum(-1).clamp_min(1.0)
         return flat.sum() / scored.sum().clamp_min(1.0)
 
+    def loss_units(self, labels: torch.Tensor) -> int:
+        """The labelled tokens: what `loss` averages over."""
+        return int((labels != IGNORE_INDEX).sum())
+
     def tags(self, outputs: Outputs, labels: Sequence, names: Sequence[str]):
         """(gold, predicted) tag lists per example, read at the labelled (first) sub-tokens."""
         gold, predicted = [], []

@@ -1,0 +1,227 @@
+"""The microtune `ClientApp`: one party trains its own rows with microtune's trainer for the
+round's local steps, starting from the global state, and sends back only what travels
+(`exchange`). A party whose PaFi mask differs from the server's is refused before it trains.
+
+In the simulation every client reads the task's training rows and keeps its Dirichlet share
+(`node_config["partition-id"]`); under the deployment engine a SuperNode may instead point at
+its own copy of the base model and its own rows (`--node-config "model-path=... train-file=...
+dev-file=..."`), and then trains on all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from microtune.accounting import calibrate_sigma, epsilon_spent
+from microtune.api import TrainingData, TrainingRun
+from microtune.errors import MicrotuneError
+from microtune.federated.exchange import (
+    freeze_untravelled,
+    load_arrays,
+    positions_problem,
+    to_arrays,
+    travelling_names,
+)
+from microtune.federated.partition import dirichlet_partition
+from microtune.federated.spec import FederationSpec
+from microtune.privacy import PrivacyPlugin
+from microtune.train import AdamWStep, Plugins, Trainer
+
+REFUSAL = "refusal"  # the ConfigRecord of a reply that refuses the round, with its reason
+
+
+class ProximalStep(AdamWStep):
+    """FedProx's local step: AdamW on the loss plus (mu / 2) ||w - w_global||², the global
+    state being what the round started from."""
+
+    def __init__(self, mu: float):
+        self.mu = mu
+
+    def bind(self, model: nn.Module, parameters: dict, *args: Any, **kwargs: Any) -> None:
+        super().bind(model, parameters, *args, **kwargs)
+        self.anchor = {name: p.detach().clone() for name, p in parameters.items()}
+
+    def gradients(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
+        loss = super().gradients(model, micro_batches, logical_size)
+        with torch.no_grad():
+            for name, parameter in self.parameters.items():
+                if parameter.grad is not None:
+                    parameter.grad.add_(parameter - self.anchor[name], alpha=self.mu)
+        return loss
+
+
+class LocalParty:
+    """One client's encoded rows, on the task model its worker process shares between the
+    parties it runs (each round loads the global state into it first)."""
+
+    def __init__(self, spec: FederationSpec, node_config: dict[str, Any]):
+        self.spec = spec
+        self.partition = int(node_config.get("partition-id", 0))
+        self.run, data = _worker_model(spec, node_config)
+        train = data.train
+        if "train-file" not in node_config:  # the simulation: this client's Dirichlet share
+            train = [train[i] for i in _shares(spec, data)[self.partition]]
+        self.model = self.run.task_model
+        self.names = travelling_names(self.model, spec.lora_frozen_a)
+        tokenizer = self.run.tokenizer
+        with_mask = self.model.head_config.readout == "mask"
+        self.rows, self.labels = self.model.task_type.encode(
+            tokenizer, train, spec.max_length, with_mask
+        )
+        self.pad_id = tokenizer.pad_token_id
+        self.sigma = self._sample_sigma()
+
+    def _sample_sigma(self) -> float | None:
+        """Sample-level DP-SGD: σ for the client's target ε over every local step it could
+        run (all rounds), so the whole federation stays within the client's budget."""
+        dp = self.spec.sample_dp
+        if dp is None or dp.sigma is not None:
+            return None if dp is None else dp.sigma
+        n = len(self.rows)
+        steps = self.spec.rounds * self.spec.train_config.max_steps
+        return calibrate_sigma(dp.epsilon, self.delta, min(1.0, dp.batch / n), steps, dp.accountant)
+
+    @property
+    def delta(self) -> float:
+        dp = self.spec.sample_dp
+        return dp.delta if dp is not None and dp.delta is not None else 1 / (2 * len(self.rows))
+
+    def mask_problem(self, config: ConfigRecord, arrays: Any) -> str | None:
+        """Why this party cannot take part in the round with the server's PaFi mask."""
+        method = self.model.method
+        expected = config.get("mask-fingerprint")
+        if expected and getattr(method, "mask_fingerprint", expected) != expected:
+            return (
+                f"client {self.partition}: its PaFi mask ({method.mask_fingerprint[:19]}…) "
+                f"differs from the server's ({str(expected)[:19]}…): its base model's weights "
+                "differ; use the server's base model"
+            )
+        problem = positions_problem(self.model, arrays)
+        return f"client {self.partition}: {problem}" if problem else None
+
+    def train(self, server_round: int, proximal_mu: float, steps_done: int) -> dict[str, float]:
+        """Local steps from the loaded global state; the round's metrics."""
+        config = dataclasses.replace(
+            self.run.config,
+            seed=self.run.config.seed + 1009 * server_round + self.partition,
+            progress=False,
+            eval_every=0,
+            checkpoint_every=0,
+        )
+        plugins = Plugins()
+        dp = self.spec.sample_dp
+        if dp is not None:
+            dp = dataclasses.replace(dp, epsilon=None, sigma=self.sigma, delta=self.delta)
+            plugins = PrivacyPlugin(dp).build(self.model, config, len(self.rows))
+        step = ProximalStep(proximal_mu) if proximal_mu > 0 and dp is None else plugins.step
+        with tempfile.TemporaryDirectory(prefix="microtune-client-") as folder:
+            trainer = Trainer(
+                self.model,
+                config,
+                self.rows,
+                self.labels,
+                self.pad_id,
+                folder,
+                sampler=plugins.sampler,
+                step=step,
+                callbacks=plugins.callbacks,
+            )
+            trainer.fit()
+        metrics = {"num-examples": float(len(self.rows)), "unit": 1.0, "steps": trainer.step}
+        if dp is not None:
+            q = min(1.0, dp.batch / len(self.rows))
+            total = steps_done + trainer.step
+            metrics["sample-epsilon"] = epsilon_spent(self.sigma, q, total, self.delta)
+        return metrics
+
+
+_MODELS: dict[str, tuple[TrainingRun, TrainingData]] = {}
+_PARTIES: dict[str, LocalParty] = {}
+
+
+def _worker_model(spec: FederationSpec, node_config: dict[str, Any]) -> tuple:
+    """The task model and the rows of this worker process, built once per base model and
+    data source."""
+    own_rows = "train-file" in node_config
+    model = str(node_config.get("model-path", spec.model))
+    key = repr((spec, model, node_config.get("train-file"), node_config.get("dev-file")))
+    if key not in _MODELS:
+        _MODELS.clear()
+        data = TrainingData(
+            spec.task,
+            None if own_rows else spec.data_dir,
+            node_config.get("train-file", spec.train_file),
+            node_config.get("dev-file", spec.dev_file),
+            spec.text_columns,
+            spec.label_column,
+        )
+        data.load(None, spec.max_train_examples)
+        run = TrainingRun(
+            data, model, spec.method, spec.method_options, spec.train_config, spec.max_length, []
+        )
+        run.build_model("float32", None, 0.0, None, "cpu")
+        freeze_untravelled(run.task_model, spec.lora_frozen_a)
+        _MODELS[key] = (run, data)
+    return _MODELS[key]
+
+
+_SHARES: dict[str, list[list[int]]] = {}
+
+
+def _shares(spec: FederationSpec, data: TrainingData) -> list[list[int]]:
+    """Every client's row indices, split once per worker process."""
+    key = repr(spec)
+    if key not in _SHARES:
+        _SHARES.clear()
+        _SHARES[key] = dirichlet_partition(
+            data.train, spec.clients, spec.alpha, spec.partition_seed
+        )
+    return _SHARES[key]
+
+
+def local_party(spec: FederationSpec, node_config: dict[str, Any]) -> LocalParty:
+    """The party of this node, built on first use in this worker process."""
+    key = repr((spec, sorted(node_config.items())))
+    if key not in _PARTIES:
+        _PARTIES[key] = LocalParty(spec, node_config)
+    return _PARTIES[key]
+
+
+def client_app(spec: FederationSpec) -> ClientApp:
+    """The Flower `ClientApp` of a federation (one `train` handler; evaluation is central)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        torch.set_num_threads(1)  # one core per simulated client
+        party = local_party(spec, dict(context.node_config))
+        config, arrays = message.content["config"], message.content["arrays"]
+        refusal = party.mask_problem(config, arrays)
+        if refusal is not None:
+            content = RecordDict({REFUSAL: ConfigRecord({"reason": refusal})})
+            return Message(content=content, reply_to=message)
+        load_arrays(party.model, arrays)
+        state = context.state["dp"] if "dp" in context.state else ConfigRecord({"steps": 0})
+        try:
+            metrics = party.train(
+                int(config["server-round"]),
+                float(config.get("proximal-mu", 0.0)),
+                int(state["steps"]),
+            )
+        except MicrotuneError as error:  # one line in the server's log, not a traceback
+            raise RuntimeError(f"client {party.partition}: {error}") from None
+        context.state["dp"] = ConfigRecord({"steps": int(state["steps"]) + int(metrics["steps"])})
+        content = RecordDict(
+            {"arrays": to_arrays(party.model, party.names), "metrics": MetricRecord(metrics)}
+        )
+        return Message(content=content, reply_to=message)
+
+    return app

@@ -1,0 +1,376 @@
+"""The microtune `ServerApp`: Flower's strategy (FedAvg weighted by examples, FedProx, FedAdam;
+client-level DP through Flower's server-side clipping wrapper, accounted here with Opacus) behind
+a screen that leaves out what must not be averaged, a dev evaluation of the global model each
+round, and each round's aggregate saved as an ordinary microtune artifact (plus a checkpoint, so
+a restarted server resumes from its last round)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from microtune import folders
+from microtune.accounting import calibrate_sigma, epsilon_spent
+from microtune.api import TrainingData, TrainingRun
+from microtune.artifact import save_artifact
+from microtune.errors import MicrotuneError
+from microtune.federated.client import REFUSAL
+from microtune.federated.exchange import (
+    POSITIONS,
+    arrays_problem,
+    expected_shapes,
+    load_arrays,
+    positions_problem,
+    serialised_bytes,
+    to_arrays,
+    travelling_names,
+)
+from microtune.federated.partition import dirichlet_partition
+from microtune.federated.spec import FederationSpec
+from microtune.files import (
+    CHECKPOINT_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    atomic_write,
+    write_json,
+    write_tensors,
+)
+from microtune.train import evaluate
+
+logger = logging.getLogger("microtune.federated")
+
+
+def flower_strategy(spec: FederationSpec, sigma: float | None) -> Strategy:
+    """Flower's strategy for the spec; wrapped in Flower's client-level DP clipping."""
+    options = {
+        "fraction_train": spec.clients_per_round / spec.clients,
+        "fraction_evaluate": 0.0,  # evaluation is central, on the server's dev rows
+        "min_train_nodes": spec.clients_per_round,
+        "min_available_nodes": spec.clients,
+        # Client-level DP bounds one client's influence: every client weighs the same.
+        "weighted_by_key": "unit" if spec.client_dp else "num-examples",
+    }
+    if spec.strategy == "fedprox":
+        strategy: Strategy = FedProx(proximal_mu=spec.proximal_mu, **options)
+    elif spec.strategy == "fedadam":
+        strategy = FedAdam(eta=spec.server_lr, **options)
+    else:
+        strategy = FedAvg(**options)
+    if spec.client_dp is None:
+        return strategy
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy, sigma, spec.client_dp.clip, spec.clients_per_round
+    )
+
+
+class Screen(Strategy):
+    """A Flower strategy around another: counts bytes each way, and leaves out of the
+    aggregate (one log line each) replies that failed or timed out, refusals (a different PaFi
+    mask), and arrays of the wrong names or shapes or with non-finite values. Fewer than
+    `min_replies` kept: the global state stays as it was."""
+
+    def __init__(self, inner: Strategy, server: FederationServer, min_replies: int):
+        self.inner, self.server, self.min_replies = inner, server, min_replies
+        self.round: dict[str, Any] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.server.budget_spent_by_next_round():
+            self.round = {"stopped": "the client-level privacy budget would be exceeded"}
+            return []
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        down = [serialised_bytes(message.content) for message in messages]
+        self.round = {"sampled": len(messages), "bytes_down": _mean(down)}
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        kept, up, notes = [], [], {"failed": [], "refused": [], "left_out": []}
+        notes["failed"] += ["timed out"] * (self.round.get("sampled", 0) - len(replies))
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                notes["failed"].append(f"node {node}: {_one_line(reply.error.reason)}")
+            elif REFUSAL in reply.content:
+                notes["refused"].append(f"node {node}: {reply.content[REFUSAL]['reason']}")
+            elif problem := self.server.reply_problem(reply.content):
+                notes["left_out"].append(f"node {node}: {problem}")
+            else:
+                up.append(serialised_bytes(reply.content))
+                arrays = reply.content["arrays"]
+                if POSITIONS in arrays:  # checked equal to the server's; only values average
+                    kept_arrays = {k: v for k, v in arrays.items() if k != POSITIONS}
+                    reply.content["arrays"] = ArrayRecord(kept_arrays)
+                kept.append(reply)
+        for kind, lines in notes.items():
+            for line in lines:
+                logger.warning(
+                    "round %s: client %s: %s", server_round, kind.replace("_", " "), line
+                )
+        self.round.update(
+            joined=len(kept), bytes_up=_mean(up), **{k: len(v) for k, v in notes.items()}
+        )
+        if len(kept) < self.min_replies:
+            self.round["aggregated"] = False
+            return None, None
+        self.round["aggregated"] = True
+        return self.inner.aggregate_train(server_round, kept)
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+
+def _mean(values: list[int]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "unknown error"
+
+
+class FederationServer:
+    """The server's task model, dev rows and output folder: evaluates, saves and logs rounds."""
+
+    def __init__(self, spec: FederationSpec, folder: Path):
+        self.spec, self.folder, self.started = spec, folder, time.time()
+        data = TrainingData(
+            spec.task,
+            spec.data_dir,
+            spec.train_file,
+            spec.dev_file,
+            spec.text_columns,
+            spec.label_column,
+        )
+        data.load(None, spec.max_train_examples)
+        # The clients' split, checked here so a task or size it cannot split stops the run first.
+        dirichlet_partition(data.train, spec.clients, spec.alpha, spec.partition_seed)
+        self.data = data
+        self.run = TrainingRun(
+            data,
+            spec.model,
+            spec.method,
+            spec.method_options,
+            spec.train_config,
+            spec.max_length,
+            [],
+        )
+        self.run.build_model("float32", None, 0.0, None, "cpu")
+        self.model = self.run.task_model
+        self.names = travelling_names(self.model, spec.lora_frozen_a)
+        self.shapes = expected_shapes(self.model, self.names)
+        with_mask = self.model.head_config.readout == "mask"
+        tokenizer = self.run.tokenizer
+        self.dev = self.model.task_type.encode(tokenizer, data.dev, spec.max_length, with_mask)
+        self.sigma = self._client_sigma()
+        self.done = 0
+        self.log: list[dict[str, Any]] = []
+        self.bar = tqdm(total=spec.rounds, desc="rounds", disable=not spec.train_config.progress)
+
+    def _client_sigma(self) -> float | None:
+        dp = self.spec.client_dp
+        if dp is None:
+            return None
+        return calibrate_sigma(
+            dp.epsilon, dp.delta, self.spec.sample_rate, self.spec.rounds, dp.accountant
+        )
+
+    def epsilon(self, rounds: int) -> float | None:
+        dp = self.spec.client_dp
+        if dp is None:
+            return None
+        return epsilon_spent(self.sigma, self.spec.sample_rate, rounds, dp.delta, dp.accountant)
+
+    def budget_spent_by_next_round(self) -> bool:
+        dp = self.spec.client_dp
+        return dp is not None and self.epsilon(self.done + 1) > dp.epsilon
+
+    def train_config(self) -> ConfigRecord:
+        """What every client is told besides the arrays: the mask it must share (PaFi)."""
+        fingerprint = getattr(self.model.method, "mask_fingerprint", None)
+        return ConfigRecord({"mask-fingerprint": fingerprint} if fingerprint else {})
+
+    def reply_problem(self, content: Any) -> str | None:
+        if "arrays" not in content:
+            return "it sent no arrays"
+        arrays = content["arrays"]
+        return arrays_problem(arrays, self.shapes) or positions_problem(self.model, arrays)
+
+    # -- rounds ---------------------------------------------------------------------------
+
+    def start_state(self) -> ArrayRecord:
+        """The global state to start from: the checkpoint's when resuming, else the seeded
+        initial state every client also builds."""
+        checkpoint = self.folder / CHECKPOINT_FILE
+        if self.spec.resume and checkpoint.is_file():
+            self._resume(checkpoint)
+        elif (self.folder / LOG_FILE).exists():
+            (self.folder / LOG_FILE).unlink()
+        return to_arrays(self.model, self.names, positions=False)
+
+    def _resume(self, checkpoint: Path) -> None:
+        with safe_open(str(checkpoint), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        saved = json.loads(meta.get("federation", "{}"))
+        now = {k: v for k, v in self.spec.record().items() if k != "rounds"}
+        if {k: v for k, v in saved.items() if k != "rounds"} != json.loads(json.dumps(now)):
+            raise MicrotuneError(
+                f"{checkpoint} was written by a federation with other settings; resume with the "
+                "same options (only --rounds may change), or --overwrite to start over"
+            )
+        tensors = load_file(str(checkpoint))
+        with torch.no_grad():
+            trainable = dict(self.model.named_parameters())
+            for name, tensor in tensors.items():
+                trainable[name].copy_(tensor)
+        self.done = int(meta["round"])
+        lines = (self.folder / LOG_FILE).read_text(encoding="utf-8").splitlines()
+        self.log = [json.loads(line) for line in lines if line.strip()][: self.done]
+        text = "".join(json.dumps(record) + "\n" for record in self.log)
+        atomic_write(self.folder / LOG_FILE, lambda tmp: Path(tmp).write_text(text, "utf-8"))
+        self.bar.update(self.done)
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord, screen: Screen) -> Any:
+        """Flower's central evaluation hook: dev metrics of the new global state, then the
+        round's artifact, checkpoint and log line."""
+        if server_round == 0 or "stopped" in screen.round:
+            return None
+        load_arrays(self.model, arrays)
+        task, tokenizer = self.data.task, self.run.tokenizer
+        rows, labels = self.dev
+        metrics = evaluate(self.model, task, rows, labels, tokenizer.pad_token_id, 64, tokenizer)
+        self.done += 1
+        line = {"round": self.done, **screen.round, "metrics": metrics}
+        if self.spec.client_dp is not None:
+            line["epsilon"] = round(self.epsilon(self.done), 4)
+        self.save()
+        self.log.append(line)
+        with open(self.folder / LOG_FILE, "a", encoding="utf-8") as log:
+            log.write(json.dumps(line) + "\n")
+        shown = {task.main_metric: metrics.get(task.main_metric), "joined": line.get("joined")}
+        self.bar.set_postfix(shown | ({"eps": line["epsilon"]} if "epsilon" in line else {}))
+        self.bar.update(1)
+        return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
+
+    def record(self) -> dict[str, Any]:
+        record = {**self.spec.record(), "rounds_done": self.done}
+        if self.spec.client_dp is not None:
+            record["client_dp"] = {
+                **record["client_dp"],
+                "sigma": self.sigma,
+                "sample_rate": self.spec.sample_rate,
+                "epsilon_spent": self.epsilon(self.done),
+            }
+        return record
+
+    def save(self) -> None:
+        """The round's aggregate as an ordinary artifact, and the checkpoint to resume from."""
+        save_artifact(
+            self.folder,
+            self.model,
+            method_name=self.spec.method,
+            base_model=self.run.model,
+            base_fingerprint=self.run.base_fingerprint,
+            task=self.data.record(),
+            max_length=self.spec.max_length,
+            extra={"federated": self.record()},
+            tokenizer=self.run.tokenizer,
+        )
+        trainable = self.model.trainable_state()
+        write_tensors(
+            self.folder / CHECKPOINT_FILE,
+            {name: trainable[name] for name in trainable},
+            metadata={"round": str(self.done), "federation": json.dumps(self.spec.record())},
+        )
+
+    def finish(self) -> dict[str, Any]:
+        """metrics.json; the checkpoint goes once the last round's artifact is written."""
+        self.bar.close()
+        (self.folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+        last = self.log[-1] if self.log else {}
+        ups = [r["bytes_up"] for r in self.log if r.get("bytes_up")]
+        downs = [r["bytes_down"] for r in self.log if r.get("bytes_down")]
+        report = {
+            "task": self.data.task.name,
+            "method": self.spec.method,
+            "model": self.spec.model,
+            "metrics": last.get("metrics", {}),
+            "federated": self.record(),
+            "bytes_up_per_client_round": _mean(ups),
+            "bytes_down_per_client_round": _mean(downs),
+            "wall_time_s": round(time.time() - self.started, 2),
+        }
+        if "epsilon" in last:
+            report["epsilon"] = last["epsilon"]
+        write_json(self.folder / METRICS_FILE, report)
+        return report
+
+
+def run_federation(grid: Grid, spec: FederationSpec) -> dict[str, Any]:
+    """The server's whole run over a Flower grid (simulation or deployment engine)."""
+    protected = folders.base_model_folders([spec.model])
+    with folders.training_folder(
+        spec.output_dir, resume=spec.resume, overwrite=spec.overwrite, protected=protected
+    ) as folder:
+        server = FederationServer(spec, folder)
+        screen = Screen(flower_strategy(spec, server.sigma), server, spec.min_replies)
+        initial = server.start_state()
+        remaining = spec.rounds - server.done
+        if remaining > 0:
+            screen.start(
+                grid,
+                initial,
+                num_rounds=remaining,
+                timeout=spec.round_timeout,
+                train_config=server.train_config(),
+                evaluate_fn=lambda r, arrays: server.evaluate_round(r, arrays, screen),
+            )
+        return server.finish()
+
+
+def server_app(spec: FederationSpec, errors: list[BaseException] | None = None) -> ServerApp:
+    """The Flower `ServerApp` of a federation; `errors` (simulation) receives what stopped it,
+    so the command that started the simulation can report it on one line."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Any) -> None:
+        try:
+            run_federation(grid, spec)
+        except BaseException as error:
+            if errors is None:
+                raise
+            errors.append(error)
+
+    return app
+
+
+__all__ = ["server_app", "run_federation", "FederationServer", "Screen", "flower_strategy"]

@@ -1,0 +1,222 @@
+"""Training past one process: real `torchrun` runs of the real command line (gloo, 2 processes)
+on a tiny model, against one process; a killed rank; a resumed multi-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from microtune.cli import main
+from microtune.distributed import World
+from microtune.errors import MicrotuneError
+
+TIMEOUT_S = 240  # a whole launch, start-up included, on a busy 2-core machine
+STEPS = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _train_args(model: Path, data: Path, output: Path, batch_size: int, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--task",
+        "classification",
+        "--train-file",
+        str(data / "train.jsonl"),
+        "--dev-file",
+        str(data / "dev.jsonl"),
+        "--text-columns",
+        "sentence",
+        "--label-column",
+        "label",
+        "--model",
+        str(model),
+        "--method",
+        "slash",
+        "--output",
+        str(output),
+        "--batch-size",
+        str(batch_size),
+        "--max-steps",
+        str(STEPS),
+        "--checkpoint-every",
+        "10",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--seed",
+        "3",
+        *extra,
+    ]
+
+
+def _two_processes(args: list[str], log_dir: Path) -> subprocess.Popen:
+    """torchrun as a user runs it, each rank's stdout/stderr into its own file under log_dir."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    launcher += ["--log-dir", str(log_dir), "--redirects", "3", "-m", "microtune"]
+    return subprocess.Popen(
+        [*launcher, *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the run did not end within {TIMEOUT_S} s (a hang): {err[-2000:]}")
+    return process.returncode, out, err
+
+
+def _rank_output(log_dir: Path, rank: int, stream: str) -> str:
+    (path,) = log_dir.glob(f"*/attempt_0/{rank}/{stream}.log")
+    return path.read_text()
+
+
+def _losses(folder: Path) -> list[float]:
+    lines = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dirs, toy_files, tmp_path_factory) -> dict:
+    """Two processes with micro-batch 4 each and, meanwhile, one with 8 and one with two
+    micro-batches of 4 (the same logical batch; in this process, as `python -m microtune`
+    runs them, to save start-ups)."""
+    root = tmp_path_factory.mktemp("distributed")
+    model = tiny_model_dirs["bert"]
+    two = _two_processes(_train_args(model, toy_files, root / "two", 4), root / "two-logs")
+    assert main(_train_args(model, toy_files, root / "one", 8)) == 0
+    accumulated = _train_args(model, toy_files, root / "accumulated", 4, "--grad-accum", "2")
+    assert main(accumulated) == 0
+    code, _, err = _finish(two)
+    assert code == 0, err[-3000:]
+    return {"root": root, "model": model, "data": toy_files}
+
+
+def test_two_processes_train_as_one(runs):
+    root = runs["root"]
+    one, two = (
+        load_file(root / "one" / "adapter.safetensors"),
+        load_file(root / "two" / "adapter.safetensors"),
+    )
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-6), name
+    assert not torch.equal(one["method.z"], torch.zeros_like(one["method.z"]))  # it trained
+    losses_one, losses_two = _losses(root / "one"), _losses(root / "two")
+    assert len(losses_one) == len(losses_two) == STEPS // 10
+    assert max(abs(a - b) for a, b in zip(losses_one, losses_two, strict=True)) < 1e-6
+    # Two processes cut the batch as one process's two micro-batches do: the same numbers.
+    accumulated = load_file(root / "accumulated" / "adapter.safetensors")
+    for name in two:
+        assert torch.equal(accumulated[name], two[name]), name
+    metrics = json.loads((root / "two" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == STEPS
+
+
+def test_accelerate_launch_trains_as_torchrun_does(runs):
+    """`accelerate launch` sets the same environment; on a machine without GPUs its
+    `--multi_gpu` launcher (torchrun's machinery) runs gloo processes all the same."""
+    root = runs["root"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launcher += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launcher += ["--dynamo_backend", "no", "--main_process_ip", "127.0.0.1"]
+    launcher += ["--main_process_port", str(_free_port()), "-m", "microtune"]
+    args = _train_args(runs["model"], runs["data"], root / "accelerate", 4)
+    process = subprocess.Popen(
+        [*launcher, *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    code, out, err = _finish(process)
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["processes"] == 2
+    ours, torchrun = (load_file(root / n / "adapter.safetensors") for n in ("accelerate", "two"))
+    for name in torchrun:
+        assert torch.equal(ours[name], torchrun[name]), name
+
+
+def test_rank_zero_alone_writes_and_prints(runs):
+    root = runs["root"]
+    names = sorted(os.listdir(root / "two"))
+    assert names == ["adapter.safetensors", "metrics.json", "microtune.json", "train_log.jsonl"]
+    lines = (root / "two" / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == STEPS // 10 + 1  # each step logged once, one eval
+    logs = root / "two-logs"
+    assert json.loads(_rank_output(logs, 0, "stdout"))["steps"] == STEPS  # one JSON object
+    assert _rank_output(logs, 1, "stdout") == ""
+
+
+def _kill_rank_one(launcher: subprocess.Popen, checkpoint: Path) -> None:
+    """SIGKILL the rank-1 worker once the run has written its first checkpoint."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not checkpoint.is_file():
+        assert launcher.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            os.kill(int(pid), signal.SIGKILL)
+            return
+    pytest.fail("no rank-1 worker found")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank in /proc")
+def test_a_killed_rank_stops_the_other_and_the_run_resumes_bit_for_bit(runs, capsys):
+    root, logs = runs["root"], runs["root"] / "killed-logs"
+    args = _train_args(runs["model"], runs["data"], root / "killed", 4)
+    launcher = _two_processes(args, logs)
+    _kill_rank_one(launcher, root / "killed" / "checkpoint.safetensors")
+    code, _, _ = _finish(launcher)  # fails within the timeout: no hang
+    assert code != 0
+    # Rank 0 ends with one line (or silently, when torchrun's SIGTERM comes first).
+    survivor = _rank_output(logs, 0, "stderr").strip()
+    assert "Traceback" not in survivor and len(survivor.splitlines()) <= 1
+    if survivor:
+        assert survivor.startswith("microtune: error: training process 0 of 2 lost the others")
+    assert not (root / "killed" / "adapter.safetensors").exists()
+    # Its checkpoint belongs to two processes: one process may not continue it.
+    capsys.readouterr()
+    code, err = main([*args, "--resume"]), capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert "other settings (processes)" in err
+    code, _, err = _finish(_two_processes([*args, "--resume"], root / "resumed-logs"))
+    assert code == 0, err[-3000:]
+    resumed, uninterrupted = (
+        load_file(root / name / "adapter.safetensors") for name in ("killed", "two")
+    )
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    assert _losses(root / "killed") == _losses(root / "two")
+
+
+def test_world_reads_the_launchers_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    world = World.from_env()
+    assert (world.rank, world.size, world.is_main) == (2, 4, False)
+    assert world.shard(list(range(10))) == [6, 7]  # blocks of 3, 3, 2, 2
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(MicrotuneError, match="RANK=4 and WORLD_SIZE=4 disagree"):
+        World.from_env()

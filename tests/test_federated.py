@@ -1,0 +1,305 @@
+"""Federated fine-tuning on Flower (issue #19), on the tiny models: a real simulation (Ray)
+that beats chance and survives a crashing client, the server's aggregate against a hand-computed
+weighted mean, and a party whose PaFi mask differs refused before it trains."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from safetensors.torch import load_file, save_file
+
+from microtune import api
+from microtune.cli import main
+from microtune.dpconfig import DPConfig
+from microtune.errors import MicrotuneError
+from microtune.federated.client import REFUSAL, client_app
+from microtune.federated.exchange import POSITIONS, to_arrays
+from microtune.federated.server import FederationServer, Screen, flower_strategy
+from microtune.federated.simulation import simulate
+from microtune.federated.spec import FederationSpec
+from microtune.files import CONFIG_FILE, LOG_FILE
+from microtune.trainconfig import TrainConfig
+
+
+def spec_for(tiny_model_dirs, toy_files, output, method="full", **changes) -> FederationSpec:
+    options = {
+        "task": "sst2",
+        "method": method,
+        "output_dir": str(output),
+        "model": str(tiny_model_dirs["bert"]),
+        "train_file": str(toy_files / "train.jsonl"),
+        "dev_file": str(toy_files / "dev.jsonl"),
+        "train_config": TrainConfig(
+            max_steps=40, batch_size=8, learning_rate=3e-3, progress=False, eval_every=0
+        ),
+        "clients": 3,
+        "clients_per_round": 3,
+        "rounds": 3,
+        "alpha": 1.0,
+    }
+    return FederationSpec(**(options | changes))
+
+
+def crashing_in_round_two(spec: FederationSpec) -> ClientApp:
+    """microtune's client app, except that party 1 crashes in round 2."""
+    app, inner = ClientApp(), client_app(spec)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        crash = context.node_config["partition-id"] == 1
+        if crash and message.content["config"]["server-round"] == 2:
+            raise RuntimeError("party 1 lost power")
+        return inner(message, context)
+
+    return app
+
+
+def test_three_clients_beat_chance_survive_a_crash_and_make_an_artifact(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    output = tmp_path / "fed"
+    spec = spec_for(tiny_model_dirs, toy_files, output)
+    report = simulate(spec, workers=2, client=crashing_in_round_two(spec))
+    rounds = [json.loads(line) for line in (output / LOG_FILE).read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [(r["joined"], r["failed"]) for r in rounds] == [(3, 0), (2, 1), (3, 0)]
+    assert all(r["aggregated"] for r in rounds)
+    # Majority class of the toy dev set is 17/32 = 0.53.
+    assert report["metrics"]["accuracy"] >= 0.65
+    assert report["bytes_up_per_client_round"] > 0
+    # The aggregate is an ordinary artifact: eval gives the same number, merge works.
+    dev = str(toy_files / "dev.jsonl")
+    assert api.evaluate_artifact(output, data_file=dev) == report["metrics"]
+    merged = api.merge_artifact(output, tmp_path / "merged")
+    assert merged is not None
+
+
+def reply(arrays: dict[str, np.ndarray], examples: int, node: int) -> Message:
+    sent = Message(RecordDict({}), dst_node_id=node, message_type="train")
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": examples, "unit": 1}),
+        }
+    )
+    return Message(content, reply_to=sent)
+
+
+def test_the_aggregate_is_the_weighted_mean_and_bad_replies_are_left_out(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    spec = spec_for(
+        tiny_model_dirs, toy_files, tmp_path / "out", method="slash", method_options={"d": 8}
+    )
+    server = FederationServer(spec, tmp_path / "out")
+    screen = Screen(flower_strategy(spec, None), server, min_replies=1)
+    screen.round = {"sampled": 5}
+    start = {k: v.numpy() for k, v in to_arrays(server.model, server.names).items()}
+    rng = np.random.default_rng(0)
+    clients = [{k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in start.items()}]
+    clients += [{k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in start.items()}]
+    clients += [{k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in start.items()}]
+    weights = [10, 30, 60]
+    name = next(iter(start))
+    wrong_shape = {**clients[0], name: np.zeros(3, np.float32)}
+    not_finite = {k: np.full_like(v, np.nan) for k, v in clients[0].items()}
+    replies = [reply(c, w, i + 1) for i, (c, w) in enumerate(zip(clients, weights, strict=True))]
+    replies += [reply(wrong_shape, 1000, 7), reply(not_finite, 1000, 8)]
+    aggregate, _ = screen.aggregate_train(1, replies)
+    for key in start:
+        expected = sum(w * c[key] for w, c in zip(weights, clients, strict=True)) / sum(weights)
+        np.testing.assert_allclose(aggregate[key].numpy(), expected, rtol=0, atol=1e-6)
+    assert screen.round | {"bytes_up": 0} == {
+        "sampled": 5,
+        "joined": 3,
+        "failed": 0,
+        "refused": 0,
+        "left_out": 2,
+        "aggregated": True,
+        "bytes_up": 0,
+    }
+
+
+def test_a_party_whose_pafi_mask_differs_is_refused_before_it_trains(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    spec = spec_for(
+        tiny_model_dirs, toy_files, tmp_path / "out", method="pafi", method_options={"k": 64}
+    )
+    server = FederationServer(spec, tmp_path / "out")
+    # The party's copy of the base differs: the candidates' smallest weights move.
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dirs["bert"], other)
+    weights = load_file(other / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    for key, tensor in weights.items():
+        if key.endswith("weight") and tensor.dim() == 2 and "embeddings" not in key:
+            weights[key] = tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    message = Message(
+        RecordDict(
+            {
+                "arrays": to_arrays(server.model, server.names),
+                "config": ConfigRecord({"server-round": 1} | dict(server.train_config())),
+            }
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
+    app = client_app(spec)
+
+    def party(node_config):
+        context = Context(1, 1, node_config, RecordDict(), {})
+        return app(message, context)
+
+    same = party({"partition-id": 0, "num-partitions": 3})
+    assert REFUSAL not in same.content
+    assert POSITIONS not in same.content["arrays"]  # values only
+    assert tuple(same.content["arrays"]["method.values"].shape) == (64,)
+    refused = party({"partition-id": 1, "num-partitions": 3, "model-path": str(other)})
+    reason = refused.content[REFUSAL]["reason"]
+    assert "PaFi mask" in reason and "differs from the server's" in reason
+    assert "\n" not in reason and "arrays" not in refused.content
+    screen = Screen(flower_strategy(spec, None), server, min_replies=1)
+    screen.round = {"sampled": 2}
+    aggregate, _ = screen.aggregate_train(1, [same, refused])
+    assert screen.round["refused"] == 1 and screen.round["joined"] == 1
+    np.testing.assert_array_equal(
+        aggregate["method.values"].numpy(), same.content["arrays"]["method.values"].numpy()
+    )
+
+
+def test_a_restarted_server_resumes_from_its_last_round(tiny_model_dirs, toy_files, tmp_path):
+    spec = spec_for(
+        tiny_model_dirs, toy_files, tmp_path, method="slash", method_options={"d": 8}, rounds=5
+    )
+    first = FederationServer(spec, tmp_path)
+    first.start_state()
+    screen = Screen(flower_strategy(spec, None), first, min_replies=1)
+    screen.round = {"joined": 3}
+    moved = {k: Array(v.numpy() + 0.5) for k, v in to_arrays(first.model, first.names).items()}
+    for server_round in (1, 2):
+        first.evaluate_round(server_round, ArrayRecord(moved), screen)
+    # The server dies here; a new one resumes from round 2's state, and only the rounds left run.
+    again = FederationServer(dataclasses.replace(spec, resume=True), tmp_path)
+    state = again.start_state()
+    assert again.done == 2 and len(again.log) == 2
+    for name, array in moved.items():
+        np.testing.assert_array_equal(state[name].numpy(), array.numpy())
+    changed = dataclasses.replace(spec, resume=True, alpha=0.5)
+    with pytest.raises(MicrotuneError, match="other settings"):
+        FederationServer(changed, tmp_path).start_state()
+
+
+def test_client_level_dp_from_the_command_line(tiny_model_dirs, toy_files, tmp_path, capsys):
+    output = tmp_path / "dp"
+    argv = ["federate", "--task", "sst2", "--method", "slash", "--d", "8", "--output", str(output)]
+    argv += [
+        "--model",
+        str(tiny_model_dirs["bert"]),
+        "--train-file",
+        str(toy_files / "train.jsonl"),
+    ]
+    argv += ["--dev-file", str(toy_files / "dev.jsonl"), "--clients", "4", "--clients-per-round"]
+    argv += ["2", "--rounds", "3", "--local-steps", "3", "--batch-size", "8", "--no-progress"]
+    argv += ["--client-dp-epsilon", "8", "--client-dp-delta", "1e-3", "--workers", "2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    rounds = [json.loads(line) for line in (output / LOG_FILE).read_text().splitlines()]
+    spent = [r["epsilon"] for r in rounds]
+    assert spent == sorted(spent) and 0 < spent[0] < spent[-1] <= 8.0
+    record = json.loads((output / CONFIG_FILE).read_text())["federated"]["client_dp"]
+    assert record["epsilon"] == 8.0 and record["sample_rate"] == 0.5 and record["sigma"] > 0
+    assert record["epsilon_spent"] == pytest.approx(spent[-1], abs=1e-3)
+
+
+def test_a_regression_task_is_refused_in_one_line(tiny_model_dirs, toy_files, tmp_path, capsys):
+    argv = ["federate", "--task", "stsb", "--output", str(tmp_path / "x"), "--no-progress"]
+    argv += ["--model", str(tiny_model_dirs["bert"]), "--clients", "2", "--clients-per-round", "2"]
+    argv += ["--train-file", str(toy_files / "train.jsonl"), "--dev-file"]
+    argv += [str(toy_files / "dev.jsonl"), "--text-columns", "sentence", "--rounds", "1"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("microtune: error: federate splits rows by label")
+    assert "not class indices" in error
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "frozen_a", "strategy"),
+    [
+        ("jrwarp", {}, False, "fedadam"),
+        ("bitfit", {}, False, "fedprox"),
+        ("lora", {}, True, "fedavg"),
+        ("hiwi", {}, False, "fedavg"),
+        ("linear", {}, False, "fedavg"),
+        ("pafi", {"k": 64, "store_indices": True}, False, "fedadam"),
+    ],
+)
+def test_one_round_of_every_method_is_an_ordinary_artifact(
+    tiny_model_dirs, toy_files, tmp_path, method, options, frozen_a, strategy
+):
+    """Two parties' replies through the client app, the screen and Flower's strategy (FedProx
+    with the proximal step on the parties), without Ray."""
+    spec = spec_for(
+        tiny_model_dirs,
+        toy_files,
+        tmp_path,
+        method=method,
+        method_options=options,
+        lora_frozen_a=frozen_a,
+        clients=2,
+        clients_per_round=2,
+        train_config=TrainConfig(max_steps=3, batch_size=8, progress=False),
+        strategy=strategy,
+    )
+    server = FederationServer(spec, tmp_path)
+    config = ConfigRecord({"server-round": 1, "proximal-mu": 0.1} | dict(server.train_config()))
+    start = server.start_state()
+    sent = RecordDict({"arrays": start, "config": config})
+    app, replies = client_app(spec), []
+    for party in (0, 1):
+        context = Context(1, party + 1, {"partition-id": party}, RecordDict(), {})
+        replies.append(app(Message(sent, dst_node_id=party + 1, message_type="train"), context))
+    assert all(REFUSAL not in r.content for r in replies)
+    if frozen_a:
+        assert not any(name.endswith(".A") for name in replies[0].content["arrays"])
+    if options.get("store_indices"):
+        assert POSITIONS in replies[0].content["arrays"] and POSITIONS not in start
+    screen = Screen(flower_strategy(spec, None), server, min_replies=2)
+    screen.inner.current_arrays = {k: v.numpy() for k, v in start.items()}  # FedAdam's
+    screen.round = {"sampled": 2}
+    aggregate, _ = screen.aggregate_train(1, replies)
+    assert screen.round["joined"] == 2 and set(aggregate) == set(start)
+    server.evaluate_round(1, aggregate, screen)
+    dev = str(toy_files / "dev.jsonl")
+    assert api.evaluate_artifact(tmp_path, data_file=dev) == server.log[-1]["metrics"]
+
+
+def test_sample_level_dp_on_a_party_accounts_across_rounds(tiny_model_dirs, toy_files, tmp_path):
+    spec = spec_for(
+        tiny_model_dirs,
+        toy_files,
+        tmp_path,
+        method="slash",
+        method_options={"d": 8},
+        train_config=TrainConfig(max_steps=2, batch_size=8, progress=False),
+        sample_dp=DPConfig(epsilon=8.0, batch=8, noise_seed=0),
+    )
+    server = FederationServer(spec, tmp_path)
+    app, state, spent = client_app(spec), RecordDict(), []
+    for server_round in (1, 2, 3):
+        config = ConfigRecord({"server-round": server_round})
+        sent = RecordDict({"arrays": server.start_state(), "config": config})
+        context = Context(1, 1, {"partition-id": 0}, state, {})
+        reply = app(Message(sent, dst_node_id=1, message_type="train"), context)
+        spent.append(reply.content["metrics"]["sample-epsilon"])
+    # sigma is calibrated for every step the party could run (3 rounds x 2 steps): the budget
+    # holds at the end, and each round spends more.
+    assert 0 < spent[0] < spent[1] < spent[2] <= 8.0 * 1.001

@@ -1,0 +1,265 @@
+"""`microtune serve`: a real uvicorn server on an ephemeral loopback port, a real httpx client."""
+
+import contextlib
+import os
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+import microtune
+from microtune import api
+from microtune.cli.serve import artifact_folders
+from microtune.multitask import load_many
+from microtune.serveconfig import ServeConfig
+from microtune.server import create_app
+from microtune.trainconfig import TrainConfig
+
+from .test_causal_lm import copy_rows, make_causal_model, write_jsonl
+from .test_multitask import train
+
+TASKS = {
+    "slash": ("sst2", "slash", {}),
+    "lora": ("sst2", "lora", {}),
+    "bitfit": ("sst2", "bitfit", {}),
+}
+TEXTS = ["the film is good", "a very dull plot , not fun", "love it"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_model_dirs):
+    folder = tmp_path_factory.mktemp("served")
+    for seed, (name, (task, method, options)) in enumerate(TASKS.items()):
+        train(folder, tiny_model_dirs["bert"], name, task, method, options, seed)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(root):
+    return load_many({"slash": root / "slash", "lora": root / "lora"})
+
+
+@contextlib.contextmanager
+def live(engine, **settings):
+    """The app on uvicorn in a thread, bound to a free loopback port; stopped (drained) after."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, ServeConfig(**settings)),
+            log_level="warning",
+            timeout_graceful_shutdown=20,
+        )
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with httpx.Client(base_url=url, timeout=20) as client:
+            yield client, server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def in_threads(calls):
+    """Run the calls at once (one thread each); their results in order."""
+    results = [None] * len(calls)
+
+    def one(i):
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_requests_of_several_tasks_share_batches_and_match_each_task(engine, root):
+    with live(engine, max_wait_ms=300) as (client, _):
+        calls = [
+            lambda n=name: client.post("/v1/predict", json={"task": n, "inputs": TEXTS})
+            for name in ("slash", "lora", "slash", "lora")
+        ]
+        responses = in_threads(calls)
+        metrics = client.get("/metrics").text
+        assert client.get("/ready").json() == {"status": "ready", "tasks": 2}
+        listed = {t["name"]: t for t in client.get("/v1/tasks").json()["tasks"]}
+    for name, response in zip(("slash", "lora", "slash", "lora"), responses, strict=True):
+        assert response.status_code == 200, response.text
+        want = microtune.load(root / name).predict(TEXTS)
+        for got, expected in zip(response.json()["outputs"], want, strict=True):
+            assert got["label"] == expected["label"]
+            assert abs(got["score"] - expected["score"]) < 1e-5
+    # Four requests of two tasks within 300 ms: fewer forward passes than requests.
+    batches = float(metrics.split("microtune_batch_rows_count ")[1].split()[0])
+    assert batches < 4
+    assert 'microtune_requests_total{status="200",task="lora"} 2.0' in metrics
+    assert "microtune_resident_tasks 2.0" in metrics and "microtune_queue_depth" in metrics
+    assert 'microtune_task_resident_bytes{task="slash"}' in metrics
+    assert 'microtune_request_seconds_bucket{le="0.5",task="slash"}' in metrics
+    assert listed["lora"]["kind"] == "lora" and listed["slash"]["labels"] == [
+        "negative",
+        "positive",
+    ]
+
+
+def test_hot_load_and_delete_only_inside_the_artifact_root(root, tmp_path):
+    engine = load_many({"slash": root / "slash"})
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "bitfit", outside)  # a real artifact, outside the root
+    (root / "escape").symlink_to(tmp_path)  # a link inside the root pointing out of it
+    try:
+        with live(engine, artifact_root=str(root)) as (client, _):
+            loaded = client.post("/v1/tasks", json={"path": "bitfit", "name": "sentiment"})
+            assert loaded.status_code == 201 and loaded.json()["method"] == "bitfit"
+            answer = client.post("/v1/predict", json={"task": "sentiment", "inputs": ["fun"]})
+            assert answer.status_code == 200
+            want = microtune.load(root / "bitfit").predict(["fun"])[0]["score"]
+            assert abs(answer.json()["outputs"][0]["score"] - want) < 1e-5
+            for path in ("../outside", str(outside), "escape/outside", str(tmp_path)):
+                refused = client.post("/v1/tasks", json={"path": path})
+                assert refused.status_code == 403, path
+                assert "artifact root" in refused.json()["error"]
+            assert (
+                client.post("/v1/tasks", json={"path": "bitfit", "name": "sentiment"}).status_code
+                == 409
+            )
+            assert client.delete("/v1/tasks/sentiment").json() == {"deleted": "sentiment"}
+            gone = client.post("/v1/predict", json={"task": "sentiment", "inputs": ["fun"]})
+            assert gone.status_code == 404 and "unknown task" in gone.json()["error"]
+            assert client.delete("/v1/tasks/sentiment").status_code == 404
+    finally:
+        (root / "escape").unlink()
+
+
+def test_bad_requests_are_one_line_json_4xx(engine):
+    bad = {
+        400: [b'{"task": "slash", "inputs": [', b"\xff\xfe"],
+        404: [b'{"task": "nope", "inputs": ["fun"]}'],
+        422: [
+            b'["fun"]',
+            b'{"task": "slash", "inputs": "fun"}',
+            b'{"task": "slash", "inputs": [["a", "b"]]}',  # a pair for a one-text task
+            b'{"task": "slash", "inputs": [7]}',
+            b'{"task": "slash", "inputs": []}',
+            b'{"task": 3, "inputs": ["fun"]}',
+            b'{"task": "slash", "prompts": ["a"]}',
+        ],
+    }
+    with live(engine, max_body_kb=1) as (client, _):
+        for status, bodies in bad.items():
+            for body in bodies:
+                path = "/v1/generate" if b"prompts" in body else "/v1/predict"
+                response = client.post(path, content=body)
+                assert response.status_code == status, (body, response.text)
+                error = response.json()["error"]
+                assert "\n" not in error and "Traceback" not in error
+        huge = {"task": "slash", "inputs": ["fun " * 400]}
+        assert client.post("/v1/predict", json=huge).status_code == 413
+        chunked = client.post(
+            "/v1/predict", content=iter([b'{"task": "slash", "inputs": ["', b"a" * 2000, b'"]}'])
+        )
+        assert chunked.status_code == 413
+        assert (
+            client.post("/v1/predict", json={"task": "slash", "inputs": ["fun"]}).status_code == 200
+        )
+
+
+def test_the_api_key_guards_every_endpoint_but_health(engine, monkeypatch):
+    monkeypatch.setenv("MICROTUNE_API_KEY", "s3cret")
+    with live(engine) as (client, _):
+        assert client.get("/health").status_code == 200
+        for path in ("/ready", "/metrics", "/v1/tasks"):
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        body = {"task": "slash", "inputs": ["fun"]}
+        assert client.post("/v1/predict", json=body).status_code == 401
+        ok = client.post("/v1/predict", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/v1/tasks", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after(engine):
+    body = {"task": "slash", "inputs": ["fun"]}
+    with live(engine, max_queue=2, max_wait_ms=1500, retry_after_s=3) as (client, _):
+        calls = [lambda: client.post("/v1/predict", json=body) for _ in range(3)]
+        first, second, third = in_threads(calls)
+    assert first.status_code == second.status_code == 200
+    assert third.status_code == 503 and third.headers["retry-after"] == "3"
+    assert "queue is full" in third.json()["error"]
+
+
+def test_a_crashing_batch_fails_its_requests_and_the_server_goes_on(engine, monkeypatch):
+    original = engine.run
+    calls = {"n": 0}
+
+    def crash_once(requests):  # a fault inside the model, once
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return original(requests)
+
+    monkeypatch.setattr(engine, "run", crash_once)
+    with live(engine) as (client, _):
+        failed = client.post("/v1/predict", json={"task": "slash", "inputs": ["fun"]})
+        assert failed.status_code == 500 and "Traceback" not in failed.text
+        assert failed.json()["error"].startswith("internal error")
+        assert (
+            client.post("/v1/predict", json={"task": "lora", "inputs": ["fun"]}).status_code == 200
+        )
+
+
+def test_shutdown_drains_in_flight_requests(engine):
+    body = {"task": "slash", "inputs": TEXTS}
+    with live(engine, max_wait_ms=1000) as (client, server):
+        results = []
+        thread = threading.Thread(
+            target=lambda: results.append(client.post("/v1/predict", json=body))
+        )
+        thread.start()
+        time.sleep(0.3)  # the request waits in the batcher
+        server.should_exit = True  # as SIGTERM does
+        thread.join(30)
+    assert results and results[0].status_code == 200 and len(results[0].json()["outputs"]) == 3
+
+
+def test_the_command_finds_artifacts_in_folders(root):
+    folders = artifact_folders([str(root)])
+    assert set(folders) == set(TASKS)
+    assert artifact_folders([str(root / "slash")]) == {"slash": root / "slash"}
+    with pytest.raises(Exception, match="holds no microtune artifact"):
+        artifact_folders([os.fspath(root / "nothing")])
+
+
+def test_generate_serves_a_causal_lm_task(tmp_path):
+    base = make_causal_model("gpt2", tmp_path / "gpt2", tie=True)
+    files = [write_jsonl(tmp_path / f"{s}.jsonl", copy_rows(16, i)) for i, s in enumerate("td")]
+    folder = tmp_path / "echo"
+    api.train(
+        "causal-lm", "slash", folder, model=str(base), train_file=files[0], dev_file=files[1],
+        max_length=32, device="cpu",
+        train_config=TrainConfig(max_steps=4, batch_size=8, eval_every=0, progress=False),
+    )  # fmt: skip
+    engine = load_many([folder])
+    prompts = ["the film is", "love"]
+    with live(engine) as (client, _):
+        body = {"task": "echo", "prompts": prompts, "max_new_tokens": 5}
+        answer = client.post("/v1/generate", json=body)
+        too_many = client.post("/v1/generate", json={**body, "max_new_tokens": 10_000})
+        wrong = client.post("/v1/predict", json={"task": "echo", "inputs": ["the film"]})
+    assert answer.status_code == 200
+    assert answer.json()["outputs"] == microtune.load(folder).generate(prompts, max_new_tokens=5)
+    assert too_many.status_code == 422 and wrong.status_code == 422

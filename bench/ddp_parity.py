@@ -8,6 +8,10 @@ batch, and prints:
 - the largest per-step loss difference and the largest difference of any final trainable
   number, per method (goal: <= 1e-6), and the latter against one process that cuts B into
   two micro-batches of B/2 as the two processes do (the same sums: expect 0 without DP);
+- where the gap to one process x B comes from: the same two differences between one process
+  x B and one process x 2 micro-batches of B/2 (no distribution at all). When two processes
+  equal the cut run exactly, the gap is the float32 rounding of summing a batch in two
+  halves, and the distributed code adds no error of its own;
 - the same with DP-SGD (`dp_epsilon=8`, Poisson batches, a fixed noise seed): σ and ε of both
   runs, and the variance over noise seeds of SLaSh's update (final minus initial z), two
   processes ÷ one (noise added once: 1.0; added on each rank it would be 2.0);
@@ -197,9 +201,9 @@ def parity(args, root: Path) -> dict:
     one = launch(args, [{**j, "micro_batch": args.batch} for j in jobs], root / "one", 1, 1)
     # One process cutting B into two micro-batches of B/2 (DP: its micro-batches of B/2).
     cut = [{**j, "micro_batch": half, "grad_accum": 1 if "dp_seed" in j else 2} for j in jobs]
-    launch(args, cut, root / "cut", 1, 1)
+    cut_records = launch(args, cut, root / "cut", 1, 1)
     two = launch(args, [{**j, "micro_batch": half} for j in jobs], root / "two", 2, 1)
-    return {"jobs": jobs, "one": one, "two": two}
+    return {"jobs": jobs, "one": one, "two": two, "cut": cut_records}
 
 
 def _variance(folder: Path, names: list[str]) -> float:
@@ -235,6 +239,7 @@ def report_parity(root: Path, result: dict) -> None:
             f"{name:>10} {len(a['losses']):>5} {loss:>16.2e} {tensor:>18.2e} {cut:>14.2e} "
             f"{b['bytes_per_step']:>12,.0f} {b['numel']:>10,}{dp}"
         )
+    report_gap_source(root, result)
     seeds = [r["job"]["name"] for r in one if "seed" in r["job"]["name"]]
     var_one, var_two = _variance(root / "one", seeds), _variance(root / "two", seeds)
     print(
@@ -242,6 +247,33 @@ def report_parity(root: Path, result: dict) -> None:
         f"mean per-coordinate variance 1p {var_one:.4e}, 2p {var_two:.4e}, "
         f"ratio 2p/1p {var_two / var_one:.6f} (noise added once: 1)"
     )
+
+
+def report_gap_source(root: Path, result: dict) -> None:
+    """The gap of 2 processes to 1 process x B, next to 1 process x B against 1 process x 2
+    micro-batches of B/2: equal gaps (and 2p == cut) mean the distribution adds no error."""
+    print(
+        "\nwhere the gap comes from (max |diff| of final trainable numbers / of per-step losses):"
+    )
+    print(f"{'run':>10} {'1p B vs 2p B/2':>22} {'1p B vs 1p 2x(B/2)':>22} {'2p vs 1p 2x(B/2)':>22}")
+    rows = zip(result["one"], result["two"], result["cut"], strict=True)
+    for one, two, cut in rows:
+        name = one["job"]["name"]
+        if "seed" in name:
+            continue
+        files = {k: root / k / f"{name}.safetensors" for k in ("one", "two", "cut")}
+        pairs = [(files["one"], files["two"]), (files["one"], files["cut"])]
+        pairs.append((files["two"], files["cut"]))
+        losses = [(one, two), (one, cut), (two, cut)]
+        cells = [
+            f"{_max_diff(*files_pair):.2e} / {_max_loss_diff(*records):.2e}"
+            for files_pair, records in zip(pairs, losses, strict=True)
+        ]
+        print(f"{name:>10} " + " ".join(f"{cell:>22}" for cell in cells))
+
+
+def _max_loss_diff(a: dict, b: dict) -> float:
+    return max(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True))
 
 
 def throughput(args, root: Path) -> None:

@@ -41,7 +41,7 @@ import microtune
 from microtune import api
 from microtune.artifact import load_artifact, save_artifact
 from microtune.data import collate
-from microtune.multitask import head_outputs, load_base, load_many
+from microtune.multitask import load_base, load_many
 from microtune.peft_format import peft_config, peft_tensors
 from microtune.serveconfig import ServeConfig
 from microtune.server import create_app
@@ -175,7 +175,8 @@ def peft_rows(engine, peft_model, rows: list, names: list[str], mixed: bool) -> 
             hidden = peft_model(**inputs)
         hidden = hidden.last_hidden_state
         for position, i in enumerate(group):
-            found[i] = head_outputs(engine.tasks[names[i]], hidden, None, inputs, [position])[0]
+            task = engine.tasks[names[i]]
+            found[i] = engine.head_outputs([task], hidden, None, inputs, [position])[0]
     return found
 
 

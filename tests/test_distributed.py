@@ -16,9 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from microtune.backbone import load_backbone
 from microtune.cli import main
 from microtune.distributed import World
 from microtune.errors import MicrotuneError
+from microtune.methods import build_method
+from microtune.model import HeadConfig, TaskModel
+from microtune.train import Trainer
+from microtune.trainconfig import TrainConfig
 
 TIMEOUT_S = 240  # a whole launch, start-up included, on a busy 2-core machine
 STEPS = 300
@@ -111,6 +116,10 @@ def runs(tiny_model_dirs, toy_files, tmp_path_factory) -> dict:
     assert main(accumulated) == 0
     code, _, err = _finish(two)
     assert code == 0, err[-3000:]
+    # The same two processes with activation checkpointing (z recomputed in every block).
+    args = _train_args(model, toy_files, root / "two-ckpt", 4, "--gradient-checkpointing")
+    code, _, err = _finish(_two_processes(args, root / "two-ckpt-logs"))
+    assert code == 0, err[-3000:]
     return {"root": root, "model": model, "data": toy_files}
 
 
@@ -133,6 +142,82 @@ def test_two_processes_train_as_one(runs):
         assert torch.equal(accumulated[name], two[name]), name
     metrics = json.loads((root / "two" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == STEPS
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """The same trained tensors and per-step losses, to 1e-6."""
+    one, two = (load_file(folder / "adapter.safetensors") for folder in (a, b))
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-6), name
+    losses_a, losses_b = _losses(a), _losses(b)
+    assert len(losses_a) == len(losses_b)
+    assert max(abs(x - y) for x, y in zip(losses_a, losses_b, strict=True)) < 1e-6
+
+
+def test_activation_checkpointing_recomputes_every_block_and_changes_no_number(tiny_model_dirs):
+    """transformers recomputes a block only in training mode, and a frozen backbone without
+    dropout is in eval mode: the trainer must still make the blocks recompute (counted)."""
+    rows = [{"input_ids": [2, 5 + i, 9, 3], "attention_mask": [1, 1, 1, 1]} for i in range(8)]
+    trained, calls = [], []
+    folder = str(tiny_model_dirs["bert"])  # built (seeded) before the runs are seeded
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        backbone, tokenizer = load_backbone(folder, "float32")
+        method = build_method("slash", {"dropout": False})
+        model = TaskModel(backbone, HeadConfig(num_labels=2), method)
+        config = TrainConfig(
+            max_steps=3,
+            batch_size=4,
+            learning_rate=1e-2,
+            progress=False,
+            gradient_checkpointing=checkpointing,
+        )
+        trainer = Trainer(model, config, rows, [0, 1] * 4, tokenizer.pad_token_id, "unused")
+        count = [0]
+        for block in backbone.encoder.layer:  # inside the checkpointed forward: runs twice
+            block.intermediate.register_forward_hook(lambda *_, c=count: c.append(c.pop() + 1))
+        trainer.train_mode()  # as `fit` does
+        for _ in range(3):
+            trainer.step_plugin(model, trainer._micro_batches(list(range(8))), 8)
+        calls.append(count[0])
+        trained.append(method.z.detach().clone())
+        assert not backbone.encoder.layer[0].attention.training  # dropout stays off
+    blocks = len(backbone.encoder.layer)
+    assert calls == [3 * 2 * blocks, 3 * 2 * blocks * 2]  # 3 steps x 2 micro-batches
+    assert torch.allclose(trained[0], trained[1], rtol=0, atol=1e-6)
+    assert not torch.equal(trained[0], torch.zeros_like(trained[0]))
+
+
+def test_two_processes_with_activation_checkpointing_train_as_without(runs):
+    """SLaSh's z is used in every (recomputed) block: the non-reentrant checkpoint works
+    across processes (the reentrant one fails there, peft#313)."""
+    _assert_same_run(runs["root"] / "two", runs["root"] / "two-ckpt")
+
+
+def test_checkpointing_across_processes_with_parameters_a_step_leaves_unused(runs):
+    """Full fine-tuning with the mean read-out never uses BERT's pooler: its tensors get no
+    gradient on any process, with checkpointing or without, and the runs still agree."""
+    root = runs["root"]
+    launches = []
+    for name, extra in (("full", ()), ("full-ckpt", ("--gradient-checkpointing",))):
+        args = _train_args(runs["model"], runs["data"], root / name, 4, *extra)
+        args += ["--method", "full", "--max-steps", "20", "--lr", "1e-3"]
+        launches.append(_two_processes(args, root / f"{name}-logs"))
+    for launch in launches:
+        code, _, err = _finish(launch)
+        assert code == 0, err[-3000:]
+    _assert_same_run(root / "full", root / "full-ckpt")
+
+
+def test_checkpointing_refuses_a_step_that_trains_in_eval_mode(
+    tiny_model_dirs, toy_files, tmp_path, capsys
+):
+    args = _train_args(tiny_model_dirs["bert"], toy_files, tmp_path / "dp", 8)
+    args += ["--gradient-checkpointing", "--dp-epsilon", "8", "--dp-batch", "16"]
+    code, err = main(args), capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--gradient-checkpointing: this run's step trains in eval mode" in err
 
 
 def test_accelerate_launch_trains_as_torchrun_does(runs):

@@ -19,7 +19,7 @@ from microtune import api
 from microtune.cli import main
 from microtune.dpconfig import DPConfig
 from microtune.errors import MicrotuneError
-from microtune.federated.client import REFUSAL, client_app
+from microtune.federated.client import REFUSAL, LocalParty, ProximalStep, client_app, local_party
 from microtune.federated.exchange import POSITIONS, to_arrays
 from microtune.federated.server import FederationServer, Screen, flower_strategy
 from microtune.federated.simulation import simulate
@@ -303,3 +303,35 @@ def test_sample_level_dp_on_a_party_accounts_across_rounds(tiny_model_dirs, toy_
     # sigma is calibrated for every step the party could run (3 rounds x 2 steps): the budget
     # holds at the end, and each round spends more.
     assert 0 < spent[0] < spent[1] < spent[2] <= 8.0 * 1.001
+
+
+def test_logit_adjustment_shifts_a_partys_logits_by_its_own_label_prior(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    spec = spec_for(tiny_model_dirs, toy_files, tmp_path, alpha=0.1, logit_adjustment=0.5)
+    party = local_party(spec, {"partition-id": 0})
+    counts = torch.bincount(torch.tensor(party.labels), minlength=2).double() + 1
+    prior = party.log_prior()
+    torch.testing.assert_close(prior.double(), 0.5 * (counts / counts.sum()).log())
+    assert float(prior.max() - prior.min()) > 0.1  # alpha 0.1: a skewed party
+    model = party.model
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    step = ProximalStep(0.0, prior)
+    step.bind(model, parameters, spec.train_config, 10)
+    model.zero_grad()
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])}
+    inputs["attention_mask"] = (inputs["input_ids"] != 0).long()
+    labels = torch.tensor([0, 1])
+    loss = step.gradients(model, [(inputs, labels)], 2)
+    got = {n: p.grad.clone() for n, p in parameters.items() if p.grad is not None}
+    assert got  # the head at least
+    model.zero_grad()
+    expected = torch.nn.functional.cross_entropy(model(**inputs) + prior, labels)
+    expected.backward()
+    assert loss == pytest.approx(float(expected), rel=1e-6)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, parameters[name].grad)
+    plain = dataclasses.replace(spec, logit_adjustment=0.0)
+    assert LocalParty(plain, {"partition-id": 0}).log_prior() is None
+    with pytest.raises(MicrotuneError, match="--logit-adjustment"):
+        dataclasses.replace(spec, logit_adjustment=-1.0)

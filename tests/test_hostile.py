@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,12 @@ KINDS = {
     "privacy": "DP options and the accountant (issue 23)",
     "model-folder": "base model folders: pickles, a config that disagrees with the weights",
     "input": "predict and generate input: standard input, empty prompts",
+    "serve": "microtune serve misuse: artifacts, artifact root, port, option values",
+    "federate": "microtune federate misuse: clients, rounds, alpha, method, task",
+    "http": "the server's malformed and oversized requests (HTTP_CASES, one live server)",
 }
+# A launcher run whose rank dies (torchrun, SIGKILL of rank 1) is tests/test_distributed.py's
+# test_a_killed_rank_stops_the_other_and_the_run_resumes_bit_for_bit: it asserts the one line.
 # Every case's time bound: a hang fails its case instead of stalling the suite (in process by
 # SIGALRM; a subprocess is killed).
 CASE_SECONDS = 120
@@ -991,6 +997,77 @@ def _round_two_cases() -> list[Case]:
     return cases
 
 
+# -- (h) issue 23, item 5: what landed in round two (serve, federate, the server's requests) ------
+
+SERVE = "serve --artifacts {art} --port 0"
+FEDERATE = (
+    "federate --task sst2 --method slash --d 8 --model {base} --data-dir {data} --max-length 16 "
+    "--output {out} --no-progress --clients 4 --clients-per-round 2 --rounds 1 --local-steps 1"
+)
+
+
+def hold_port(ws: Workspace) -> None:
+    """Another server listening on a loopback port ({port})."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    ws.held.append(sock)
+
+
+_SERVE_CASES: list[tuple[str, str, Prepare | None, str]] = [
+    ("--artifacts a folder with no artifact", "serve --artifacts {data}", None, "no microtune"),
+    ("--artifacts missing", "serve --artifacts {ws}/missing", None, "no microtune"),
+    ("--artifact-root missing", f"{SERVE} --artifact-root {{ws}}/missing", None, "artifact-root"),
+    ("--artifact-root a file", f"{SERVE} --artifact-root {{ws}}/f.txt", A_FILE, "artifact-root"),
+    ("--artifact-root empty", f"{SERVE} --artifact-root {{empty}}", None, "artifact-root"),
+    ("--port in use", "serve --artifacts {art} --port {port}", hold_port, "cannot listen"),
+    ("--port 70000", "serve --artifacts {art} --port 70000", None, "--port"),
+    ("--port -1", "serve --artifacts {art} --port -1", None, "--port"),
+    ("--port http", "serve --artifacts {art} --port http", None, "--port"),
+    ("--host no.such.host.invalid", f"{SERVE} --host no.such.host.invalid", None, "listen"),
+    ("--max-batch-size 0", f"{SERVE} --max-batch-size 0", None, "--max-batch-size"),
+    ("--max-inputs -1", f"{SERVE} --max-inputs -1", None, "--max-inputs"),
+    ("--max-body-kb 0", f"{SERVE} --max-body-kb 0", None, "--max-body-kb"),
+    ("--max-wait-ms nan", f"{SERVE} --max-wait-ms nan", None, "--max-wait-ms"),
+    ("--max-wait-ms inf", f"{SERVE} --max-wait-ms inf", None, "--max-wait-ms"),
+    ("--max-copy-mb -1", f"{SERVE} --max-copy-mb -1", None, "--max-copy-mb"),
+    ("--api-key blank", f"{SERVE} --api-key {{blank}}", None, "--api-key"),
+    ("--device nonsense", f"{SERVE} --device nonsense", None, "device"),
+]
+_FEDERATE_CASES: list[tuple[str, str, str]] = [
+    ("--clients 0", "--clients 0", "--clients"),
+    ("--clients -3", "--clients -3", "--clients"),
+    ("--clients-per-round over --clients", "--clients 3 --clients-per-round 5", "per-round"),
+    ("--clients-per-round 0", "--clients-per-round 0", "per-round"),
+    ("--alpha 0", "--alpha 0", "--alpha"),
+    ("--alpha -1", "--alpha -1", "--alpha"),
+    ("--alpha inf", "--alpha inf", "--alpha"),
+    ("--alpha nan", "--alpha nan", "--alpha"),
+    ("--rounds 0", "--rounds 0", "--rounds"),
+    ("--local-steps 0", "--local-steps 0", "steps"),
+    ("--min-replies 0", "--min-replies 0", "--min-replies"),
+    ("--round-timeout 0", "--round-timeout 0", "--round-timeout"),
+    ("--round-timeout nan", "--round-timeout nan", "--round-timeout"),
+    ("--workers 0", "--workers 0", "--workers"),
+    ("--server-lr inf", "--strategy fedadam --server-lr inf", "--server-lr"),
+    ("--proximal-mu -1", "--strategy fedprox --proximal-mu -1", "--proximal-mu"),
+    ("--client-dp-epsilon inf", "--client-dp-epsilon inf", "epsilon"),
+    ("--method nosuch", "--method nosuch", "nosuch"),
+    ("--lora-frozen-a with slash", "--lora-frozen-a", "lora"),
+    ("--max-steps given", "--max-steps 3", "--local-steps"),
+]
+
+
+def _serve_and_federate_cases() -> list[Case]:
+    cases = [Case("serve", n, a, p, expect=e) for n, a, p, e in _SERVE_CASES]
+    cases += [
+        Case("federate", n, f"{FEDERATE} {extra}", expect=e) for n, extra, e in _FEDERATE_CASES
+    ]
+    stsb = FEDERATE.replace("sst2", "stsb")
+    cases.append(Case("federate", "a regression task (stsb)", stsb, expect="regression"))
+    return cases
+
+
 CASES: list[Case] = [
     *_artifact_cases(),
     *(
@@ -1002,6 +1079,7 @@ CASES: list[Case] = [
     *_NUMERICS_CASES,
     *_option_cases(),
     *_round_two_cases(),
+    *_serve_and_federate_cases(),
 ]
 
 # Cases the code does not pass yet (test id → the defect); each is a strict xfail, so fixing the
@@ -1028,7 +1106,8 @@ KNOWN_DEFECTS: dict[str, str] = {}
 
 def counts_by_kind() -> dict[str, int]:
     """How many cases of each kind the suite runs (for the campaign's summary)."""
-    return {kind: sum(case.kind == kind for case in CASES) for kind in KINDS}
+    counts = {kind: sum(case.kind == kind for case in CASES) for kind in KINDS}
+    return {**counts, "http": len(HTTP_CASES)}
 
 
 # -- the workspace and one run ------------------------------------------------------------------
@@ -1042,6 +1121,7 @@ class Workspace:
     root: Path
     base: Path
     sources: dict[str, Path] = field(default_factory=dict)
+    held: list[socket.socket] = field(default_factory=list)  # listening sockets ({port})
 
     @property
     def art(self) -> Path:
@@ -1058,6 +1138,7 @@ class Workspace:
             "blank": "   ",
             "causal": self.root / "causal",
             "gpt2": self.root / "gpt2",
+            "port": self.held[0].getsockname()[1] if self.held else 0,
         }
         return [arg.format(**names) for arg in line.split()]
 
@@ -1309,7 +1390,8 @@ def test_every_case_is_named_once_and_every_known_defect_is_a_case():
     ids = [case.id for case in CASES]
     assert len(ids) == len(set(ids))
     assert set(KNOWN_DEFECTS) <= set(ids)
-    assert {case.kind for case in CASES} == set(KINDS)
+    assert {case.kind for case in CASES} | {"http"} == set(KINDS)
+    assert len({case.name for case in HTTP_CASES}) == len(HTTP_CASES)
 
 
 @pytest.mark.parametrize("case", [_param(case) for case in CASES])
@@ -1318,7 +1400,11 @@ def test_hostile_case(case: Case, sources, tmp_path, capfd, monkeypatch):
     ws.root.mkdir()
     shutil.copytree(sources["artifact"], ws.art)
     shutil.copytree(sources["data"], ws.root / "data")
-    run_case(case, ws, capfd, monkeypatch)
+    try:
+        run_case(case, ws, capfd, monkeypatch)
+    finally:
+        for sock in ws.held:
+            sock.close()
     assert os.listdir(tmp_path) == ["ws"]  # nothing beside the workspace
 
 
@@ -1360,3 +1446,131 @@ def test_microtune_load_refuses_an_edit_whose_content_hash_was_deleted(sources, 
     (artifact / "microtune.json").write_text(json.dumps(config))
     with pytest.raises(MicrotuneError, match="config_sha256 is missing"):
         microtune.load(artifact)
+
+
+# -- the server's malformed and oversized requests: one live server, one table ------------------
+
+
+@dataclass(frozen=True)
+class HttpCase:
+    """One request to the live server and the 4xx it must get: a JSON body {"error": one line
+    holding `expect`}; the server answers /health afterwards."""
+
+    name: str
+    method: str
+    path: str
+    status: int
+    expect: str
+    json: object = None
+    content: bytes | None = None
+    chunks: int = 0  # the content sent in this many chunks, with no Content-Length
+
+
+def _post(name: str, path: str, status: int, expect: str, body: object) -> HttpCase:
+    return HttpCase(name, "POST", path, status, expect, json=body)
+
+
+def _raw(name: str, content: bytes, status: int, expect: str, chunks: int = 0) -> HttpCase:
+    return HttpCase(name, "POST", "/v1/predict", status, expect, content=content, chunks=chunks)
+
+
+def _predict(name: str, status: int, expect: str, **body) -> HttpCase:
+    return _post(name, "/v1/predict", status, expect, {"task": "sst2", "inputs": ["fun"], **body})
+
+
+def _generate(name: str, status: int, expect: str, **body) -> HttpCase:
+    body = {"task": "sst2", "prompts": ["the film"], **body}
+    return _post(name, "/v1/generate", status, expect, body)
+
+
+def _load(label: str, status: int, expect: str, **body) -> HttpCase:
+    return _post(label, "/v1/tasks", status, expect, body)
+
+
+HTTP_BODY_KB = 64  # the live server's --max-body-kb
+HTTP_CASES: list[HttpCase] = [
+    HttpCase("GET an unknown path", "GET", "/v1/nothing", 404, "Not Found"),
+    HttpCase("GET /v1/predict", "GET", "/v1/predict", 405, "Method Not Allowed"),
+    HttpCase("DELETE an unknown task", "DELETE", "/v1/tasks/nosuch", 404, "unknown task"),
+    _raw("body not JSON", b"{", 400, "malformed JSON"),
+    _raw("body not UTF-8", b"\xff\xfe{}", 400, "malformed JSON"),
+    _raw("body empty", b"", 400, "malformed JSON"),
+    _raw("body a JSON list", b"[1, 2]", 422, "JSON object"),
+    _raw("body a JSON string", b'"fun"', 422, "JSON object"),
+    _raw("JSON nested 30000 deep", b"[" * 30000 + b"]" * 30000, 400, "nested"),
+    _raw("NaN as an input", b'{"task": "sst2", "inputs": [NaN]}', 422, "input 0"),
+    _raw("body over --max-body-kb", b" " * (HTTP_BODY_KB + 1) * 1024, 413, "KiB"),
+    _raw("chunked body over --max-body-kb", b" " * (HTTP_BODY_KB + 1) * 1024, 413, "KiB", 4),
+    _post("no task", "/v1/predict", 422, '"task"', {"inputs": ["fun"]}),
+    _predict("task a number", 422, '"task"', task=5),
+    _predict("unknown task", 404, "unknown task", task="nosuch"),
+    _predict("no inputs", 422, '"inputs"', inputs=None),
+    _predict("inputs empty", 422, '"inputs"', inputs=[]),
+    _predict("inputs a string", 422, '"inputs"', inputs="fun"),
+    _predict("inputs over --max-inputs", 422, '"inputs"', inputs=["fun"] * 5),
+    _predict("an input a number", 422, "input 0", inputs=[1]),
+    _predict("an input null", 422, "input 0", inputs=[None]),
+    _predict("an input a nested list", 422, "input 0", inputs=[["a", ["b"]]]),
+    _predict("an input an object of numbers", 422, "input 0", inputs=[{"sentence": 3}]),
+    _predict("an input of an unknown column", 422, "sentence", inputs=[{"nope": "fun"}]),
+    _raw("a lone surrogate", b'{"task": "sst2", "inputs": ["\\udc80 fun"]}', 400, "UTF-8"),
+    _generate("generate on a classifier", 422, "generat", max_new_tokens=4),
+    _generate("generate: prompts a string", 422, '"prompts"', prompts="the film"),
+    _generate("generate: max_new_tokens 0", 422, "max_new_tokens", max_new_tokens=0),
+    _generate("generate: max_new_tokens huge", 422, "max_new_tokens", max_new_tokens=10**9),
+    _generate("generate: max_new_tokens text", 422, "max_new_tokens", max_new_tokens="5"),
+    _load("load: no path", 422, '"path"'),
+    _load("load: path a number", 422, '"path"', path=3),
+    _load("load: path with ..", 403, "..", path="../served"),
+    _load("load: an absolute path outside the root", 403, "not inside", path="/etc"),
+    _load("load: a symlink out of the root", 403, "not inside", path="link-out"),
+    _load("load: the root itself", 403, "not inside", path="."),
+    _load("load: a missing folder", 404, "no artifact folder", path="missing"),
+    _load("load: a folder with no artifact", 422, "microtune.json", path="empty"),
+    _load("load: a broken microtune.json", 422, "microtune.json", path="broken"),
+    _load("load: a name with /", 422, '"name"', path="again", name="a/b"),
+    _load("load: an empty name", 422, '"name"', path="again", name=""),
+    _load("load: a name taken", 409, "already loaded", path="again", name="sst2"),
+]
+
+
+@pytest.fixture(scope="module")
+def live_server(sources, tmp_path_factory):
+    """One real uvicorn server (tests/test_server.py's `live`) on the module's artifact, with an
+    artifact root holding a copy, an empty folder, a broken artifact and a link out of it."""
+    from microtune.multitask import load_many
+    from tests.test_server import live
+
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(sources["artifact"], root / "again")
+    (root / "empty").mkdir()
+    broken = Path(shutil.copytree(sources["artifact"], root / "broken"))
+    (broken / "microtune.json").write_text("{")
+    (root / "link-out").symlink_to(sources["artifact"])
+    engine = load_many({"sst2": sources["artifact"]})
+    settings = {"max_body_kb": HTTP_BODY_KB, "max_inputs": 4, "max_new_tokens": 8}
+    with live(engine, artifact_root=str(root), **settings) as (client, server):
+        yield client, server
+
+
+@pytest.mark.parametrize("case", HTTP_CASES, ids=[f"http: {c.name}" for c in HTTP_CASES])
+def test_http_case(case: HttpCase, live_server):
+    client, server = live_server
+    content = case.content
+    if case.chunks:  # a generator: httpx sends it chunked, with no Content-Length
+        size = -(-len(case.content) // case.chunks)
+        content = (case.content[i : i + size] for i in range(0, len(case.content), size))
+    response = client.request(case.method, case.path, json=case.json, content=content)
+    assert response.status_code == case.status, response.text[:2000]
+    assert response.headers["content-type"] == "application/json", response.headers
+    body = response.json()
+    assert list(body) == ["error"] and isinstance(body["error"], str), body
+    assert "\n" not in body["error"] and case.expect in body["error"], body["error"]
+    assert client.get("/health").status_code == 200 and not server.should_exit
+
+
+def test_the_server_still_answers_after_the_http_table(live_server):
+    client, _ = live_server
+    response = client.post("/v1/predict", json={"task": "sst2", "inputs": ["fun", "dull"]})
+    assert response.status_code == 200, response.text
+    assert [task["name"] for task in client.get("/v1/tasks").json()["tasks"]] == ["sst2"]

@@ -126,7 +126,7 @@ def test_the_tasks_really_differ_from_the_base(engine):
     sites = {name: task.sites for name, task in engine.tasks.items()}
     assert len(sites["slash"]) == len(sites["slash-output"]) == 2  # one per block
     assert len(sites["bitfit"]) > len(sites["slash"]) and len(sites["hiwi"]) == 4
-    assert sites["linear"] == [] and len(sites["lora-2"]) > len(sites["lora-4"])
+    assert sites["linear"] == () and len(sites["lora-2"]) > len(sites["lora-4"])
     pafi = engine.tasks["pafi-a"].pafi
     assert not torch.equal(pafi.values, pafi.original.float())
     # The two PaFi tasks share one mask: positions and original values are held once.
@@ -153,6 +153,11 @@ def test_bias_tasks_hold_a_few_rows_not_a_model(engine):
     for name in ("slash", "slash-output", "bitfit", "hiwi", "linear"):
         task = engine.tasks[name]
         assert task.resident_bytes <= 2 * task.artifact_bytes, name
+    # Heads are rows of stacked tables; tasks of one task record share one view (its model
+    # and config), so a task holds no module of its own.
+    light = [task for task in engine.tasks.values() if task.head_key is not None]
+    assert {"slash", "bitfit", "lora-4"} <= {task.name for task in light}
+    assert len({id(task.tuned) for task in light}) < len(light)
 
 
 def test_remove_drops_one_task_and_leaves_the_others_exact(artifacts):

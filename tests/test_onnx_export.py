@@ -128,6 +128,22 @@ def test_onnx_runs_without_microtune_and_matches_unmerged(case, tiny_model_dirs,
     assert record["format"] == "onnx" and "onnxruntime" in record["loads_with"]
 
 
+def test_bert_shaped_encoders_export_with_fused_attention(tiny_model_dirs, tmp_path):
+    """onnxruntime's transformer optimizer runs inside the export: one fused Attention op per
+    layer of a BERT-shaped encoder (the speed of bench/onnx_speed.py), still within 1e-4."""
+    model, tokenizer, config = task_model(tiny_model_dirs["bert"], "mnli", "mean")
+    layers = model.backbone.config.num_hidden_layers
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).numpy()
+    write_merged(model, tokenizer, config, tmp_path, onnx=True)
+    ops = [node.op_type for node in onnx.load(str(tmp_path / ONNX_FILE)).graph.node]
+    assert ops.count("Attention") == layers and "SkipLayerNormalization" in ops
+    assert model.backbone.config._attn_implementation != "eager"  # restored after the export
+    logits = np.array(standalone(tmp_path, tokenizer.pad_token_id)["logits"], dtype=np.float32)
+    assert abs(logits - expected).max() <= 1e-4 * max(1.0, float(abs(expected).max()))
+
+
 def test_int8_quantises_the_weights_and_stays_close(tiny_model_dirs, tmp_path):
     model, tokenizer, config = task_model(tiny_model_dirs["bert"], "mnli", "mean")
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")

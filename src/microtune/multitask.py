@@ -26,10 +26,14 @@ what `TunedModel.predict` returns for that task; `generate` serves causal-lm tas
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import json
 import os
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -72,31 +76,44 @@ def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
 
 class SlotTable:
     """Per-task rows of one site, gathered by each batch row's task slot. Row 0 is zeros (the
-    base), so rows of tasks without an entry here add nothing."""
+    base), so rows of tasks without an entry here add nothing. The table grows by doubling
+    and a removed row is filled by the last one, so a thousand tasks cost a thousand rows and
+    two index entries each, not a tensor (or a copy of the table) per task."""
 
     def __init__(self, like: torch.Tensor):
-        self.table = torch.zeros((1, *like.shape), dtype=like.dtype, device=like.device)
-        self.rows: dict[int, int] = {}  # task slot -> row of `table`
-        self.index = torch.zeros(0, dtype=torch.long, device=like.device)  # slot -> row
+        self.table = torch.zeros((2, *like.shape), dtype=like.dtype, device=like.device)
+        self.used = 1  # rows [0, used) are live; the rest is capacity, never gathered
+        self.index = torch.zeros(0, dtype=torch.long, device=like.device)  # slot -> row (0: none)
+        self.owner = torch.zeros(2, dtype=torch.long)  # row -> slot
+
+    def __contains__(self, slot: int) -> bool:
+        return slot < len(self.index) and bool(self.index[slot])
 
     def add(self, slot: int, value: torch.Tensor) -> None:
-        self.table = torch.cat([self.table, value[None].to(self.table.dtype)])
-        self.rows[slot] = len(self.table) - 1
+        if self.used == len(self.table):
+            capacity = 2 * len(self.table)
+            # Empty, not zeros: capacity rows are never read, so their pages stay untouched.
+            grown = self.table.new_empty((capacity, *self.table.shape[1:]))
+            grown[: self.used] = self.table[: self.used]
+            self.table = grown
+            self.owner = torch.cat([self.owner, self.owner.new_zeros(capacity - len(self.owner))])
+        self.table[self.used] = value.to(self.table.dtype)
         self._fit(slot + 1)
-        self.index[slot] = self.rows[slot]
+        self.index[slot] = self.used
+        self.owner[self.used] = slot
+        self.used += 1
 
     def remove(self, slot: int) -> None:
-        row = self.rows.pop(slot, None)
-        if row is None:
+        """Drop the slot's row; the last row moves into its place (its slot re-pointed)."""
+        if slot not in self:
             return
-        self.table = torch.cat([self.table[:row], self.table[row + 1 :]])
-        self.rows = {s: r - (r > row) for s, r in self.rows.items()}
-        self._reindex()
-
-    def _reindex(self) -> None:
-        self.index = torch.zeros_like(self.index)
-        for slot, row in self.rows.items():
-            self.index[slot] = row
+        row, last = int(self.index[slot]), self.used - 1
+        moved = int(self.owner[last])
+        self.table[row] = self.table[last]
+        self.owner[row] = moved
+        self.index[moved] = row
+        self.index[slot] = 0
+        self.used -= 1
 
     def _fit(self, slots: int) -> None:
         """Grow the slot index (doubling, zeros: no row) to cover `slots` slots."""
@@ -108,7 +125,7 @@ class SlotTable:
     def gather(self, slots: torch.Tensor, size: int) -> torch.Tensor | None:
         """(B, *row) for the batch's slots (all below `size`); None when no row of the batch
         has an entry."""
-        if not self.rows:
+        if self.used == 1:
             return None
         self._fit(size)
         rows = self.index[slots]
@@ -117,7 +134,7 @@ class SlotTable:
         return self.table[rows]
 
     def row_bytes(self, slot: int) -> int:
-        return tensor_bytes([self.table[0]]) if slot in self.rows else 0
+        return tensor_bytes([self.table[0]]) if slot in self else 0
 
 
 @dataclass
@@ -146,11 +163,15 @@ def pad_dim(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(shape)], dim)
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class ResidentTask:
-    """One task of the multi-task model: its kind, its slot in the tables, and a `TunedModel`
-    holding its head, read-out, task type and label names over the shared base (or its own
-    copy, for "copy" tasks; `pafi` holds the PaFi method whose values swap in)."""
+    """One task of the multi-task model: a light record, its tensors in the engine's tables.
+
+    `tuned` gives the task's read-out, task type and label names: for a "bias" or "lora" task
+    with a linear head it is a view shared by every task with the same task record (its head
+    unused: this task's head weights are rows of the engine's head table `head_key`); else the
+    task's own `TunedModel` (its head; its own base copy for "copy" tasks; `pafi` holds the
+    PaFi method whose values swap in)."""
 
     name: str
     slot: int
@@ -159,7 +180,8 @@ class ResidentTask:
     artifact_bytes: int
     resident_bytes: int = 0
     pafi: PaFi | None = None
-    sites: list[str] = field(default_factory=list)
+    sites: tuple[str, ...] = ()
+    head_key: tuple | None = None
 
     @property
     def method(self) -> str:
@@ -198,6 +220,8 @@ class MultiTaskModel:
         self._loras: dict[str, LoRATarget] = {}
         self._hooked: set[str] = set()
         self._pafi_shared: dict[str, PaFi] = {}  # mask fingerprint -> first task's method
+        self._heads: dict[tuple, tuple[SlotTable, SlotTable | None]] = {}  # family -> W, b
+        self._views: dict[str, TunedModel] = {}  # task record -> the view its tasks share
         self.body: nn.Module | None = None  # the part of the base the tasks' heads read
         # Every bias of the base as loaded (None: the layer has none), by path in base.model:
         # what each bias task's merge is compared against and restored to.
@@ -239,9 +263,12 @@ class MultiTaskModel:
                 for parameter in self.base.model.parameters():
                     parameter.requires_grad_(False)
             task.resident_bytes += tensor_bytes(list(task_model.head.parameters()))
+            if head_family(task_model)[0] == "rows":
+                self._take_head(task, task_model, config)
             self._next_slot += 1
             self.tasks[name] = task
-            return task
+        release_freed_heap()
+        return task
 
     def _check_body(self, body: nn.Module) -> None:
         if self.body is None:
@@ -251,6 +278,24 @@ class MultiTaskModel:
                 "this artifact reads another part of the base than the loaded tasks (a causal-lm "
                 "task beside classification tasks); serve it from its own multi-task model"
             )
+
+    def _take_head(self, task: ResidentTask, task_model: nn.Module, config: dict) -> None:
+        """The head's weight and bias as rows of its family's head table; the task keeps the
+        view of its task record (shared), not its own model, config or head."""
+        task.head_key = head_family(task_model)
+        linear = task_model.head.linear
+        if task.head_key not in self._heads:
+            bias = None if linear.bias is None else SlotTable(linear.bias.detach())
+            self._heads[task.head_key] = (SlotTable(linear.weight.detach()), bias)
+        weights, biases = self._heads[task.head_key]
+        weights.add(task.slot, linear.weight.detach())
+        if biases is not None:
+            biases.add(task.slot, linear.bias.detach())
+        record = {k: config[k] for k in ("method", "task", "head", "max_length", "base_model")}
+        key = json.dumps(record, sort_keys=True)
+        if key not in self._views:
+            self._views[key] = TunedModel(task_model, self.base.tokenizer, record, None)
+        task.tuned = self._views[key]
 
     def _take_biases(self, task: ResidentTask) -> None:
         """Merge into the shared base, keep each changed bias as a row, restore the base."""
@@ -275,7 +320,7 @@ class MultiTaskModel:
             self._biases.setdefault(path, SlotTable(delta)).add(task.slot, delta)
             self._hook(self.base.model, path, self._add_bias)
             task.resident_bytes += self._biases[path].row_bytes(task.slot)
-        task.sites = list(deltas)
+        task.sites = tuple(sys.intern(path) for path in deltas)  # one string per site, shared
 
     def _take_lora(self, task: ResidentTask) -> None:
         method = task.tuned.task_model.method
@@ -289,7 +334,7 @@ class MultiTaskModel:
             self._hook(self.body, path, self._add_lora)
             task.resident_bytes += tensor_bytes([self._loras[path].a.table[0]])
             task.resident_bytes += tensor_bytes([self._loras[path].b.table[0]])
-            task.sites.append(path)
+            task.sites += (sys.intern(path),)
         task.tuned.task_model.method = None
 
     def _take_pafi(self, task: ResidentTask) -> None:
@@ -339,6 +384,12 @@ class MultiTaskModel:
                 if target.a is not None and target.b is not None:
                     target.a.remove(task.slot)
                     target.b.remove(task.slot)
+            for weights, biases in self._heads.values():
+                for table in (weights, biases):
+                    if table is not None:
+                        table.remove(task.slot)
+            if not any(other.tuned is task.tuned for other in self.tasks.values()):
+                self._views = {k: v for k, v in self._views.items() if v is not task.tuned}
 
     def _hook(self, root: nn.Module, path: str, hook) -> None:
         key = f"{hook.__name__}:{path}"
@@ -474,11 +525,12 @@ class MultiTaskModel:
         # Rows whose heads read the same way and have one shape share one batched head.
         families: dict[tuple, list[int]] = {}
         for position, member in enumerate(members):
-            families.setdefault(head_family(member[2]), []).append(position)
+            task = member[2]
+            families.setdefault(task.head_key or ("own", task.name), []).append(position)
         found = {}
         for positions in families.values():
             tasks = [members[p][2] for p in positions]
-            logits = rows_heads(tasks, hidden, pooled, inputs, positions)
+            logits = self.head_outputs(tasks, hidden, pooled, inputs, positions)
             for position, output in zip(positions, logits, strict=True):
                 r, i, _, row = members[position]
                 output = output.float().cpu()
@@ -497,6 +549,22 @@ class MultiTaskModel:
                 stack.enter_context(swapped_in(task.pafi))
             return task.tuned.generate(list(prompts), max_new_tokens)
 
+    def head_outputs(self, tasks: list[ResidentTask], hidden, pooled, inputs, positions):
+        """Each row's own head on its features: tasks of one head table gather their rows'
+        weights (B, C, D) for one batched matmul (as per-row heads in S-LoRA); a task with a
+        head of its own (all `tasks` the same) runs it."""
+        features = task_features(tasks[0], hidden, pooled, inputs, positions)
+        if tasks[0].head_key is None:
+            model = tasks[0].tuned.task_model
+            return model.head(features.to(model.head.linear.weight.dtype))
+        weights, biases = self._heads[tasks[0].head_key]
+        slots = torch.tensor([task.slot for task in tasks], device=hidden.device)
+        weight = weights.table[weights.index[slots]]
+        out = torch.bmm(weight, features.to(weight.dtype)[:, :, None])[:, :, 0]
+        if biases is not None:
+            out = out + biases.table[biases.index[slots]]
+        return out
+
     def resident_bytes(self) -> dict[str, int]:
         """Bytes each task holds beyond the shared base (head, bias rows, factors, values)."""
         return {name: task.resident_bytes for name, task in self.tasks.items()}
@@ -505,11 +573,11 @@ class MultiTaskModel:
         return tensor_bytes(list(self.base.model.state_dict().values()))
 
 
-def head_outputs(task: ResidentTask, hidden, pooled, inputs, positions: list[int]) -> torch.Tensor:
-    """The task's read-out and head on its rows of the batch (as `TaskModel.forward`)."""
+def task_features(task: ResidentTask, hidden, pooled, inputs, positions: list[int]):
+    """The task's read-out on its rows of the batch (as `TaskModel.forward`)."""
     model = task.tuned.task_model
     index = torch.tensor(positions, device=hidden.device)
-    features = read_out(
+    return read_out(
         model.head_config.readout,
         hidden[index],
         inputs["attention_mask"][index],
@@ -517,40 +585,15 @@ def head_outputs(task: ResidentTask, hidden, pooled, inputs, positions: list[int
         mask_token_id=model.mask_token_id,
         pooled=None if pooled is None else pooled[index],
     )
-    return model.head(features.to(model.head.linear.weight.dtype))
 
 
-def head_family(task: ResidentTask) -> tuple:
-    """Tasks with one key can share a batched head: a sequence read-out and a linear head of
-    one shape; any other task (per token, an LM head) is a family of its own."""
-    model = task.tuned.task_model
+def head_family(model: nn.Module) -> tuple:
+    """Tasks with one key can share a batched head (and one head table): a sequence read-out
+    and a linear head of one shape; any other task (per token, an LM head) keeps its own."""
     head = getattr(model.head, "linear", None)
     if model.head_config.readout == "tokens" or not isinstance(model.head, TaskHead):
-        return ("own", task.name)
+        return ("own",)
     return ("rows", model.head_config.readout, tuple(head.weight.shape), head.bias is None)
-
-
-def rows_heads(tasks: list[ResidentTask], hidden, pooled, inputs, positions) -> torch.Tensor:
-    """Each row's own head: one read-out over the rows, then their heads' weights gathered
-    (B, C, D) and one batched matmul (as per-row heads in S-LoRA); one task: its own head."""
-    if len({task.name for task in tasks}) == 1 or head_family(tasks[0])[0] == "own":
-        return head_outputs(tasks[0], hidden, pooled, inputs, positions)
-    model = tasks[0].tuned.task_model
-    index = torch.tensor(positions, device=hidden.device)
-    features = read_out(
-        model.head_config.readout,
-        hidden[index],
-        inputs["attention_mask"][index],
-        inputs["input_ids"][index],
-        mask_token_id=model.mask_token_id,
-        pooled=None if pooled is None else pooled[index],
-    )
-    linears = [task.tuned.task_model.head.linear for task in tasks]
-    weight = torch.stack([linear.weight for linear in linears])
-    out = torch.bmm(weight, features.to(weight.dtype)[:, :, None])[:, :, 0]
-    if linears[0].bias is not None:
-        out = out + torch.stack([linear.bias for linear in linears])
-    return out
 
 
 @contextlib.contextmanager
@@ -561,6 +604,27 @@ def swapped_in(method: PaFi) -> Iterator[None]:
         yield
     finally:
         method.unmerge()
+
+
+def release_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere a
+    no-op). Loading a task allocates and frees megabytes (its method's projection, the merge);
+    glibc keeps such pages resident below live allocations, which over a thousand hot-loads
+    held ~5 KB per task of nothing (bench/serve_load.py memory)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def bias_sites(body: nn.Module) -> Iterator[tuple[str, nn.Module]]:

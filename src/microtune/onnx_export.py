@@ -9,8 +9,10 @@ labels = json.loads(session.get_modelmeta().custom_metadata_map["labels"])
 # feed the tokenizer's input_ids / attention_mask (/ token_type_ids) as int64: logits out
 
 Sentence types (classification, regression, a decoder's last-token classification) output
-logits (batch, num_labels); token classification (batch, sequence, num_labels). Exported with
-`torch.onnx.export(dynamo=True)` (torch.export + onnxscript), the exporter torch maintains.
+logits (batch, num_labels); token classification (batch, sequence, num_labels). BERT-shaped
+encoders (float32) go through torch's TorchScript exporter and onnxruntime's transformer
+optimizer, which fuses their attention, embeddings and layer norms into its own ops; every
+other model (and int8, which quantises the plain graph) through `torch.onnx.export(dynamo=True)`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ QUANTIZATIONS = ("int8",)
 ONNX_TASK_TYPES = ("classification", "regression", "token-classification")
 # Above this many bytes of weights the graph keeps them in a side file (protobuf's 2 GB cap).
 _INLINE_WEIGHTS_BYTES = 1_500_000_000
+# Encoders whose attention onnxruntime's transformer optimizer fuses (model_type "bert").
+_FUSABLE_ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 
 
 def graph_inputs(task_model) -> list[str]:
@@ -86,22 +90,15 @@ def write_onnx(
         raise MicrotuneError("--format onnx needs: pip install 'microtune[export]'") from None
     task_model.merge().float().eval()  # ONNX Runtime's CPU kernels are float32
     folder = Path(folder)
-    names = graph_inputs(task_model)
-    probe = probe_inputs(task_model)
-    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
     weight_bytes = sum(p.numel() * 4 for p in task_model.parameters())
     float_path = folder / (ONNX_FILE if quantize is None else f".float32.{ONNX_FILE}")
+    external = weight_bytes > _INLINE_WEIGHTS_BYTES
     with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(
-            task_model,
-            tuple(probe[name] for name in names),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes={name: axes for name in names},
-            dynamo=True,
-            verbose=False,
-        )
-        program.save(str(float_path), external_data=weight_bytes > _INLINE_WEIGHTS_BYTES)
+        # quantize_dynamic cannot type the fused ops' outputs: int8 quantises the plain graph.
+        if fusable_encoder(task_model) and not external and quantize is None:
+            _export_fused(task_model, float_path)
+        else:
+            _export_dynamo(task_model, float_path, external)
     if quantize is None:
         _set_metadata(float_path, metadata)
         return
@@ -113,6 +110,65 @@ def write_onnx(
     quantize_dynamic(str(float_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
     float_path.unlink()
     _set_metadata(int8_path, metadata)
+
+
+def fusable_encoder(task_model) -> bool:
+    """Whether onnxruntime's transformer optimizer fuses this backbone's attention (BERT-shaped
+    encoders: one fused Attention op per layer, embeddings and layer norms fused too)."""
+    config = task_model.backbone.config
+    return config.model_type in _FUSABLE_ENCODERS and not config.is_decoder
+
+
+def _export_dynamo(task_model, path: Path, external: bool) -> None:
+    """torch's dynamo exporter (torch.export + onnxscript): every architecture."""
+    names = graph_inputs(task_model)
+    probe = probe_inputs(task_model)
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    program = torch.onnx.export(
+        task_model,
+        tuple(probe[name] for name in names),
+        input_names=names,
+        output_names=["logits"],
+        dynamic_shapes={name: axes for name in names},
+        dynamo=True,
+        verbose=False,
+    )
+    program.save(str(path), external_data=external)
+
+
+def _export_fused(task_model, path: Path) -> None:
+    """A BERT-shaped encoder through the TorchScript exporter with eager attention, the graph
+    onnxruntime's optimizer recognises (dynamo's is not), then fused by it."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    names = graph_inputs(task_model)
+    probe = probe_inputs(task_model)
+    backbone = task_model.backbone
+    attention = backbone.config._attn_implementation
+    backbone.set_attn_implementation("eager")  # sdpa's mask code hides the attention pattern
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python values it fixes
+            torch.onnx.export(
+                task_model,
+                tuple(probe[name] for name in names),
+                str(path),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names},
+                opset_version=17,
+                dynamo=False,
+            )
+    finally:
+        backbone.set_attn_implementation(attention)
+    config = backbone.config
+    fused = optimize_model(
+        str(path),
+        model_type="bert",
+        num_heads=config.num_attention_heads,
+        hidden_size=config.hidden_size,
+    )
+    atomic_write(path, lambda tmp: fused.save_model_to_file(str(tmp)))
 
 
 @contextlib.contextmanager

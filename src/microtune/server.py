@@ -40,6 +40,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as RoutingError
 
 from microtune.errors import MicrotuneError
 from microtune.multitask import EncodedRequest, MultiTaskModel
@@ -267,6 +268,10 @@ def add_guards(app: FastAPI, config: ServeConfig) -> None:
     async def crash(request: Request, error: Exception):
         return error_response(500, f"internal error ({type(error).__name__}); see the log")
 
+    @app.exception_handler(RoutingError)  # unknown path, wrong method: the same JSON shape
+    async def routing_error(request: Request, error: RoutingError):
+        return error_response(error.status_code, str(error.detail), error.headers)
+
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, error: HTTPError):
         return error_response(error.status, error.message, error.headers)
@@ -287,8 +292,16 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise HTTPError(400, f"malformed JSON ({error})") from None
+    except RecursionError:  # the parser recurses once per level: "[[[[...]]]]"
+        raise HTTPError(400, "malformed JSON (nested too deeply)") from None
     if not isinstance(value, dict):
         raise HTTPError(422, "the body must be a JSON object")
+    try:  # "\udc80" escapes decode to lone surrogates, which no tokenizer takes
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise HTTPError(
+            400, "the body holds a lone surrogate (\\uD800-\\uDFFF): not UTF-8 text"
+        ) from None
     return value
 
 

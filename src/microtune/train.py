@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from microtune.data import Encoded, batches, epoch_order
 from microtune.distributed import SINGLE, World
@@ -48,7 +49,16 @@ from microtune.tasktypes import loss_for, loss_units_for, type_of
 from microtune.trainconfig import TrainConfig
 
 # Settings that may differ between a run and its resumption: they do not change the result.
-_RESUMABLE = ("progress", "eval_every", "checkpoint_every", "log_every", "eval_batch_size")
+# (Activation checkpointing recomputes the same blocks: it changes memory, not the numbers, so a
+# run that ran out of memory may resume with it on.)
+_RESUMABLE = (
+    "progress",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "eval_batch_size",
+    "gradient_checkpointing",
+)
 
 
 def evaluate(
@@ -93,6 +103,36 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor: every element of every tensor is finite (stays on the device)."""
     flags = [tensor.isfinite().all() for tensor in tensors]
     return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> list[nn.Module]:
+    """Turn on transformers' activation checkpointing, non-reentrant, in the pretrained models
+    inside `model`; returns the blocks it recomputes.
+
+    Non-reentrant (`use_reentrant=False`) because the reentrant checkpoint hides from autograd
+    which parameters a block used: a tensor used in every block (SLaSh's z) is then "marked
+    ready twice" under DDP (peft#313, accelerate#3536), and a parameter a step leaves unused
+    breaks it as well; the non-reentrant one is plain autograd, recomputed.
+    """
+    kwargs = {"use_reentrant": False}
+    for backbone in model.modules():
+        if not getattr(backbone, "supports_gradient_checkpointing", False):
+            continue
+        if hasattr(backbone, "activation_checkpointing_enable"):  # its name since 5.x
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    blocks = [
+        m
+        for m in model.modules()
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+    ]
+    if not blocks:
+        raise MicrotuneError(
+            "--gradient-checkpointing: this base model's transformers class cannot recompute "
+            "its blocks; drop the flag (or lower --batch-size and raise --grad-accum)"
+        )
+    return blocks
 
 
 # -- plug-ins: what a run adds to the plain loop --------------------------------------------
@@ -501,6 +541,11 @@ class Trainer:
         self.total_steps = config.steps_for(self.sampler.batches_per_epoch)
         self.step_plugin = step or AdamWStep()
         self.step_plugin.bind(model, self.parameters, config, self.total_steps, world)
+        self.checkpointed = (
+            enable_activation_checkpointing(model) if config.gradient_checkpointing else []
+        )
+        if self.checkpointed:
+            self.train_mode()  # refuses a step that trains in eval mode, before any step
         evaluation = [EvaluateCallback()] if evaluate_fn else []
         self.callbacks = [
             *callbacks,
@@ -538,9 +583,27 @@ class Trainer:
             return
         self.last_metrics = self.evaluate_fn(self.model)
         self.evaluated_at = self.step
-        self.step_plugin.train_mode(self.model)
+        self.train_mode()
         self.log({"step": self.step, "eval": self.last_metrics})
         self._call("on_evaluate", self.last_metrics)
+
+    def train_mode(self) -> None:
+        """The step's training mode; checkpointed blocks in training mode themselves.
+
+        transformers recomputes a block only when it is in training mode, and a frozen backbone
+        without dropout is kept in eval mode (`TaskModel.train`): the blocks' own flags (not
+        their submodules', so dropout stays off) are set here.
+        """
+        self.step_plugin.train_mode(self.model)
+        if not self.checkpointed:
+            return
+        if not self.model.training:
+            raise MicrotuneError(
+                "--gradient-checkpointing: this run's step trains in eval mode (DP-SGD's "
+                "per-example gradients), where blocks are not recomputed; drop the flag"
+            )
+        for block in self.checkpointed:
+            block.training = True
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -672,7 +735,7 @@ class Trainer:
             (self.output_dir / LOG_FILE).unlink()
         # Every process starts from rank 0's tensors, as DDP does.
         self.world.broadcast_tensors(list(self.parameters.values()))
-        self.step_plugin.train_mode(self.model)
+        self.train_mode()
         self._call("on_train_begin")
         stream = self._logical_batches()
         while self.step < self.total_steps:

@@ -89,6 +89,17 @@ class TrainConfig:
             "(more padding)",
         },
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "activation checkpointing: keep only each transformer block's input and "
+            "recompute the block in the backward pass (less memory, a second forward pass of "
+            "every block; the same numbers). Non-reentrant, so it works across processes and "
+            "with methods whose parameters some steps leave unused.",
+            "cli_help": "recompute each transformer block in the backward pass instead of "
+            "keeping its activations (less memory, a second forward pass, the same numbers)",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.epochs is None:

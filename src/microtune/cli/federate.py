@@ -65,6 +65,13 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--partition-seed", type=int, default=0, help="seed of the split")
     group.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="Flower strategy")
     group.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
+    group.add_argument(
+        "--logit-adjustment",
+        type=float,
+        default=0.0,
+        help="classification: each party trains on logits + tau x log of its own label "
+        "frequencies (logit adjustment against label skew; 0: off, the plain loss)",
+    )
     group.add_argument("--server-lr", type=float, default=0.1, help="FedAdam's server rate eta")
     group.add_argument(
         "--min-replies", type=int, default=1, help="fewer valid replies: the round is skipped"
@@ -98,6 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.max_steps is not None or args.epochs is not None:
         raise MicrotuneError("federate trains --local-steps per round; drop --max-steps/--epochs")
+    if args.workers < 1:
+        raise MicrotuneError(f"--workers must be at least 1, got {args.workers}")
     args.max_steps = args.local_steps
     client_dp = None
     if args.client_dp_epsilon is not None:
@@ -123,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         partition_seed=args.partition_seed,
         strategy=args.strategy,
         proximal_mu=args.proximal_mu,
+        logit_adjustment=args.logit_adjustment,
         server_lr=args.server_lr,
         min_replies=args.min_replies,
         round_timeout=args.round_timeout,

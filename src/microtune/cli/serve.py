@@ -56,6 +56,15 @@ def artifact_folders(paths: list[str]) -> dict[str, Path]:
     return found
 
 
+def check_artifact_root(root: str | None) -> None:
+    """Hot-loading's root must be an existing folder (checked before anything loads)."""
+    if root is not None and (not root.strip() or not Path(root).is_dir()):
+        raise MicrotuneError(
+            f"--artifact-root '{root}' is not a folder; give the folder whose artifacts POST "
+            "/v1/tasks may load, or leave it out (hot-loading off)"
+        )
+
+
 def run(args: argparse.Namespace) -> None:
     from microtune.multitask import load_many
     from microtune.server import bind, serve
@@ -66,6 +75,7 @@ def run(args: argparse.Namespace) -> None:
         if getattr(args, dest_of(flag)) is not None
     }
     config = ServeConfig(**given)
+    check_artifact_root(config.artifact_root)
     engine = load_many(
         artifact_folders(args.artifacts),
         args.model,

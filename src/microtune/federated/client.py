@@ -39,22 +39,35 @@ REFUSAL = "refusal"  # the ConfigRecord of a reply that refuses the round, with 
 
 
 class ProximalStep(AdamWStep):
-    """FedProx's local step: AdamW on the loss plus (mu / 2) ||w - w_global||², the global
-    state being what the round started from."""
+    """A party's local step: AdamW on the loss plus FedProx's (mu / 2) ||w - w_global||², the
+    global state being what the round started from; with `log_prior` (classification), the
+    loss of the logits shifted by tau · log of the party's own label frequencies (logit
+    adjustment): under label skew a party then fits what tells the classes apart rather than
+    its own label mix, which the server's average cannot undo."""
 
-    def __init__(self, mu: float):
-        self.mu = mu
+    def __init__(self, mu: float, log_prior: torch.Tensor | None = None):
+        self.mu, self.log_prior = mu, log_prior
 
     def bind(self, model: nn.Module, parameters: dict, *args: Any, **kwargs: Any) -> None:
         super().bind(model, parameters, *args, **kwargs)
         self.anchor = {name: p.detach().clone() for name, p in parameters.items()}
 
     def gradients(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
-        loss = super().gradients(model, micro_batches, logical_size)
-        with torch.no_grad():
-            for name, parameter in self.parameters.items():
-                if parameter.grad is not None:
-                    parameter.grad.add_(parameter - self.anchor[name], alpha=self.mu)
+        if self.log_prior is None:
+            loss = super().gradients(model, micro_batches, logical_size)
+        else:
+            loss_sum, units = 0.0, 0
+            for inputs, labels in micro_batches:
+                logits = model(**inputs)
+                loss = nn.functional.cross_entropy(logits + self.log_prior.to(logits), labels)
+                (loss * len(labels)).backward()
+                loss_sum, units = loss_sum + loss.item() * len(labels), units + len(labels)
+            loss = self.average_gradients(loss_sum, units)
+        if self.mu > 0:
+            with torch.no_grad():
+                for name, parameter in self.parameters.items():
+                    if parameter.grad is not None:
+                        parameter.grad.add_(parameter - self.anchor[name], alpha=self.mu)
         return loss
 
 
@@ -89,6 +102,16 @@ class LocalParty:
         steps = self.spec.rounds * self.spec.train_config.max_steps
         return calibrate_sigma(dp.epsilon, self.delta, min(1.0, dp.batch / n), steps, dp.accountant)
 
+    def log_prior(self) -> torch.Tensor | None:
+        """tau · log of this party's label frequencies (add-one smoothed), for classification
+        with --logit-adjustment tau > 0; None otherwise."""
+        tau, num_labels = self.spec.logit_adjustment, self.model.head_config.num_labels
+        if tau == 0 or self.model.task_type.name != "classification":
+            return None
+        labels = torch.as_tensor(self.labels).flatten().long()
+        counts = torch.bincount(labels, minlength=num_labels).float() + 1.0
+        return tau * (counts / counts.sum()).log()
+
     @property
     def delta(self) -> float:
         dp = self.spec.sample_dp
@@ -121,7 +144,10 @@ class LocalParty:
         if dp is not None:
             dp = dataclasses.replace(dp, epsilon=None, sigma=self.sigma, delta=self.delta)
             plugins = PrivacyPlugin(dp).build(self.model, config, len(self.rows))
-        step = ProximalStep(proximal_mu) if proximal_mu > 0 and dp is None else plugins.step
+        log_prior = self.log_prior()
+        step = plugins.step
+        if dp is None and (proximal_mu > 0 or log_prior is not None):
+            step = ProximalStep(proximal_mu, log_prior)
         with tempfile.TemporaryDirectory(prefix="microtune-client-") as folder:
             trainer = Trainer(
                 self.model,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from microtune.choices import DEFAULT_MODEL
 from microtune.dpconfig import DPConfig
 from microtune.errors import MicrotuneError
+from microtune.taskspec import TASKS
 from microtune.trainconfig import TrainConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -28,8 +30,10 @@ class ClientDP:
     accountant: str = "prv"
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise MicrotuneError(f"--client-dp-epsilon must be positive, got {self.epsilon}")
+        if not 0 < self.epsilon < math.inf:
+            raise MicrotuneError(
+                f"--client-dp-epsilon must be positive and finite, got {self.epsilon}"
+            )
         if not 0 < self.delta < 1:
             raise MicrotuneError(f"--client-dp-delta must be in (0, 1), got {self.delta}")
         if not self.clip > 0:
@@ -62,6 +66,7 @@ class FederationSpec:
     partition_seed: int = 0
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    logit_adjustment: float = 0.0
     server_lr: float = 0.1
     min_replies: int = 1
     round_timeout: float = 600.0
@@ -79,8 +84,13 @@ class FederationSpec:
             )
         if self.rounds < 1:
             raise MicrotuneError(f"--rounds must be at least 1, got {self.rounds}")
-        if not self.alpha > 0:
-            raise MicrotuneError(f"--alpha must be positive, got {self.alpha}")
+        if not 0 < self.alpha < math.inf:  # inf: no Dirichlet draw (NaN shares)
+            raise MicrotuneError(f"--alpha must be positive and finite, got {self.alpha}")
+        self._check_settings()
+        if not 0 <= self.logit_adjustment < float("inf"):
+            raise MicrotuneError(
+                f"--logit-adjustment must be >= 0 (0: off), got {self.logit_adjustment}"
+            )
         if self.strategy not in STRATEGIES:
             raise MicrotuneError(f"--strategy '{self.strategy}' unknown; use {STRATEGIES}")
         if not 1 <= self.min_replies <= self.clients_per_round:
@@ -93,6 +103,23 @@ class FederationSpec:
             raise MicrotuneError("--lora-frozen-a applies to --method lora only")
         if self.client_dp is not None and self.sample_dp is not None:
             raise MicrotuneError("choose client-level DP or sample-level DP-SGD, not both")
+
+    def _check_settings(self) -> None:
+        """Issue 23: the task splits by label; rates and timeouts positive and finite."""
+        task = TASKS.get(self.task)
+        if task is not None and task.type != "classification":
+            raise MicrotuneError(
+                f"federate splits rows by label (Dirichlet label skew); '{self.task}' is a "
+                f"{task.type} task: use a classification task"
+            )
+        for flag, value, low in (
+            ("--round-timeout", self.round_timeout, 0.0),
+            ("--server-lr", self.server_lr, 0.0),
+        ):
+            if not low < value < math.inf:
+                raise MicrotuneError(f"{flag} must be positive and finite, got {value}")
+        if not 0 <= self.proximal_mu < math.inf:
+            raise MicrotuneError(f"--proximal-mu must be >= 0 and finite, got {self.proximal_mu}")
 
     @property
     def sample_rate(self) -> float:

@@ -487,6 +487,16 @@ class CheckpointCallback(TrainerCallback):
 # -- the trainer -------------------------------------------------------------------------------
 
 
+def resume_signature(run_signature: dict | None, config: TrainConfig, world: World) -> dict:
+    """What must not change between a run and its resumption (method, head, base model...)."""
+    return {
+        **(run_signature or {}),
+        "train_config": {k: v for k, v in asdict(config).items() if k not in _RESUMABLE},
+        # Each process's RNG state and data share depend on how many there are.
+        **({"processes": world.size} if world.size > 1 else {}),
+    }
+
+
 class Trainer:
     """Trains `model` (its parameters that require grad) on encoded rows and labels.
 
@@ -523,13 +533,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.evaluate_fn = evaluate_fn
         self.main_metric = main_metric
-        # What must not change between a run and its resumption (method, head, base model...).
-        self.run_signature = {
-            **(run_signature or {}),
-            "train_config": {k: v for k, v in asdict(config).items() if k not in _RESUMABLE},
-            # Each process's RNG state and data share depend on how many there are.
-            **({"processes": world.size} if world.size > 1 else {}),
-        }
+        self.run_signature = resume_signature(run_signature, config, world)
         if config.learning_rate is None:
             raise MicrotuneError("TrainConfig.learning_rate is not set (api.train fills it in)")
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -228,7 +228,7 @@ def test_a_regression_task_is_refused_in_one_line(tiny_model_dirs, toy_files, tm
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("microtune: error: federate splits rows by label")
-    assert "not class indices" in error
+    assert "'stsb' is a regression task" in error
 
 
 @pytest.mark.parametrize(

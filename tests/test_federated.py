@@ -25,6 +25,7 @@ from microtune.federated.server import FederationServer, Screen, flower_strategy
 from microtune.federated.simulation import simulate
 from microtune.federated.spec import FederationSpec
 from microtune.files import CONFIG_FILE, LOG_FILE
+from microtune.train import AdamWStep
 from microtune.trainconfig import TrainConfig
 
 
@@ -65,14 +66,19 @@ def test_three_clients_beat_chance_survive_a_crash_and_make_an_artifact(
     tiny_model_dirs, toy_files, tmp_path
 ):
     output = tmp_path / "fed"
-    spec = spec_for(tiny_model_dirs, toy_files, output)
+    train_config = TrainConfig(
+        max_steps=120, batch_size=8, learning_rate=3e-3, progress=False, eval_every=0
+    )
+    # Near-IID (label skew has its own tests): with 96 toy rows, 3 parties at alpha 1 can hold
+    # a handful of one label each, and what the model learns then rests on which party crashed.
+    spec = spec_for(tiny_model_dirs, toy_files, output, train_config=train_config, alpha=100.0)
     report = simulate(spec, workers=2, client=crashing_in_round_two(spec))
     rounds = [json.loads(line) for line in (output / LOG_FILE).read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert [(r["joined"], r["failed"]) for r in rounds] == [(3, 0), (2, 1), (3, 0)]
     assert all(r["aggregated"] for r in rounds)
     # Majority class of the toy dev set is 17/32 = 0.53.
-    assert report["metrics"]["accuracy"] >= 0.65
+    assert report["metrics"]["accuracy"] >= 0.8
     assert report["bytes_up_per_client_round"] > 0
     # The aggregate is an ordinary artifact: eval gives the same number, merge works.
     dev = str(toy_files / "dev.jsonl")
@@ -191,6 +197,8 @@ def test_a_restarted_server_resumes_from_its_last_round(tiny_model_dirs, toy_fil
     again = FederationServer(dataclasses.replace(spec, resume=True), tmp_path)
     state = again.start_state()
     assert again.done == 2 and len(again.log) == 2
+    # The schedule goes on where it stopped: round 3 takes steps 80.. of 5 rounds x 40.
+    assert again.schedule_config() == {"schedule-start": 80, "schedule-span": 200}
     for name, array in moved.items():
         np.testing.assert_array_equal(state[name].numpy(), array.numpy())
     changed = dataclasses.replace(spec, resume=True, alpha=0.5)
@@ -335,3 +343,33 @@ def test_logit_adjustment_shifts_a_partys_logits_by_its_own_label_prior(
     assert LocalParty(plain, {"partition-id": 0}).log_prior() is None
     with pytest.raises(MicrotuneError, match="--logit-adjustment"):
         dataclasses.replace(spec, logit_adjustment=-1.0)
+
+
+def rates(step: AdamWStep, config: TrainConfig, steps: int) -> list[float]:
+    """The learning rate of each of `steps` updates the step makes (on one zero-gradient
+    parameter, so only the schedule moves)."""
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    step.bind(torch.nn.Linear(1, 1), {"p": parameter}, config, steps)
+    seen = []
+    for _ in range(steps):
+        seen.append(step.learning_rate)
+        parameter.grad = torch.zeros(2)
+        step.optimizer.step()
+        step.scheduler.step()
+    return seen
+
+
+def test_rounds_follow_one_schedule_over_the_federation():
+    """--schedule federation: round r's local steps take the rates of steps (r - 1) L.. of
+    the centralised schedule over rounds x L steps (warmup included), not a restarted one."""
+    rounds, local = 4, 5
+    config = TrainConfig(learning_rate=0.1, warmup_ratio=0.1, max_steps=local)
+    centralised = rates(AdamWStep(), config, rounds * local)
+    federated = []
+    for done in range(rounds):
+        federated += rates(AdamWStep().slice_of(done * local, rounds * local), config, local)
+    assert federated == pytest.approx(centralised, abs=1e-12)
+    restarted = rates(AdamWStep(), config, local) * rounds
+    assert restarted != pytest.approx(centralised, abs=1e-3)
+    with pytest.raises(MicrotuneError, match="schedule slice must start"):
+        AdamWStep().slice_of(20, 20)

@@ -288,7 +288,18 @@ class AdamWStep:
     Subclasses change `gradients` (DP-SGD) or `train_mode`; a step owns the checkpoint entries
     of what it adds (`state` / `load_state`). With several processes (`world`) each step sees
     this process's share of the logical batch and sums over the processes before the update.
+    `slice_of` makes a run one slice of a longer schedule (a federated client's round): its
+    steps take the rates of steps start, start + 1, ... of a `span`-step warmup/decay.
     """
+
+    schedule_slice: tuple[int, int] | None = None  # (start, span)
+
+    def slice_of(self, start: int, span: int) -> AdamWStep:
+        """Follow steps start.. of a `span`-step schedule instead of one of this run's own."""
+        if not 0 <= start < span:
+            raise MicrotuneError(f"a schedule slice must start in [0, {span}), got {start}")
+        self.schedule_slice = (start, span)
+        return self
 
     def bind(
         self,
@@ -304,9 +315,10 @@ class AdamWStep:
         self.optimizer = torch.optim.AdamW(
             parameters.values(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
-        warmup = int(config.warmup_ratio * total_steps)
+        start, span = self.schedule_slice or (0, total_steps)
+        factor = linear_schedule(int(config.warmup_ratio * span), span)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_schedule(warmup, total_steps)
+            self.optimizer, lambda step: factor(start + step)
         )
 
     def train_mode(self, model: nn.Module) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from microtune.cli import options
 from microtune.cli.common import HelpFormatter, add_data_options
 from microtune.errors import MicrotuneError
-from microtune.federated.spec import STRATEGIES
+from microtune.federated.spec import SCHEDULES, STRATEGIES
 from microtune.methods import method_names
 from microtune.taskspec import TASKS
 
@@ -64,11 +64,18 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--partition-seed", type=int, default=0, help="seed of the split")
     group.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="Flower strategy")
+    group.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="federation",
+        help="learning rate: federation = one warmup/linear decay over rounds x local steps, "
+        "as centralised training of that many steps; round = restarted every round",
+    )
     group.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
     group.add_argument(
         "--logit-adjustment",
         type=float,
-        default=0.0,
+        default=1.0,
         help="classification: each party trains on logits + tau x log of its own label "
         "frequencies (logit adjustment against label skew; 0: off, the plain loss)",
     )
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         alpha=args.dirichlet_alpha,
         partition_seed=args.partition_seed,
         strategy=args.strategy,
+        schedule=args.schedule,
         proximal_mu=args.proximal_mu,
         logit_adjustment=args.logit_adjustment,
         server_lr=args.server_lr,

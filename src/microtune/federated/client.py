@@ -130,8 +130,16 @@ class LocalParty:
         problem = positions_problem(self.model, arrays)
         return f"client {self.partition}: {problem}" if problem else None
 
-    def train(self, server_round: int, proximal_mu: float, steps_done: int) -> dict[str, float]:
-        """Local steps from the loaded global state; the round's metrics."""
+    def train(
+        self,
+        server_round: int,
+        proximal_mu: float,
+        steps_done: int,
+        schedule_slice: tuple[int, int] | None = None,
+    ) -> dict[str, float]:
+        """Local steps from the loaded global state, at the rates of `schedule_slice`
+        (start, span) of the federation's schedule (None: a schedule of their own); the
+        round's metrics."""
         config = dataclasses.replace(
             self.run.config,
             seed=self.run.config.seed + 1009 * server_round + self.partition,
@@ -148,6 +156,8 @@ class LocalParty:
         step = plugins.step
         if dp is None and (proximal_mu > 0 or log_prior is not None):
             step = ProximalStep(proximal_mu, log_prior)
+        if schedule_slice is not None:
+            step = (step or AdamWStep()).slice_of(*schedule_slice)
         with tempfile.TemporaryDirectory(prefix="microtune-client-") as folder:
             trainer = Trainer(
                 self.model,
@@ -221,6 +231,13 @@ def local_party(spec: FederationSpec, node_config: dict[str, Any]) -> LocalParty
     return _PARTIES[key]
 
 
+def schedule_slice(config: ConfigRecord) -> tuple[int, int] | None:
+    """(start, span) of the federation's learning-rate schedule the server gave this round."""
+    if "schedule-start" not in config:
+        return None
+    return int(config["schedule-start"]), int(config["schedule-span"])
+
+
 def client_app(spec: FederationSpec) -> ClientApp:
     """The Flower `ClientApp` of a federation (one `train` handler; evaluation is central)."""
     app = ClientApp()
@@ -241,6 +258,7 @@ def client_app(spec: FederationSpec) -> ClientApp:
                 int(config["server-round"]),
                 float(config.get("proximal-mu", 0.0)),
                 int(state["steps"]),
+                schedule_slice(config),
             )
         except MicrotuneError as error:  # one line in the server's log, not a traceback
             raise RuntimeError(f"client {party.partition}: {error}") from None

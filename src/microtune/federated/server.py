@@ -101,6 +101,7 @@ class Screen(Strategy):
         if self.server.budget_spent_by_next_round():
             self.round = {"stopped": "the client-level privacy budget would be exceeded"}
             return []
+        config = ConfigRecord({**config, **self.server.schedule_config()})
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         down = [serialised_bytes(message.content) for message in messages]
         self.round = {"sampled": len(messages), "bytes_down": _mean(down)}
@@ -217,6 +218,16 @@ class FederationServer:
         """What every client is told besides the arrays: the mask it must share (PaFi)."""
         fingerprint = getattr(self.model.method, "mask_fingerprint", None)
         return ConfigRecord({"mask-fingerprint": fingerprint} if fingerprint else {})
+
+    def schedule_config(self) -> dict[str, int]:
+        """The next round's slice of the learning-rate schedule: with --schedule federation,
+        round r's local steps take the rates of steps (r - 1)·L.. of one warmup/decay over
+        rounds × L steps, as centralised training over that many steps would; a model that
+        settles as the rate falls, where a schedule restarted every round keeps it swinging."""
+        if self.spec.schedule != "federation":
+            return {}
+        local = int(self.spec.train_config.max_steps)
+        return {"schedule-start": self.done * local, "schedule-span": self.spec.rounds * local}
 
     def reply_problem(self, content: Any) -> str | None:
         if "arrays" not in content:

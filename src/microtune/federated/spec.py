@@ -16,6 +16,7 @@ from microtune.taskspec import TASKS
 from microtune.trainconfig import TrainConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+SCHEDULES = ("federation", "round")
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,9 @@ class FederationSpec:
     alpha: float = 1.0
     partition_seed: int = 0
     strategy: str = "fedavg"
+    schedule: str = "federation"
     proximal_mu: float = 0.01
-    logit_adjustment: float = 0.0
+    logit_adjustment: float = 1.0
     server_lr: float = 0.1
     min_replies: int = 1
     round_timeout: float = 600.0
@@ -93,6 +95,8 @@ class FederationSpec:
             )
         if self.strategy not in STRATEGIES:
             raise MicrotuneError(f"--strategy '{self.strategy}' unknown; use {STRATEGIES}")
+        if self.schedule not in SCHEDULES:
+            raise MicrotuneError(f"--schedule '{self.schedule}' unknown; use {SCHEDULES}")
         if not 1 <= self.min_replies <= self.clients_per_round:
             raise MicrotuneError(
                 f"--min-replies must be between 1 and --clients-per-round, got {self.min_replies}"

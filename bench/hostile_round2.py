@@ -136,16 +136,17 @@ def _wide(folder: Path, src: dict) -> Path:
     return model
 
 
-def _user_csv(folder: Path, text: str) -> str:
+def _user_csv(folder: Path, setup: dict, text: str) -> str:
+    """`train` of a classification task on this CSV text (train and dev), on the tiny base."""
     (folder / "t.csv").write_text(text)
     return (
-        f"train --task classification --model {{base}} --train-file {folder}/t.csv --dev-file "
-        f"{folder}/t.csv --text-columns text --label-column category {{common}} --output "
-        f"{folder}/out"
+        f"train --task classification --model {setup['base']} --train-file {folder}/t.csv "
+        f"--dev-file {folder}/t.csv --text-columns text --label-column category {COMMON} "
+        f"--output {folder}/out"
     )
 
 
-def _stsb(folder: Path, label: str) -> str:
+def _stsb(folder: Path, setup: dict, label: str) -> str:
     stsb = folder / "data" / "glue" / "stsb"
     stsb.mkdir(parents=True)
     good = json.dumps({"sentence1": "a film", "sentence2": "the movie", "label": 1.0})
@@ -153,7 +154,7 @@ def _stsb(folder: Path, label: str) -> str:
     (stsb / "train.jsonl").write_text("\n".join([good] * 7 + [bad]) + "\n")
     (stsb / "validation.jsonl").write_text(good + "\n")
     data = f"--data-dir {folder}/data"
-    return f"train --task stsb --model {{base}} {data} {{common}} --output {folder}/out"
+    return f"train --task stsb --model {setup['base']} {data} {COMMON} --output {folder}/out"
 
 
 def _long(folder: Path) -> Path:
@@ -253,22 +254,16 @@ CASES = [
         "generate --prompt ''",
         lambda f, s: ([*f"generate --artifact {s['causal']} --prompt".split(), ""], f, None),
     ),
-    ("stsb label 99", lambda f, s: (_stsb(f, "99").format(base=s["base"], common=COMMON), f, None)),
-    ("stsb label -7", lambda f, s: (_stsb(f, "-7").format(base=s["base"], common=COMMON), f, None)),
+    ("stsb label 99", lambda f, s: (_stsb(f, s, "99"), f, None)),
+    ("stsb label -7", lambda f, s: (_stsb(f, s, "-7"), f, None)),
     (
         "classification, every text empty",
-        lambda f, s: (
-            _user_csv(f, "text,category\n,a\n ,b\n,a\n,b\n").format(base=s["base"], common=COMMON),
-            f,
-            None,
-        ),
+        lambda f, s: (_user_csv(f, s, "text,category\n,a\n ,b\n,a\n,b\n"), f, None),
     ),
     (
         "CSV header repeated mid-file",
         lambda f, s: (
-            _user_csv(f, "text,category\ngood film,a\nbad film,b\ntext,category\nfun,a\n").format(
-                base=s["base"], common=COMMON
-            ),
+            _user_csv(f, s, "text,category\ngood film,a\nbad film,b\ntext,category\nfun,a\n"),
             f,
             None,
         ),
@@ -293,9 +288,7 @@ CASES = [
     (
         "CSV with two columns named category",
         lambda f, s: (
-            _user_csv(f, "text,category,category\ngood film,a,b\nbad film,b,a\n").format(
-                base=s["base"], common=COMMON
-            ),
+            _user_csv(f, s, "text,category,category\ngood film,a,b\nbad film,b,a\n"),
             f,
             None,
         ),

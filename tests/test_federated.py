@@ -23,7 +23,7 @@ from microtune.federated.client import REFUSAL, LocalParty, ProximalStep, client
 from microtune.federated.exchange import POSITIONS, to_arrays
 from microtune.federated.server import FederationServer, Screen, flower_strategy
 from microtune.federated.simulation import simulate
-from microtune.federated.spec import FederationSpec
+from microtune.federated.spec import ClientDP, FederationSpec
 from microtune.files import CONFIG_FILE, LOG_FILE
 from microtune.train import AdamWStep
 from microtune.trainconfig import TrainConfig
@@ -204,6 +204,23 @@ def test_a_restarted_server_resumes_from_its_last_round(tiny_model_dirs, toy_fil
     changed = dataclasses.replace(spec, resume=True, alpha=0.5)
     with pytest.raises(MicrotuneError, match="other settings"):
         FederationServer(changed, tmp_path).start_state()
+
+
+def test_a_private_federation_resumes_only_with_its_planned_rounds(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    """σ is calibrated for the planned rounds: another --rounds would misreport ε."""
+    spec = spec_for(
+        tiny_model_dirs, toy_files, tmp_path, method="slash", method_options={"d": 8}, rounds=5
+    )
+    spec = dataclasses.replace(spec, client_dp=ClientDP(8.0))
+    first = FederationServer(spec, tmp_path)
+    state = first.start_state()
+    first.evaluate_round(1, state, Screen(flower_strategy(spec, first.sigma), first, 1))
+    more = dataclasses.replace(spec, resume=True, rounds=8)
+    with pytest.raises(MicrotuneError, match=r"planned --rounds \(5\), not 8"):
+        FederationServer(more, tmp_path).start_state()
+    assert FederationServer(dataclasses.replace(spec, resume=True), tmp_path).start_state()
 
 
 def test_client_level_dp_from_the_command_line(tiny_model_dirs, toy_files, tmp_path, capsys):

@@ -260,6 +260,11 @@ def test_generate_serves_a_causal_lm_task(tmp_path):
         answer = client.post("/v1/generate", json=body)
         too_many = client.post("/v1/generate", json={**body, "max_new_tokens": 10_000})
         wrong = client.post("/v1/predict", json={"task": "echo", "inputs": ["the film"]})
+        metrics = client.get("/metrics").text
     assert answer.status_code == 200
+    # Generation is counted and timed like prediction (the 422 of /v1/predict too).
+    assert 'microtune_requests_total{status="200",task="echo"} 1.0' in metrics
+    assert 'microtune_requests_total{status="422",task="echo"} 1.0' in metrics
+    assert 'microtune_request_seconds_count{task="echo"} 2.0' in metrics
     assert answer.json()["outputs"] == microtune.load(folder).generate(prompts, max_new_tokens=5)
     assert too_many.status_code == 422 and wrong.status_code == 422

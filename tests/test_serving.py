@@ -102,6 +102,8 @@ def test_pair_tasks_take_tuples_or_column_dicts(tmp_path, tiny_model_dirs):
         model.predict(["one text only"])
     with pytest.raises(MicrotuneError, match="input 0 has no 'sentence2'"):
         model.predict([{"sentence1": "a"}])
+    with pytest.raises(MicrotuneError, match=r"input 1 is \[7\]; task rte takes 2 text"):
+        model.predict([PAIRS[0], 7])  # not a text: one line, not a TypeError
 
 
 @pytest.mark.parametrize("method", ["lora", "slash"])

@@ -205,8 +205,15 @@ class MultiTaskModel:
     Thread-safe: loading, removing and running take one lock (a server runs batches from one
     worker thread and hot-loads between them)."""
 
-    def __init__(self, base: LoadedBase, device: torch.device, max_copy_bytes: int = 0):
+    def __init__(
+        self,
+        base: LoadedBase,
+        device: torch.device,
+        max_copy_bytes: int = 0,
+        model_name: str | None = None,
+    ):
         self.base = base
+        self.model_name = model_name  # where copies load the base from (None: the artifact's)
         self.device = device
         self.max_copy_bytes = max_copy_bytes
         self.tasks: dict[str, ResidentTask] = {}
@@ -361,7 +368,7 @@ class MultiTaskModel:
                 f"(max_copy_bytes={self.max_copy_bytes}, {used} in use); raise the cap "
                 "(--max-copy-mb) or serve it with `microtune.load`/`microtune predict`"
             )
-        task_model, tokenizer, config = load_artifact(artifact)
+        task_model, tokenizer, config = load_artifact(artifact, self.model_name)
         task_model.to(self.device)
         tuned = TunedModel(task_model, tokenizer, config, artifact)
         stored = tensor_bytes(list(task_model.stored_state().values()))
@@ -679,7 +686,7 @@ def load_many(
         raise MicrotuneError("load_many needs at least one artifact")
     where = resolve_device(device)
     first = next(iter(named.values()))
-    engine = MultiTaskModel(load_base(first, model, where), where, max_copy_bytes)
+    engine = MultiTaskModel(load_base(first, model, where), where, max_copy_bytes, model)
     for name, folder in named.items():
         engine.add(folder, name)
     return engine

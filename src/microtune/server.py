@@ -227,6 +227,24 @@ def failures_as_500() -> Iterator[None]:
         raise HTTPError(500, f"internal error ({type(error).__name__}); see the log") from None
 
 
+@contextlib.contextmanager
+def recorded(metrics: Metrics, task: str) -> Iterator[None]:
+    """Count the request under its task and final status (a 4xx or 5xx too), and time it."""
+    started, status = time.perf_counter(), "500"
+    try:
+        yield
+        status = "200"
+    except HTTPError as error:
+        status = str(error.status)
+        raise
+    except MicrotuneError:
+        status = "422"
+        raise
+    finally:
+        metrics.requests.labels(task, status).inc()
+        metrics.latency.labels(task).observe(time.perf_counter() - started)
+
+
 def valid_input(item: Any) -> bool:
     """A text, a list of texts (a pair, or a token task's words), or {column: text(s)}."""
     if isinstance(item, str):
@@ -363,22 +381,10 @@ def add_inference_routes(app: FastAPI) -> None:
         if wrong is not None:
             raise HTTPError(422, f"input {wrong} is not a text, a list of texts or an object")
         task_named(engine, name)
-        started = time.perf_counter()
-        status = "500"
-        try:
+        with recorded(metrics, name):
             encoded = await asyncio.to_thread(engine.encode, name, inputs)  # loop stays free
             with failures_as_500():
                 results = await app.state.batcher.predict(encoded)
-            status = "200"
-        except HTTPError as error:
-            status = str(error.status)
-            raise
-        except MicrotuneError:
-            status = "422"
-            raise
-        finally:
-            metrics.requests.labels(name, status).inc()
-            metrics.latency.labels(name).observe(time.perf_counter() - started)
         return {"task": name, "outputs": results}
 
     @app.post("/v1/generate")
@@ -395,9 +401,8 @@ def add_inference_routes(app: FastAPI) -> None:
             raise HTTPError(422, f'"max_new_tokens" must be 1 to {config.max_new_tokens}')
         task_named(engine, name).tuned.task_model.task_type.check_generates()
         batcher: Batcher = app.state.batcher
-        with batcher.admit(), failures_as_500():
+        with recorded(metrics, name), batcher.admit(), failures_as_500():
             results = await batcher.call(engine.generate, name, prompts, tokens)
-        metrics.requests.labels(name, "200").inc()
         return {"task": name, "outputs": results}
 
 

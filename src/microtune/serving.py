@@ -219,7 +219,8 @@ class TunedModel:
                     )
                 texts = tuple(item[c] for c in columns)
             else:
-                texts = (item,) if isinstance(item, str) else tuple(item)
+                # Anything but a list or tuple (a number, None) is one wrong text, refused below.
+                texts = tuple(item) if isinstance(item, (list, tuple)) else (item,)
             if len(texts) != len(columns) or not all(isinstance(t, str) for t in texts):
                 shown = json.dumps(texts, default=str)[:60]
                 raise MicrotuneError(

@@ -175,7 +175,9 @@ class LocalParty:
         if dp is not None:
             q = min(1.0, dp.batch / len(self.rows))
             total = steps_done + trainer.step
-            metrics["sample-epsilon"] = epsilon_spent(self.sigma, q, total, self.delta)
+            metrics["sample-epsilon"] = epsilon_spent(
+                self.sigma, q, total, self.delta, dp.accountant
+            )
         return metrics
 
 

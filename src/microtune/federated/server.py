@@ -257,6 +257,14 @@ class FederationServer:
                 f"{checkpoint} was written by a federation with other settings; resume with the "
                 "same options (only --rounds may change), or --overwrite to start over"
             )
+        private = self.spec.client_dp is not None or self.spec.sample_dp is not None
+        if private and saved.get("rounds") != self.spec.rounds:
+            # σ was calibrated for the planned rounds: other rounds would price the rounds run
+            # at another σ and report the wrong ε.
+            raise MicrotuneError(
+                f"{checkpoint}: a federation with DP resumes with its planned --rounds "
+                f"({saved.get('rounds')}), not {self.spec.rounds}; or --overwrite to start over"
+            )
         tensors = load_file(str(checkpoint))
         with torch.no_grad():
             trainable = dict(self.model.named_parameters())

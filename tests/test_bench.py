@@ -12,7 +12,7 @@ import torch
 from microtune.bench.config import CONFIG_FOLDER, cells, check_config, load_config
 from microtune.bench.runner import CELLS, plan, read_records, run_bench
 from microtune.bench.timing import padded_fraction
-from microtune.bench.tune import carve, choose, tuning_config
+from microtune.bench.tune import carve, choose, tuning_config, write_lrs
 from microtune.cli import run as cli_run
 from microtune.errors import MicrotuneError
 from microtune.methods import METHODS
@@ -205,3 +205,27 @@ def test_tuning_slice_comes_from_training_data_only(tmp_path, tiny_model_dirs):
     assert notes == ["slash@lr=0.04: skipped, no score (undefined metric) in slash@lr=0.04-sst2-s0"]
     with pytest.raises(MicrotuneError, match="no learning rate of slash finished every cell"):
         choose(config, records[1:], notes.append)
+
+
+def test_evidence_grid_runs_seed_by_seed_and_ablations_keep_their_parents_rate(tmp_path):
+    evidence = load_config(CONFIG_FOLDER / "evidence.toml", tuned=False)
+    grid = cells(evidence)
+    # 5 tasks x (5 methods x 3 seeds + 6 methods x seed 0); every seed-0 cell comes first.
+    assert len(grid) == 5 * (5 * 3 + 6) and evidence.timing.rounds == 0
+    assert [c.seed for c in grid] == sorted(c.seed for c in grid)
+    assert {c.entry.label for c in grid if c.seed == 2} == {"slash", "full", "lora", "pafi", "hiwi"}
+    tuned = [m.label for m in tuning_config(evidence, "data").methods]
+    assert not any(label.startswith("pafi-random") for label in tuned)
+    # Tuning part of the grid keeps the rates tuned before; the ablation reads pafi's.
+    lrs = tmp_path / "lrs.toml"
+    write_lrs(lrs, {"pafi": {"lr": 1e-3, "grid": {1e-3: 0.5}}}, "test")
+    write_lrs(lrs, {"slash": {"lr": 4e-2, "grid": {4e-2: 0.7}}}, "test")
+    config = load_config(
+        CONFIG_FOLDER / "evidence.toml", {"lrs": str(lrs), "only": ["slash", "pafi-random"]}
+    )
+    assert [(m.label, m.lr) for m in config.methods] == [("slash", 4e-2), ("pafi-random", 1e-3)]
+    with pytest.raises(MicrotuneError, match="pafi-random's lr_from 'nope' must name another"):
+        load_config(
+            CONFIG_FOLDER / "evidence.toml",
+            {"methods": [{"label": "pafi-random", "method": "pafi", "lr_from": "nope"}]},
+        )

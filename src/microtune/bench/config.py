@@ -157,6 +157,9 @@ class MethodEntry:
         lr: learning rate (None: the method's default).
         options: the method's config fields.
         lr_grid: learning rates `bench tune` tries (empty: tune.factors × lr).
+        lr_from: take the tuned rate of this other label instead of tuning one (an ablation
+            keeps its parent's rate, so that only the ablated setting differs).
+        seeds: this method's seeds (empty: the bench's), e.g. one seed for an ablation.
     """
 
     label: str
@@ -164,6 +167,8 @@ class MethodEntry:
     lr: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     lr_grid: tuple[float, ...] = ()
+    lr_from: str = ""
+    seeds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -256,12 +261,15 @@ def digest(record: Any) -> str:
 
 
 def cells(config: BenchConfig) -> list[Cell]:
-    """The grid, task by task, method by method, seed by seed."""
+    """The grid, seed by seed, task by task, method by method: a grid stopped part-way has
+    whole tables of its first seeds rather than every seed of its first tasks."""
+    seeds = sorted({s for e in config.methods for s in e.seeds or config.seeds})
     return [
         Cell(entry, task, seed, config)
+        for seed in seeds
         for task in config.tasks
         for entry in config.methods
-        for seed in config.seeds
+        if seed in (entry.seeds or config.seeds)
     ]
 
 
@@ -346,12 +354,12 @@ def read_lrs(path: str) -> dict[str, float]:
 def _tuned(methods: tuple[MethodEntry, ...], lrs: str) -> tuple[MethodEntry, ...]:
     """The methods with the learning rates of an `lrs` file, which must have each of them."""
     rates = read_lrs(lrs)
-    missing = [m.label for m in methods if m.label not in rates]
+    missing = [m.label for m in methods if (m.lr_from or m.label) not in rates]
     if missing:
         raise MicrotuneError(
             f"{lrs} has no learning rate for {missing}; rerun `microtune bench tune`"
         )
-    return tuple(dataclasses.replace(m, lr=float(rates[m.label])) for m in methods)
+    return tuple(dataclasses.replace(m, lr=float(rates[m.lr_from or m.label])) for m in methods)
 
 
 def load_config(
@@ -379,6 +387,12 @@ def load_config(
         if not table.get(key):
             raise MicrotuneError(f"{path}: `{key}` is missing or empty")
     methods = tuple(_method(m, i) for i, m in enumerate(table["methods"]))
+    parents = {m.label for m in methods}
+    for m in methods:
+        if m.lr_from and (m.lr_from == m.label or m.lr_from not in parents):
+            raise MicrotuneError(
+                f"{path}: {m.label}'s lr_from {m.lr_from!r} must name another method's label"
+            )
     if only is not None:
         by_label = {m.label: m for m in methods}
         unknown = [label for label in only if label not in by_label]

@@ -168,10 +168,12 @@ def run_bench(
     jobs: int = 1,
     threads: int | None = None,
     echo: Callable[[str], None] = print,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every unfinished cell of `config` into `output`; returns a summary.
 
-    `threads` per worker defaults to the usable CPU cores divided by `jobs`."""
+    `threads` per worker defaults to the usable CPU cores divided by `jobs`. `on_result` sees
+    each cell's record (or failure record) as it lands, e.g. to commit it."""
     if jobs < 1:
         raise MicrotuneError(f"--jobs must be at least 1, got {jobs}")
     check_config(config)
@@ -205,6 +207,8 @@ def run_bench(
                 failed.append(result["cell"])
             eta = statistics.mean(durations) * (len(todo) - index) / jobs
             echo(progress_line(index, len(todo), result, eta))
+            if on_result is not None:
+                on_result(result)
     return {
         "output": str(output),
         "cells": len(grid),

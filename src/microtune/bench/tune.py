@@ -17,7 +17,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from microtune.bench.config import BenchConfig, MethodEntry, Protocol, Timing, load_config
+from microtune.bench.config import (
+    BenchConfig,
+    MethodEntry,
+    Protocol,
+    Timing,
+    load_config,
+    read_lrs,
+)
 from microtune.bench.runner import read_records, run_bench
 from microtune.errors import MicrotuneError
 from microtune.files import atomic_write, write_json
@@ -74,6 +81,11 @@ def lr_grid(entry: MethodEntry, factors: tuple[float, ...]) -> list[float]:
     return sorted({float(f"{f * base:.3g}") for f in factors})
 
 
+def tuned_methods(config: BenchConfig) -> list[MethodEntry]:
+    """The methods that get a rate of their own (not those taking another's by `lr_from`)."""
+    return [entry for entry in config.methods if not entry.lr_from]
+
+
 def grid_label(label: str, lr: float) -> str:
     return f"{label}@lr={lr:g}"
 
@@ -82,8 +94,8 @@ def tuning_config(config: BenchConfig, data_dir: str) -> BenchConfig:
     """The grid as a bench: one method entry per (method, rate), on the carved data, with the
     tuning protocol and no timing."""
     entries = [
-        dataclasses.replace(entry, label=grid_label(entry.label, lr), lr=lr)
-        for entry in config.methods
+        dataclasses.replace(entry, label=grid_label(entry.label, lr), lr=lr, seeds=())
+        for entry in tuned_methods(config)
         for lr in lr_grid(entry, config.tune.factors)
     ]
     protocol = dataclasses.asdict(config.protocol)
@@ -110,7 +122,7 @@ def choose(
     is undefined (e.g. constant predictions) is skipped, with a note through `echo`."""
     cells_needed = len(config.tasks) * len(config.tune.seeds)
     chosen = {}
-    for entry in config.methods:
+    for entry in tuned_methods(config):
         means = {}
         for lr in lr_grid(entry, config.tune.factors):
             label = grid_label(entry.label, lr)
@@ -133,12 +145,21 @@ def choose(
 
 
 def write_lrs(path: str | os.PathLike, chosen: dict[str, dict[str, Any]], how: str) -> None:
+    """Write the chosen rates, keeping the lines of labels tuned earlier and not now (a bench
+    tuned a few methods at a time, with `only`, collects all of them in one file)."""
     lines = [f"# Written by `{how}`: each method's learning rate with the best mean main", ""]
     lines[0] += " metric on slices of the training sets (never dev). Grid: rate = mean score."
     lines += ["[lrs]"]
     for label, choice in chosen.items():
         grid = ", ".join(f"{lr:g} = {mean:.4f}" for lr, mean in choice["grid"].items())
         lines.append(f"{json.dumps(label)} = {choice['lr']!r}  # {grid}")
+    earlier = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).is_file() else []
+    kept = read_lrs(str(path)) if earlier else {}
+    lines += [
+        line
+        for line in earlier
+        if any(line.startswith(json.dumps(label) + " =") for label in kept.keys() - chosen.keys())
+    ]
 
     def write(tmp: str) -> None:
         Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,153 @@
+"""The evidence grid (issue #28): bench/configs/evidence.toml, in the background, committed as
+each cell lands.
+
+    nice -n 19 python bench/evidence.py [--jobs 2] [--results REPO] [--no-commit]
+    python bench/evidence.py --measure-threads      # 2 cells at 1 thread vs 1 cell at 2
+
+Group by group (the claims' methods first, then the rest of the table), it tunes the group's
+learning rates with `microtune bench tune` on slices of the training sets (skipped when the
+rates file has them all), then runs every unfinished cell of the groups so far with the
+ordinary bench runner, seed by seed. Each finished cell's record, and its artifact when that is
+under 1 MB, is committed to REPO (default: this checkout) at once, so an interruption loses only
+the cells that were running; the same command resumes. Run it from a separate checkout of the
+code (a `git worktree`) to keep editing this one while it runs: REPO then names this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from microtune.bench.config import load_config, read_lrs
+from microtune.bench.runner import CELLS, RUNS, read_records, run_bench
+from microtune.bench.tune import tune
+
+HERE = Path(__file__).resolve().parents[1]
+CONFIG = HERE / "bench" / "configs" / "evidence.toml"
+GROUPS = (
+    ("slash", "full", "lora", "pafi", "hiwi"),
+    ("jrwarp", "bitfit", "linear", "pafi-random", "peft-vera", "peft-unilora-8k"),
+)
+ARTIFACT_LIMIT = 1 << 20  # bytes: `full` (90 MB) stays out of git
+ARTIFACT_FILES = ("microtune.json", "adapter.safetensors", "metrics.json")
+
+
+def git(repo: Path, *words: str) -> bool:
+    return subprocess.run(["git", "-C", str(repo), *words], capture_output=True).returncode == 0
+
+
+def commit(repo: Path, paths: list[Path], message: str) -> None:
+    """Commit only `paths` (other staged work stays staged); retried while git is busy."""
+    names = [str(p.relative_to(repo)) for p in paths if p.exists()]
+    for _ in range(20):
+        added = git(repo, "add", "--", *names)
+        if added and git(repo, "commit", "-q", "-m", message, "--", *names):
+            return
+        if not git(repo, "diff", "--cached", "--quiet", "--", *names):
+            time.sleep(3)  # another git command holds the index: try again
+            continue
+        return  # nothing new to commit
+    print(f"evidence: could not commit {names}", file=sys.stderr)
+
+
+def keep_artifact(record: dict, output: Path) -> Path | None:
+    """Copy the cell's artifact to artifacts/<cell>/ when it is under the limit."""
+    run = output / RUNS / record["cell"]
+    files = [run / name for name in ARTIFACT_FILES if (run / name).is_file()]
+    if not files or sum(f.stat().st_size for f in files) > ARTIFACT_LIMIT:
+        return None
+    target = output / "artifacts" / record["cell"]
+    target.mkdir(parents=True, exist_ok=True)
+    for source in files:
+        shutil.copy2(source, target / source.name)
+    return target
+
+
+def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, results: Path):
+    """Tune the group's rates unless the rates file has them all; keep the tuning records."""
+    overrides = {"only": list(group), "lrs": str(lrs), "tune": {"write": str(lrs)}}
+    config = load_config(CONFIG, overrides, tuned=False)
+    wanted = {m.label for m in config.methods if not m.lr_from}
+    if lrs.is_file() and wanted <= set(read_lrs(str(lrs))):
+        return
+    tune(CONFIG, scratch, jobs=jobs, overrides=overrides)
+    kept = results / "tune"
+    kept.mkdir(parents=True, exist_ok=True)
+    for record in read_records(scratch):
+        (kept / f"{record['cell']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return [lrs, kept]
+
+
+def run_grid(repo: Path, jobs: int, commit_cells: bool) -> None:
+    results = repo / "bench" / "results" / "evidence"
+    lrs = repo / "bench" / "configs" / "evidence-lrs.toml"
+    scratch = HERE / "runs" / "evidence-tune"
+    labels: list[str] = []
+    for group in GROUPS:
+        tuned = tune_group(group, lrs, scratch, jobs, results)
+        if tuned and commit_cells:
+            commit(repo, tuned, f"Evidence: learning rates of {', '.join(group)} (bench tune)")
+        labels += group
+        config = load_config(CONFIG, {"only": labels, "lrs": str(lrs)})
+
+        def land(record: dict) -> None:
+            if record.get("failed") or not commit_cells:
+                return
+            paths = [results / CELLS / f"{record['cell']}.json", results / "bench.json"]
+            artifact = keep_artifact(record, results)
+            paths += [artifact] if artifact else []
+            score = record["score"]
+            shown = "n/a" if score is None else f"{score:.4f}"
+            commit(repo, paths, f"Evidence: {record['cell']} {record['metric']} {shown}")
+
+        run_bench(config, results, jobs=jobs, on_result=land)
+
+
+def measure_threads(steps: int) -> None:
+    """Two RTE cells of SLaSh: both at once at one thread each, then one after the other at
+    two threads each; prints both wall times and their ratio."""
+    overrides = {
+        "only": ["slash"],
+        "tasks": ["rte"],
+        "seeds": [0, 1],
+        "lrs": "",
+        "protocol": {"max_steps": steps},
+    }
+    config = load_config(CONFIG, overrides)
+    seconds = {}
+    for jobs in (2, 1):
+        folder = HERE / "runs" / f"evidence-threads-{jobs}"
+        shutil.rmtree(folder, ignore_errors=True)
+        started = time.perf_counter()
+        run_bench(config, folder, jobs=jobs, threads=2 // jobs)
+        seconds[jobs] = time.perf_counter() - started
+    print(
+        f"2 cells of {steps} RTE steps: 2 at once x 1 thread {seconds[2]:.0f} s; "
+        f"1 at a time x 2 threads {seconds[1]:.0f} s; ratio {seconds[1] / seconds[2]:.2f} "
+        "(> 1: two at once finish sooner)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2, help="cells at once (threads: cores/jobs)")
+    parser.add_argument("--results", type=Path, default=HERE, help="the checkout to commit to")
+    parser.add_argument("--no-commit", action="store_true")
+    parser.add_argument("--measure-threads", type=int, nargs="?", const=100, metavar="STEPS")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.chdir(HERE)  # the config's data_dir is relative to the repository root
+    if args.measure_threads:
+        measure_threads(args.measure_threads)
+    else:
+        run_grid(args.results.resolve(), args.jobs, not args.no_commit)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ import torch
 from microtune.bench.config import CONFIG_FOLDER, cells, check_config, load_config
 from microtune.bench.runner import CELLS, plan, read_records, run_bench
 from microtune.bench.timing import padded_fraction
-from microtune.bench.tune import carve, choose, tuning_config, write_lrs
+from microtune.bench.tune import carve, choose, tune, tuning_config, write_lrs
 from microtune.cli import run as cli_run
 from microtune.errors import MicrotuneError
 from microtune.methods import METHODS
@@ -229,3 +229,26 @@ def test_evidence_grid_runs_seed_by_seed_and_ablations_keep_their_parents_rate(t
             CONFIG_FOLDER / "evidence.toml",
             {"methods": [{"label": "pafi-random", "method": "pafi", "lr_from": "nope"}]},
         )
+
+
+def test_tune_carves_runs_and_writes_rates_into_a_new_folder_and_again(tmp_path, tiny_model_dirs):
+    overrides = {
+        "model": str(tiny_model_dirs["bert"]),
+        "data_dir": str(toy_glue(tmp_path / "data")),
+        "tasks": ["sst2"],
+        "methods": [
+            {"label": "slash"},
+            {"label": "slash-twin", "method": "slash", "lr_from": "slash"},
+        ],
+        "only": None,
+        "protocol": {"max_steps": 2, "batch_size": 8, "max_train_examples": 0},
+        "tune": {"factors": [0.5, 2.0], "protocol": {}, "write": str(tmp_path / "lrs.toml")},
+    }
+    for _ in range(2):  # the second call finds every cell finished
+        summary = tune(CONFIG_FOLDER / "quick.toml", tmp_path / "t", overrides=overrides, echo=str)
+        assert summary["failed"] == [] and set(summary["chosen"]) == {"slash"}
+    config = load_config(
+        CONFIG_FOLDER / "quick.toml", {**overrides, "lrs": str(tmp_path / "lrs.toml")}
+    )
+    assert config.methods[0].lr == config.methods[1].lr == summary["chosen"]["slash"]
+    assert summary["ran"] == 0

@@ -33,6 +33,7 @@ from microtune.errors import MicrotuneError
 from microtune.files import write_json
 
 CELLS, FAILED, SPECS, LOGS, RUNS = "cells", "failed", "specs", "logs", "runs"
+CARVED = "data/carved.json"  # `bench tune`'s data, carved before its first cell runs
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
@@ -142,11 +143,12 @@ def plan(config: BenchConfig, output: Path) -> tuple[list[Cell], list[Cell], lis
     return grid, finished, stale
 
 
-def _refuse_foreign_folder(output: Path) -> None:
+def refuse_foreign_folder(output: Path) -> None:
     """A bench writes only into a new or empty folder or an earlier bench's (its bench.json is
-    a bench record): never over the user's own bench.json or beside their files."""
+    a bench record, or `bench tune` carved its data there): never over the user's own
+    bench.json or beside their files."""
     record = output / "bench.json"
-    if not output.is_dir() or not os.listdir(output):
+    if not output.is_dir() or not os.listdir(output) or (output / CARVED).is_file():
         return
     try:
         ours = set(json.loads(record.read_text(encoding="utf-8"))) >= {"config", "config_hash"}
@@ -180,7 +182,7 @@ def run_bench(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise MicrotuneError(f"--output {output} is a file; choose a folder")
-    _refuse_foreign_folder(output)
+    refuse_foreign_folder(output)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = threads or max(1, (cores or 1) // jobs)
     write_json(

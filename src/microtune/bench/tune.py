@@ -25,7 +25,7 @@ from microtune.bench.config import (
     load_config,
     read_lrs,
 )
-from microtune.bench.runner import read_records, run_bench
+from microtune.bench.runner import CARVED, read_records, refuse_foreign_folder, run_bench
 from microtune.errors import MicrotuneError
 from microtune.files import atomic_write, write_json
 from microtune.methods import method_class
@@ -52,7 +52,7 @@ def carve(config: BenchConfig, folder: str | os.PathLike) -> str:
         "slice_max": tune.slice_max,
         "slice_seed": tune.slice_seed,
     }
-    marker = folder / "carved.json"
+    marker = folder / Path(CARVED).name
     if marker.is_file() and json.loads(marker.read_text())["settings"] == settings:
         return str(folder)
     counts = {}
@@ -179,7 +179,8 @@ def tune(
     """Carve, run the grid into `output`, write the chosen rates to the config's `tune.write`."""
     config = load_config(config_path, overrides, tuned=False)
     output = Path(output)
-    data_dir = carve(config, output / "data")
+    refuse_foreign_folder(output)
+    data_dir = carve(config, (output / CARVED).parent)
     grid = tuning_config(config, data_dir)
     summary = run_bench(grid, output, device=device, jobs=jobs, echo=echo)
     chosen = choose(config, read_records(output), echo)

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from microtune import api, load
-from microtune.backbone import load_backbone
+from microtune.backbone.load import load_backbone
+from microtune.backbone.options import ModelOptions
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import rows_to_examples
-from microtune.taskspec import get_task
-from microtune.tasktypes import get_task_type
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.examples import rows_to_examples
+from microtune.tasks.spec import DataSource, get_task
+from microtune.tasks.types import get_task_type
+from microtune.training.config import TrainConfig
 
 DATA = Path(os.environ.get("MICROTUNE_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird"]
@@ -151,7 +152,8 @@ def main() -> None:
             "causal-lm",
             method,
             run_dir,
-            model=args.model,
+            model=ModelOptions(name=args.model, max_length=args.max_length),
+            data=DataSource(train_file=train_file, dev_file=dev_file),
             train_config=TrainConfig(
                 learning_rate=args.lr,
                 batch_size=args.batch_size,
@@ -161,9 +163,6 @@ def main() -> None:
                 log_every=1,
                 progress=False,
             ),
-            train_file=train_file,
-            dev_file=dev_file,
-            max_length=args.max_length,
         )
         result = {
             "method": method,

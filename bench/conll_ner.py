@@ -43,15 +43,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from microtune.api import train
-    from microtune.trainconfig import TrainConfig
+    from microtune.tasks.spec import DataSource
+    from microtune.training.config import TrainConfig
 
     output = args.output or tempfile.mkdtemp(prefix="conll-")
     report = train(
         "conll2003",
         args.method,
         output,
-        data_dir=args.data_dir,
-        max_train_examples=args.train_sentences,
+        data=DataSource(data_dir=args.data_dir, max_train_examples=args.train_sentences),
         train_config=TrainConfig(
             learning_rate=args.lr,
             max_steps=args.steps,
@@ -60,7 +60,7 @@ def main() -> None:
             checkpoint_every=0,
             progress=False,
         ),
-        overwrite=True,
+        existing="overwrite",
     )
     metrics = report["metrics"]
     print(

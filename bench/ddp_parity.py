@@ -53,7 +53,7 @@ METHODS = {  # dropout off everywhere, so that the runs are deterministic functi
 
 
 def _recorder(torch, record: dict, keep: Path | None):
-    from microtune.train import TrainerCallback
+    from microtune.training.callbacks import TrainerCallback
 
     class Recorder(TrainerCallback):
         """Per-step losses and times, bytes all-reduced, the update; rank 0 saves tensors."""
@@ -87,8 +87,10 @@ def _train(args, job: dict, out: Path) -> dict:
     import torch
 
     from microtune.api import train
-    from microtune.dpconfig import DPConfig
-    from microtune.trainconfig import TrainConfig
+    from microtune.backbone.options import ModelOptions
+    from microtune.privacy.config import DPConfig
+    from microtune.tasks.spec import DataSource
+    from microtune.training.config import TrainConfig
 
     record: dict = {"job": job}
     config = TrainConfig(
@@ -111,11 +113,11 @@ def _train(args, job: dict, out: Path) -> dict:
         out / job["name"],
         method_options=METHODS[job["method"]],
         train_config=config,
-        data_dir=str(args.data),
-        max_length=64,
+        model=ModelOptions(max_length=64),
+        data=DataSource(data_dir=str(args.data)),
         privacy=privacy,
-        overwrite=True,
-        callbacks=[_recorder(torch, record, out / f"{job['name']}.safetensors")],
+        plugins=[_recorder(torch, record, out / f"{job['name']}.safetensors")],
+        existing="overwrite",
     )
     if report is not None and "privacy" in report:
         record["sigma"] = report["privacy"]["sigma"]
@@ -126,7 +128,7 @@ def _train(args, job: dict, out: Path) -> dict:
 def worker(args) -> None:
     import torch
 
-    from microtune.distributed import World
+    from microtune.training.distributed import World
 
     torch.set_num_threads(args.threads)
     world = World.from_env()

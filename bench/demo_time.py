@@ -43,13 +43,13 @@ def slash_step_seconds(data_dir: str, steps: int = 5) -> float:
 
     import torch
 
-    from microtune.backbone import load_backbone
-    from microtune.data import batches, encode
+    from microtune.backbone.load import load_backbone
     from microtune.methods import build_method
     from microtune.model import HeadConfig, TaskModel
-    from microtune.tasks import load_examples
-    from microtune.taskspec import get_task
-    from microtune.tasktypes import loss_fn
+    from microtune.tasks.data import batches, encode
+    from microtune.tasks.examples import load_examples
+    from microtune.tasks.spec import get_task
+    from microtune.tasks.types import loss_fn
 
     backbone, tokenizer = load_backbone()
     model = TaskModel(backbone, HeadConfig(num_labels=2), build_method("slash", {}))
@@ -70,11 +70,11 @@ def slash_step_seconds(data_dir: str, steps: int = 5) -> float:
 
 def padded_token_ratio(data_dir: str) -> float:
     """Padded tokens of one SST-2 epoch in length-grouped batches of 32 ÷ in shuffled ones."""
-    from microtune.backbone import load_backbone
-    from microtune.data import encode
-    from microtune.tasks import load_examples
-    from microtune.taskspec import get_task
-    from microtune.train import LengthGroupedSampler, ShuffledSampler
+    from microtune.backbone.load import load_backbone
+    from microtune.tasks.data import encode
+    from microtune.tasks.examples import load_examples
+    from microtune.tasks.spec import get_task
+    from microtune.training.samplers import LengthGroupedSampler, ShuffledSampler
 
     _, tokenizer = load_backbone()
     rows = encode(tokenizer, load_examples(get_task("sst2"), "train", data_dir), 128)

@@ -26,18 +26,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from microtune.backbone import load_backbone
-from microtune.data import batches, encode
-from microtune.dpconfig import DPConfig
+from microtune.backbone.load import load_backbone
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.per_example import PerExampleGradients
-from microtune.privacy import DPStep, PrivacyPlan
-from microtune.tasks import load_examples
-from microtune.taskspec import get_task
-from microtune.tasktypes import loss_fn
-from microtune.train import AdamWStep
-from microtune.trainconfig import TrainConfig
+from microtune.privacy.config import DPConfig
+from microtune.privacy.dpsgd import DPStep, PrivacyPlan
+from microtune.privacy.per_example import PerExampleGradients
+from microtune.tasks.data import batches, encode
+from microtune.tasks.examples import load_examples
+from microtune.tasks.spec import get_task
+from microtune.tasks.types import loss_fn
+from microtune.training.config import TrainConfig
+from microtune.training.steps import AdamWStep
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

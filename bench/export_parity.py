@@ -26,8 +26,8 @@ from transformers import pipeline
 
 import microtune
 from microtune.api import export_and_check
-from microtune.artifact import read_artifact_config
-from microtune.tasks import load_split, task_from_record
+from microtune.artifacts.store import read_artifact_config
+from microtune.tasks.examples import load_split, task_from_record
 
 FORMATS = {"merged": {}, "onnx": {"onnx": True}, "onnx-int8": {"onnx": True, "quantize": "int8"}}
 

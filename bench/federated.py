@@ -21,14 +21,15 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from microtune.api import head_config
-from microtune.arch import arch_for
-from microtune.backbone import load_backbone
-from microtune.choices import DEFAULT_MODEL
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import load_backbone
+from microtune.backbone.options import ModelOptions
+from microtune.common.choices import DEFAULT_MODEL
 from microtune.federated.exchange import load_arrays, serialised_bytes, to_arrays, travelling_names
 from microtune.methods import build_method
 from microtune.model import TaskModel
-from microtune.taskspec import get_task
-from microtune.tasktypes import type_of
+from microtune.tasks.spec import get_task
+from microtune.tasks.types import type_of
 
 METHODS = [
     ("full", {}, False),
@@ -47,7 +48,7 @@ def build(method: str, options: dict) -> TaskModel:
     task = get_task("sst2")
     task_type = type_of(task)
     backbone, _ = load_backbone(DEFAULT_MODEL, "float32", task_type.auto_class)
-    head = head_config(task_type, task, arch_for(backbone).causal, None, 0.0, None)
+    head = head_config(task_type, task, arch_for(backbone).causal, ModelOptions())
     return TaskModel(backbone, head, build_method(method, options), task_type=task_type)
 
 

@@ -135,7 +135,7 @@ def edit_tensors(folder: Path, change: Callable[[dict], None]) -> None:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
 
     def forge(config: dict) -> None:  # both hashes updated, as a careful forger would
-        from microtune.artifact import config_sha256
+        from microtune.artifacts.store import config_sha256
 
         config["tensors_sha256"] = f"sha256:{digest}"
         config["config_sha256"] = config_sha256(config)

@@ -196,7 +196,7 @@ def _seed_edited(c: dict) -> None:
 
 
 def _stsb_head(c: dict) -> None:
-    from microtune.artifact import config_sha256
+    from microtune.artifacts.store import config_sha256
 
     c["task"]["name"] = "stsb"
     c["config_sha256"] = config_sha256(c)

@@ -20,14 +20,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from microtune.artifact import load_artifact
-from microtune.backbone import load_backbone
+from microtune.artifacts.store import load_artifact
+from microtune.backbone.load import load_backbone
 from microtune.bench.timing import inference_times
-from microtune.data import batches, encode
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import load_examples
-from microtune.taskspec import get_task
+from microtune.tasks.data import batches, encode
+from microtune.tasks.examples import load_examples
+from microtune.tasks.spec import get_task
 
 
 def main() -> None:

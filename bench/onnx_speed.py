@@ -24,11 +24,11 @@ import numpy as np
 import onnxruntime
 import torch
 
-from microtune.artifact import load_artifact
-from microtune.export import check_rows, write_merged
-from microtune.inference import predict, predict_with
-from microtune.onnx_export import ONNX_FILE
-from microtune.tasks import load_split, task_from_record
+from microtune.artifacts.store import load_artifact
+from microtune.export.merged import check_rows, write_merged
+from microtune.export.onnx import ONNX_FILE
+from microtune.tasks.examples import load_split, task_from_record
+from microtune.tasks.inference import predict, predict_with
 
 
 def ort_forward(path: Path, threads: int):

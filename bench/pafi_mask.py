@@ -69,7 +69,7 @@ def build_backbone(model: str):
     import torch
 
     if model == "minilm":
-        from microtune.backbone import load_backbone
+        from microtune.backbone.load import load_backbone
 
         return load_backbone("minilm")[0]
     from transformers import AutoModel, LlamaConfig
@@ -87,7 +87,7 @@ def build_backbone(model: str):
 def mask_worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from microtune.arch import arch_for
+    from microtune.backbone.arch import arch_for
     from microtune.methods.pafi import PaFiConfig, candidate_weights, compute_mask
 
     torch.set_num_threads(args.threads)
@@ -149,10 +149,10 @@ def optimizer_states(args: argparse.Namespace) -> list[dict]:
     """One real AdamW step per method on MiniLM; the state it leaves behind."""
     import torch
 
-    from microtune.backbone import load_backbone
+    from microtune.backbone.load import load_backbone
     from microtune.methods import build_method
     from microtune.model import HeadConfig, TaskModel
-    from microtune.tasktypes import loss_fn
+    from microtune.tasks.types import loss_fn
 
     lines = Path(args.data_file).read_text().splitlines()[:16]
     rows = [json.loads(line) for line in lines]

@@ -17,8 +17,8 @@ import warnings
 import torch
 from peft import get_peft_model
 
-from microtune.backbone import load_backbone
-from microtune.choices import DEFAULT_MODEL
+from microtune.backbone.load import load_backbone
+from microtune.common.choices import DEFAULT_MODEL
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
 

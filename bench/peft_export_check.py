@@ -1,7 +1,7 @@
 """A LoRA artifact exported in peft's format and served by peft gives microtune's logits.
 
 Trains LoRA briefly on SST-2 with the packaged MiniLM, exports it with `--format peft`
-(`microtune.peft_format`), loads the folder with `PeftModel.from_pretrained` over the base
+(`microtune.export.peft`), loads the folder with `PeftModel.from_pretrained` over the base
 model, and compares the logits through the head with the unmerged artifact's on dev examples.
 Printed: max |Δlogit| (peft vs microtune), the size of what LoRA changes (peft with the adapter
 on vs off, so the first figure is not trivially small), and prediction agreement.
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from microtune import api
-from microtune.artifact import load_artifact
-from microtune.data import batches, encode
-from microtune.inference import predict
-from microtune.peft_format import export_peft_and_check
-from microtune.taskspec import get_task
-from microtune.trainconfig import TrainConfig
+from microtune.artifacts.store import load_artifact
+from microtune.export.peft import export_peft_and_check
+from microtune.tasks.data import batches, encode
+from microtune.tasks.inference import predict
+from microtune.tasks.spec import DataSource, get_task
+from microtune.training.config import TrainConfig
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -64,8 +64,7 @@ def main() -> None:
         "sst2",
         "lora",
         root / "artifact",
-        data_dir=args.data_dir,
-        max_train_examples=args.train_examples,
+        data=DataSource(data_dir=args.data_dir, max_train_examples=args.train_examples),
         train_config=TrainConfig(max_steps=args.steps, eval_every=0, progress=False),
     )
     check = export_peft_and_check(

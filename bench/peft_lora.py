@@ -24,16 +24,17 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 
-from microtune.backbone import load_backbone
-from microtune.choices import DEFAULT_MODEL
-from microtune.data import batches, encode, epoch_order
-from microtune.inference import predict
+from microtune.backbone.load import load_backbone
+from microtune.common.choices import DEFAULT_MODEL
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import load_split
-from microtune.taskspec import get_task
-from microtune.tasktypes import loss_fn
-from microtune.train import evaluate, linear_schedule
+from microtune.tasks.data import batches, encode, epoch_order
+from microtune.tasks.examples import load_split
+from microtune.tasks.inference import predict
+from microtune.tasks.spec import get_task
+from microtune.tasks.types import loss_fn
+from microtune.training.loop import evaluate
+from microtune.training.steps import linear_schedule
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

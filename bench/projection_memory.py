@@ -83,10 +83,10 @@ def reset_peak_rss() -> bool:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from microtune.backbone import load_backbone
+    from microtune.backbone.load import load_backbone
     from microtune.methods import build_method
     from microtune.model import HeadConfig, TaskModel
-    from microtune.tasktypes import loss_fn
+    from microtune.tasks.types import loss_fn
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -39,13 +39,15 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 import microtune
 from microtune import api
-from microtune.artifact import load_artifact, save_artifact
-from microtune.data import collate
-from microtune.multitask import load_base, load_many
-from microtune.peft_format import peft_config, peft_tensors
-from microtune.serveconfig import ServeConfig
-from microtune.server import create_app
-from microtune.trainconfig import TrainConfig
+from microtune.artifacts.store import load_artifact, load_base, save_artifact
+from microtune.backbone.options import ModelOptions
+from microtune.export.peft import peft_config, peft_tensors
+from microtune.serving.config import ServeConfig
+from microtune.serving.http import create_app
+from microtune.serving.multitask import load_many
+from microtune.tasks.data import collate
+from microtune.tasks.spec import DataSource
+from microtune.training.config import TrainConfig
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -57,11 +59,9 @@ def trained(root: Path, method: str, options: dict) -> Path:
             "sst2",
             method,
             folder,
-            data_dir=str(DATA_DIR),
             method_options=options,
-            max_train_examples=960,
-            max_length=64,
-            device="cpu",
+            model=ModelOptions(device="cpu", max_length=64),
+            data=DataSource(data_dir=str(DATA_DIR), max_train_examples=960),
             train_config=TrainConfig(max_steps=30, eval_every=0, progress=False),
         )
     return folder
@@ -125,7 +125,7 @@ def merged_forward(folder: Path, texts: list[str]):
     alone = microtune.load(folder).merge()
     model = alone.task_model
     examples = alone.examples(texts)
-    rows, _ = model.task_type.encode(alone.tokenizer, examples, alone.config["max_length"], False)
+    rows, _ = model.encode(alone.tokenizer, examples, alone.config["max_length"])
     inputs = collate(rows, alone.tokenizer.pad_token_id)
 
     @torch.no_grad()

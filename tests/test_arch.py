@@ -9,20 +9,20 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-from microtune import arch as arch_module
-from microtune.arch import (
+from microtune.backbone import arch as arch_module
+from microtune.backbone.arch import (
     ARCHITECTURES,
     UnsupportedModelError,
     arch_for,
     input_dim,
     output_dim,
 )
-from microtune.backbone import load_backbone
+from microtune.backbone.load import load_backbone
 from microtune.cli import run
 from microtune.errors import MicrotuneError
-from microtune.heads import default_readout
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
+from microtune.tasks.heads import default_readout
 
 from .conftest import DECODER, FAMILY_TYPES, TINY_CONFIGS, make_tiny_model, tiny_batch
 
@@ -269,7 +269,7 @@ def test_inspect_prints_a_discovered_map(unmapped_dir):
 
 
 def test_a_gguf_file_or_packaged_gguf_model_resolves_to_its_folder(tmp_path, monkeypatch):
-    from microtune import backbone as model_module
+    from microtune.backbone import load as model_module
 
     weights = tmp_path / "tiny.Q4_1.gguf"
     weights.write_bytes(b"GGUF")

@@ -7,18 +7,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from microtune import api
-from microtune.artifact import load_artifact, save_artifact
-from microtune.backbone import fingerprint, load_backbone
-from microtune.choices import DEFAULT_MODEL
-from microtune.data import encode
+from microtune.artifacts.store import load_artifact, save_artifact
+from microtune.backbone.load import fingerprint, load_backbone
+from microtune.common.choices import DEFAULT_MODEL
+from microtune.common.files import TENSORS_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import TENSORS_FILE
-from microtune.inference import predict
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import load_examples
-from microtune.taskspec import get_task
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.data import encode
+from microtune.tasks.examples import load_examples
+from microtune.tasks.inference import predict
+from microtune.tasks.spec import DataSource, get_task
+from microtune.training.config import TrainConfig
 
 from .conftest import REPO
 
@@ -36,8 +36,7 @@ def trained(tmp_path_factory, data_dir):
         "sst2",
         "slash",
         folder,
-        data_dir=str(data_dir),
-        max_train_examples=2000,
+        data=DataSource(data_dir=str(data_dir), max_train_examples=2000),
         train_config=TrainConfig(max_steps=30, eval_every=0, progress=False),
     )
     return folder, report

@@ -14,16 +14,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from microtune import cli
-from microtune.artifact import load_artifact, save_artifact
-from microtune.backbone import fingerprint, load_backbone, tokenizer_fingerprint
+from microtune.artifacts.schema import FIX, FORMAT_VERSION
+from microtune.artifacts.store import load_artifact, save_artifact
+from microtune.backbone.load import fingerprint, load_backbone, tokenizer_fingerprint
+from microtune.common.files import CONFIG_FILE, TENSORS_FILE, write_json
+from microtune.common.files import file_sha256 as _file_sha256
 from microtune.errors import MicrotuneError
-from microtune.files import CONFIG_FILE, TENSORS_FILE, write_json
-from microtune.files import file_sha256 as _file_sha256
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.schema import FIX, FORMAT_VERSION
-from microtune.tasks import task_record
-from microtune.taskspec import get_task
+from microtune.tasks.examples import task_record
+from microtune.tasks.spec import get_task
 
 from .conftest import tiny_batch
 

@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from microtune.api import merge_artifact
-from microtune.artifact import save_artifact
-from microtune.backbone import fingerprint, load_backbone
+from microtune.artifacts.store import save_artifact
+from microtune.backbone.load import fingerprint, load_backbone
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method
 from microtune.methods.lora import LoRA
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import task_record
-from microtune.taskspec import get_task
+from microtune.tasks.examples import task_record
+from microtune.tasks.spec import get_task
 
 from .conftest import ARCH_TYPES, tiny_batch
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from microtune.bench.config import CONFIG_FOLDER, cells, check_config, load_config
+from microtune.bench.report import claim_table, seed_means
 from microtune.bench.runner import CELLS, plan, read_records, run_bench
 from microtune.bench.timing import padded_fraction
 from microtune.bench.tune import carve, choose, tune, tuning_config, write_lrs
@@ -124,7 +125,7 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
     slash_row = next(line for line in summary_rows if line.startswith("| slash |"))
     lora_row = next(line for line in summary_rows if line.startswith("| lora |"))
     sst2, mean = records["slash"]["score"], (records["slash"]["score"] + 0.25) / 2
-    assert slash_row.endswith(f"| {sst2:.4f} | 0.2500 | {mean:.4f} |")
+    assert slash_row.endswith(f"| {sst2:.4f} | 0.2500 | {mean:.4f} ± 0.0000 (1) |")
     assert lora_row.endswith("| – | – |")  # no rte score: no mean
 
 
@@ -252,3 +253,35 @@ def test_tune_carves_runs_and_writes_rates_into_a_new_folder_and_again(tmp_path,
     )
     assert config.methods[0].lr == config.methods[1].lr == summary["chosen"]["slash"]
     assert summary["ran"] == 0
+
+
+def test_claims_are_settled_seed_by_seed_on_the_mean_over_tasks():
+    def record(label, task, seed, score):
+        return {"label": label, "task": task, "seed": seed, "score": score}
+
+    scores = {  # (label, seed): (sst2, rte)
+        ("a", 0): (0.9, 0.6), ("a", 1): (0.8, 0.6), ("a", 2): (0.9, None),
+        ("b", 0): (1.0, 0.5), ("b", 1): (0.9, 0.7), ("b", 2): (0.9, 0.6),
+    }  # fmt: skip
+    records = [
+        record(label, task, seed, score)
+        for (label, seed), pair in scores.items()
+        for task, score in zip(("sst2", "rte"), pair, strict=True)
+    ]
+    means = seed_means(records, ["sst2", "rte"])
+    assert means["a"] == pytest.approx({0: 0.75, 1: 0.7})  # seed 2 lacks a score on rte
+    rows = [{"label": "a", "stored_bytes": 100}, {"label": "b", "stored_bytes": 400}]
+    claims = [
+        {"name": "a ÷ b", "a": "a", "b": "b", "kind": "ratio", "goal": 0.95},
+        {"name": "a − b", "a": "a", "b": "b", "kind": "difference", "goal": -0.1},
+        {"name": "small", "a": "a", "b": "b", "kind": "ratio", "goal": 0.9,
+         "max_bytes_ratio": 0.2},
+        {"name": "later", "a": "a", "b": "c", "kind": "ratio", "goal": 1.0},
+    ]  # fmt: skip
+    table = claim_table(claims, means, rows)[2:]
+    ratios = [0.75 / 0.75, 0.7 / 0.8]  # seeds 0 and 1
+    mean = sum(ratios) / 2
+    assert table[0] == f"| a ÷ b | {mean:.4f} ({min(ratios):.4f}–1.0000) | 0, 1 | ≥ 0.95 | no |"
+    assert table[1].startswith("| a − b | -0.0500 (-0.1000–0.0000) | 0, 1 | ≥ -0.1 | yes |")
+    assert "stored bytes ÷ 0.250 (goal ≤ 0.2) | no |" in table[2]  # the score is met, not bytes
+    assert table[3] == "| later | not run yet | – | ≥ 1 | – |"

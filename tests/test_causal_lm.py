@@ -12,18 +12,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from microtune.artifact import load_artifact, save_artifact
-from microtune.backbone import fingerprint, load_backbone
+from microtune.artifacts.store import load_artifact, save_artifact
+from microtune.backbone.load import fingerprint, load_backbone
 from microtune.cli import main
-from microtune.data import IGNORE_INDEX, batches
 from microtune.errors import MicrotuneError
-from microtune.export import write_merged
+from microtune.export.merged import write_merged
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import rows_to_examples
-from microtune.taskspec import Example, get_task
-from microtune.tasktypes import get_task_type
-from microtune.tasktypes.causal import greedy_generate
+from microtune.tasks.data import IGNORE_INDEX, batches
+from microtune.tasks.examples import rows_to_examples
+from microtune.tasks.spec import Example, get_task
+from microtune.tasks.types import get_task_type
+from microtune.tasks.types.causal import greedy_generate
 from tests.conftest import TINY_CONFIGS, WORDS, tiny_tokenizer
 
 CAUSAL = get_task_type("causal-lm")

@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from microtune.backbone import load_backbone
+from microtune.backbone.load import load_backbone
 from microtune.cli import main
-from microtune.distributed import World
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.train import Trainer
-from microtune.trainconfig import TrainConfig
+from microtune.training.config import TrainConfig
+from microtune.training.distributed import World
+from microtune.training.loop import Trainer
 
 TIMEOUT_S = 240  # a whole launch, start-up included, on a busy 2-core machine
 STEPS = 300
@@ -130,8 +130,13 @@ def test_two_processes_train_as_one(runs):
         load_file(root / "two" / "adapter.safetensors"),
     )
     assert one.keys() == two.keys()
+    # One batch of 8 against two of 4: the CPU's kernels block an 8-row and a 4-row matmul
+    # differently, so each step's gradient differs in the last bits, and AdamW's normalised
+    # steps carry that over the run (1.4e-6 seen on an AMD EPYC); two micro-batches of 4 in one
+    # process match two processes bit for bit (below).
     for name in one:
-        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-6), name
+        gap = float((one[name] - two[name]).abs().max())
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), (name, gap)
     assert not torch.equal(one["method.z"], torch.zeros_like(one["method.z"]))  # it trained
     losses_one, losses_two = _losses(root / "one"), _losses(root / "two")
     assert len(losses_one) == len(losses_two) == STEPS // 10

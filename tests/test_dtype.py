@@ -26,19 +26,19 @@ import torch
 from safetensors.torch import load_file
 
 from microtune.api import export_merged, load_exported, train
-from microtune.arch import arch_for
-from microtune.artifact import load_artifact, save_artifact
-from microtune.backbone import DTYPES, fingerprint, load_backbone
+from microtune.artifacts.store import load_artifact, save_artifact
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import DTYPES, fingerprint, load_backbone
 from microtune.cli import main
+from microtune.common.files import CONFIG_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import CONFIG_FILE
-from microtune.heads import default_readout
 from microtune.methods import METHODS, build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import task_record
-from microtune.taskspec import get_task
-from microtune.tasktypes import loss_fn
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.examples import task_record
+from microtune.tasks.heads import default_readout
+from microtune.tasks.spec import DataSource, get_task
+from microtune.tasks.types import loss_fn
+from microtune.training.config import TrainConfig
 
 from .conftest import tiny_batch
 from .test_method_matrix import ARCH_OPTIONS, TINY_OPTIONS
@@ -244,9 +244,10 @@ def test_an_artifact_without_a_dtype_is_float32_and_a_wrong_one_is_refused(
         "linear",
         tmp_path,
         model=str(folder),
+        data=DataSource(
+            train_file=str(toy_files / "train.jsonl"), dev_file=str(toy_files / "dev.jsonl")
+        ),
         train_config=TrainConfig(max_steps=1, progress=False, eval_every=0),
-        train_file=str(toy_files / "train.jsonl"),
-        dev_file=str(toy_files / "dev.jsonl"),
     )
     path = tmp_path / CONFIG_FILE
     record = json.loads(path.read_text())

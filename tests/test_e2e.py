@@ -1,7 +1,8 @@
 """Real training on real data beats chance: the regression path (STS-B) end to end."""
 
 from microtune import api
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.spec import DataSource
+from microtune.training.config import TrainConfig
 
 
 def test_stsb_regression_learns(tmp_path, data_dir):
@@ -9,8 +10,7 @@ def test_stsb_regression_learns(tmp_path, data_dir):
         "stsb",
         "slash",
         tmp_path,
-        data_dir=str(data_dir),
-        max_train_examples=2000,
+        data=DataSource(data_dir=str(data_dir), max_train_examples=2000),
         train_config=TrainConfig(max_steps=60, eval_every=0, progress=False),
     )
     assert report["trainable_parameters"]["head"] == 385  # a 1-output regression head

@@ -17,16 +17,17 @@ from safetensors.torch import load_file, save_file
 
 from microtune import api
 from microtune.cli import main
-from microtune.dpconfig import DPConfig
+from microtune.common.files import CONFIG_FILE, LOG_FILE
 from microtune.errors import MicrotuneError
 from microtune.federated.client import REFUSAL, LocalParty, ProximalStep, client_app, local_party
 from microtune.federated.exchange import POSITIONS, to_arrays
 from microtune.federated.server import FederationServer, Screen, flower_strategy
 from microtune.federated.simulation import simulate
 from microtune.federated.spec import ClientDP, FederationSpec
-from microtune.files import CONFIG_FILE, LOG_FILE
-from microtune.train import AdamWStep
-from microtune.trainconfig import TrainConfig
+from microtune.privacy.config import DPConfig
+from microtune.tasks.spec import DataSource
+from microtune.training.config import TrainConfig
+from microtune.training.steps import AdamWStep
 
 
 def spec_for(tiny_model_dirs, toy_files, output, method="full", **changes) -> FederationSpec:
@@ -35,8 +36,9 @@ def spec_for(tiny_model_dirs, toy_files, output, method="full", **changes) -> Fe
         "method": method,
         "output_dir": str(output),
         "model": str(tiny_model_dirs["bert"]),
-        "train_file": str(toy_files / "train.jsonl"),
-        "dev_file": str(toy_files / "dev.jsonl"),
+        "data": DataSource(
+            train_file=str(toy_files / "train.jsonl"), dev_file=str(toy_files / "dev.jsonl")
+        ),
         "train_config": TrainConfig(
             max_steps=40, batch_size=8, learning_rate=3e-3, progress=False, eval_every=0
         ),

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from microtune.backbone import load_backbone
+from microtune.backbone.load import load_backbone
 from microtune.errors import MicrotuneError
-from microtune.heads import read_out
 from microtune.model import HeadConfig, TaskModel
+from microtune.tasks.heads import read_out
 
 from .conftest import tiny_batch
 

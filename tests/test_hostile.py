@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from microtune import cli
-from microtune.artifact import config_sha256
+from microtune.artifacts.store import config_sha256
 from tests.test_causal_lm import make_causal_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1413,7 +1413,7 @@ def test_hostile_case(case: Case, sources, tmp_path, capfd, monkeypatch):
 
 def test_the_model_card_takes_epsilon_from_the_hashed_record(sources):
     """metrics.json is covered by no hash: an edited epsilon there never reaches the card."""
-    from microtune.push import model_card
+    from microtune.artifacts.push import model_card
 
     config = json.loads((sources["artifact"] / "microtune.json").read_text())
     config["privacy"] = {"epsilon": 3.0, "delta": 1e-5, "sigma": 1.1, "clip": 1.0, "steps": 2}
@@ -1423,8 +1423,8 @@ def test_the_model_card_takes_epsilon_from_the_hashed_record(sources):
 
 
 def test_rows_that_lose_every_response_token_are_counted_in_a_warning():
-    from microtune.taskspec import Example
-    from microtune.tasktypes import get_task_type
+    from microtune.tasks.spec import Example
+    from microtune.tasks.types import get_task_type
     from tests.conftest import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -1538,7 +1538,7 @@ HTTP_CASES: list[HttpCase] = [
 def live_server(sources, tmp_path_factory):
     """One real uvicorn server (tests/test_server.py's `live`) on the module's artifact, with an
     artifact root holding a copy, an empty folder, a broken artifact and a link out of it."""
-    from microtune.multitask import load_many
+    from microtune.serving.multitask import load_many
     from tests.test_server import live
 
     root = tmp_path_factory.mktemp("served")

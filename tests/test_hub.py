@@ -15,9 +15,9 @@ from huggingface_hub import errors
 
 import microtune
 from microtune import cli
+from microtune.common.files import CONFIG_FILE, TENSORS_FILE
+from microtune.common.hub import parse_hub_id, resolve_artifact
 from microtune.errors import MicrotuneError
-from microtune.files import CONFIG_FILE, TENSORS_FILE
-from microtune.hub import parse_hub_id, resolve_artifact
 
 from .test_serving import TEXTS, make_artifact
 
@@ -165,7 +165,7 @@ def test_push_refuses_a_bad_repo_id_a_missing_folder_and_offline_before_any_hub_
 
 
 def microtune_push(folder, repo="someone/x"):
-    from microtune.push import push_artifact
+    from microtune.artifacts.push import push_artifact
 
     return push_artifact(folder, repo)
 

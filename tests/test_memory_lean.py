@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from microtune.artifact import load_artifact, save_artifact
-from microtune.backbone import fingerprint, load_backbone
-from microtune.inference import predict
+from microtune.artifacts.store import load_artifact, save_artifact
+from microtune.backbone.load import fingerprint, load_backbone
 from microtune.methods import build_method
+from microtune.methods.projections import ProjectionBank, project_from_seed
 from microtune.model import HeadConfig, TaskModel
-from microtune.projections import ProjectionBank, project_from_seed
-from microtune.tasktypes import loss_fn
+from microtune.tasks.inference import predict
+from microtune.tasks.types import loss_fn
 
 from .conftest import ARCH_TYPES, tiny_batch
 

@@ -16,18 +16,18 @@ import torch
 from transformers import AutoModel
 
 from microtune.api import artifact_summary, load_exported
-from microtune.arch import arch_for
-from microtune.artifact import load_artifact, save_artifact
-from microtune.backbone import fingerprint, load_backbone
+from microtune.artifacts.store import load_artifact, save_artifact
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import fingerprint, load_backbone
 from microtune.errors import MicrotuneError
-from microtune.export import write_merged
-from microtune.heads import default_readout
+from microtune.export.merged import write_merged
 from microtune.methods import METHODS, build_method
 from microtune.methods.slash import SLaSh, site_part
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import task_record
-from microtune.taskspec import Task, get_task
-from microtune.tasktypes import get_task_type, loss_fn
+from microtune.tasks.examples import task_record
+from microtune.tasks.heads import default_readout
+from microtune.tasks.spec import Task, get_task
+from microtune.tasks.types import get_task_type, loss_fn
 
 from .conftest import FAMILY_TYPES, TINY_CONFIGS, tiny_batch
 from .test_causal_lm import make_causal_model

@@ -1,17 +1,25 @@
 """Mixed-task batches on one base model (`microtune.load_many`): every row equals its own task's
 merged model (or unmerged artifact), on artifacts really trained on tiny models."""
 
+import dataclasses
 import json
 import random
 
 import pytest
 import torch
+from torch import nn
 
 import microtune
 from microtune import api
+from microtune.backbone.archspec import get_submodule
+from microtune.backbone.options import ModelOptions
 from microtune.errors import MicrotuneError
-from microtune.multitask import load_many
-from microtune.trainconfig import TrainConfig
+from microtune.methods import register_method, unregister_method
+from microtune.methods.base import Method
+from microtune.methods.configs.base import MethodConfig
+from microtune.serving.multitask import load_many
+from microtune.tasks.spec import DataSource
+from microtune.training.config import TrainConfig
 
 from .conftest import WORDS, make_tiny_model
 from .test_causal_lm import copy_rows, make_causal_model, write_jsonl
@@ -62,16 +70,16 @@ def train(root, model_dir, name, task, method, options, seed=0):
         task,
         method,
         root / name,
-        model=str(model_dir),
         method_options=options,
+        model=ModelOptions(name=str(model_dir), device="cpu", max_length=32),
+        data=DataSource(
+            train_file=str(files / "train.jsonl"),
+            dev_file=str(files / "dev.jsonl"),
+            text_columns=("sentence",) if task == "regression" else None,
+        ),
         train_config=TrainConfig(
             max_steps=8, batch_size=8, eval_every=0, progress=False, seed=seed, learning_rate=0.05
         ),
-        train_file=str(files / "train.jsonl"),
-        dev_file=str(files / "dev.jsonl"),
-        text_columns=("sentence",) if task == "regression" else None,
-        max_length=32,
-        device="cpu",
     )
     return root / name
 
@@ -127,10 +135,11 @@ def test_the_tasks_really_differ_from_the_base(engine):
     assert len(sites["slash"]) == len(sites["slash-output"]) == 2  # one per block
     assert len(sites["bitfit"]) > len(sites["slash"]) and len(sites["hiwi"]) == 4
     assert sites["linear"] == () and len(sites["lora-2"]) > len(sites["lora-4"])
-    pafi = engine.tasks["pafi-a"].pafi
-    assert not torch.equal(pafi.values, pafi.original.float())
+    swap = engine.tasks["pafi-a"].swap
+    (values,), (positions, original) = swap.own, swap.shared
+    assert not torch.equal(values, original.float())
     # The two PaFi tasks share one mask: positions and original values are held once.
-    assert engine.tasks["pafi-b"].pafi.positions is pafi.positions
+    assert engine.tasks["pafi-b"].swap.shared[0] is positions
 
 
 def test_the_shared_base_is_left_exactly_as_loaded(engine, artifacts, tiny_model_dirs):
@@ -192,6 +201,63 @@ def test_a_method_that_cannot_join_is_refused_or_copied_within_the_cap(
     assert torch.allclose(torch.from_numpy(got[0]), microtune.load(warp).logits(TEXTS), atol=1e-5)
 
 
+@dataclasses.dataclass
+class ToyBiasConfig(MethodConfig):
+    """A toy method's options."""
+
+    layer: int = dataclasses.field(default=-1, metadata={"help": "the block whose FFN shifts"})
+
+
+class ToyBias(Method):
+    """A method from outside the package: one trainable vector added to one block's FFN output,
+    merged into that layer's bias; it declares that it joins mixed batches as bias rows."""
+
+    name = "toy-bias"
+    config_class = ToyBiasConfig
+    default_learning_rate = 5e-2
+    mixed_batch = "bias"
+
+    def attach(self, backbone: nn.Module, arch) -> None:
+        self.shift = nn.Parameter(torch.zeros(backbone.config.hidden_size))
+        block = get_submodule(backbone, arch.blocks)[self.config.layer]
+        self.sites = [get_submodule(block, arch.ffn_out)]  # a list: not a submodule of ours
+        self._hooks.append(
+            self.sites[0].register_forward_hook(lambda module, args, out: out + self.shift)
+        )
+
+    def merge(self, backbone: nn.Module, arch) -> list[str]:
+        with torch.no_grad():
+            self.sites[0].bias += self.shift.to(self.sites[0].bias.dtype)
+        self.detach()
+        return []
+
+
+@pytest.fixture
+def toy_bias(request):
+    register_method(ToyBias.name, ToyBiasConfig, ToyBias)
+    request.addfinalizer(lambda: unregister_method(ToyBias.name))
+
+
+def test_a_method_registered_from_outside_joins_a_mixed_batch(
+    tmp_path, artifacts, tiny_model_dirs, toy_bias
+):
+    """Serving is the method's own declaration: no file of the package names the toy."""
+    folders = {
+        "toy": train(tmp_path, tiny_model_dirs["bert"], "toy", "sst2", "toy-bias", {}),
+        "slash": artifacts["slash"],
+    }
+    engine = load_many(folders)
+    assert engine.tasks["toy"].kind == "bias" and len(engine.tasks["toy"].sites) == 1
+    requests = [("toy", TEXTS), ("slash", TEXTS[::-1]), ("toy", TEXTS[1:3])]
+    outputs = engine.logits(requests)  # one mixed batch: both tasks' rows together
+    for (name, inputs), got in zip(requests, outputs, strict=True):
+        alone = microtune.load(folders[name]).logits(inputs)
+        assert torch.allclose(torch.from_numpy(got), alone, atol=1e-5), name
+    base = microtune.load(folders["toy"])
+    base.task_model.method.detach()  # the toy's update gone: the base and its head
+    assert not torch.allclose(torch.from_numpy(outputs[0]), base.logits(TEXTS), atol=1e-5)
+
+
 def test_an_artifact_of_another_base_is_refused(tmp_path, artifacts):
     other = make_tiny_model("bert", tmp_path / "other-bert", seed=1)
     foreign = train(tmp_path, other, "foreign", "sst2", "linear", {})
@@ -212,8 +278,9 @@ def test_causal_lm_tasks_generate_their_own_continuations(tmp_path):
             "causal-lm",
             method,
             folders[method],
-            model=str(base),
             method_options={"k": 64} if method == "pafi" else {},
+            model=ModelOptions(name=str(base), device="cpu", max_length=32),
+            data=DataSource(train_file=train_file, dev_file=dev_file),
             train_config=TrainConfig(
                 max_steps=6,
                 batch_size=8,
@@ -221,11 +288,7 @@ def test_causal_lm_tasks_generate_their_own_continuations(tmp_path):
                 progress=False,
                 seed=seed,
                 learning_rate=0.05,
-            ),  # fmt: skip
-            train_file=train_file,
-            dev_file=dev_file,
-            max_length=32,
-            device="cpu",
+            ),
         )
     engine = load_many(folders)
     prompts = ["the film is", "a very dull plot , not", "love"]

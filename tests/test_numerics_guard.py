@@ -12,15 +12,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from microtune import cli, export
+from microtune import cli
+from microtune.common.files import CHECKPOINT_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import CHECKPOINT_FILE
+from microtune.export import merged as export
 from microtune.methods.base import MethodConfig
-from microtune.metrics import UndefinedMetricWarning, compute_metrics
-from microtune.tasks import load_examples
-from microtune.taskspec import Task, get_task
-from microtune.train import AdamWStep, Diverged
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.examples import load_examples
+from microtune.tasks.metrics import UndefinedMetricWarning, compute_metrics
+from microtune.tasks.spec import Task, get_task
+from microtune.training.config import TrainConfig
+from microtune.training.steps import AdamWStep, Diverged
 
 ARTIFACT_FILES = ("adapter.safetensors", "microtune.json", "metrics.json")
 
@@ -358,9 +359,9 @@ def test_undefined_metrics_are_recorded_as_null_with_a_warning():
 
 
 def test_non_finite_outputs_are_not_scored(tiny_model_dirs):
-    from microtune.backbone import load_backbone
+    from microtune.backbone.load import load_backbone
     from microtune.model import HeadConfig, TaskModel
-    from microtune.train import evaluate
+    from microtune.training.loop import evaluate
 
     backbone, tokenizer = load_backbone(str(tiny_model_dirs["bert"]))
     model = TaskModel(backbone, HeadConfig(num_labels=2, readout="mean"))

@@ -17,18 +17,18 @@ import pytest
 import torch
 
 import microtune
-from microtune import export as export_module
-from microtune.backbone import load_backbone
+from microtune.backbone.load import load_backbone
 from microtune.cli import main
+from microtune.common.files import EXPORT_FILE
 from microtune.errors import MicrotuneError
-from microtune.export import write_merged
-from microtune.files import EXPORT_FILE
+from microtune.export import merged as export_module
+from microtune.export.merged import write_merged
+from microtune.export.onnx import ONNX_FILE
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.onnx_export import ONNX_FILE
-from microtune.tasks import task_record
-from microtune.taskspec import get_task
-from microtune.tasktypes import type_of
+from microtune.tasks.examples import task_record
+from microtune.tasks.spec import get_task
+from microtune.tasks.types import type_of
 
 from .conftest import REPO
 
@@ -162,7 +162,7 @@ def test_int8_quantises_the_weights_and_stays_close(tiny_model_dirs, tmp_path):
 
 
 def test_causal_lm_is_refused_in_one_line(tiny_model_dirs, tmp_path):
-    from microtune.onnx_export import check_onnx_exportable
+    from microtune.export.onnx import check_onnx_exportable
 
     model, _, _ = task_model(tiny_model_dirs["bert"], "mnli", "mean")
     model.task_type = type_of(get_task("causal-lm"))

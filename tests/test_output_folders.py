@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from microtune import cli, folders
+from microtune import cli
+from microtune.artifacts import folders
+from microtune.common.files import CHECKPOINT_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import CHECKPOINT_FILE
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -12,18 +12,18 @@ import torch
 from safetensors import safe_open
 
 from microtune.api import artifact_summary
-from microtune.arch import arch_for
-from microtune.artifact import config_sha256, load_artifact, save_artifact
-from microtune.backbone import fingerprint, load_backbone
+from microtune.artifacts.store import config_sha256, load_artifact, save_artifact
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import fingerprint, load_backbone
+from microtune.common.files import CONFIG_FILE, TENSORS_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import CONFIG_FILE, TENSORS_FILE
-from microtune.heads import default_readout
 from microtune.methods import build_method
 from microtune.methods.pafi import candidate_weights, mask_scores, select_lowest
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import task_record
-from microtune.taskspec import get_task
-from microtune.tasktypes import loss_fn
+from microtune.tasks.examples import task_record
+from microtune.tasks.heads import default_readout
+from microtune.tasks.spec import get_task
+from microtune.tasks.types import loss_fn
 
 from .conftest import FAMILY_TYPES, make_tiny_model, tiny_batch
 

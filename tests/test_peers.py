@@ -8,18 +8,18 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from microtune.arch import arch_for
-from microtune.artifact import load_artifact, read_artifact_config, save_artifact
-from microtune.backbone import fingerprint, load_backbone
+from microtune.artifacts.store import load_artifact, read_artifact_config, save_artifact
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import fingerprint, load_backbone
 from microtune.cli import main
 from microtune.errors import MicrotuneError
-from microtune.heads import default_readout
 from microtune.methods import build_method
 from microtune.methods.peers import PEERS, PeftPeer
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasks import task_record
-from microtune.taskspec import get_task
-from microtune.tasktypes import loss_fn
+from microtune.tasks.examples import task_record
+from microtune.tasks.heads import default_readout
+from microtune.tasks.spec import get_task
+from microtune.tasks.types import loss_fn
 
 from .conftest import tiny_batch
 from .test_method_matrix import TINY_OPTIONS  # sizes that fit the tiny models

@@ -8,25 +8,26 @@ import torch
 from safetensors.torch import load_file
 
 from microtune import api
-from microtune.accounting import calibrate_sigma, epsilon_spent
-from microtune.backbone import load_backbone
+from microtune.backbone.load import load_backbone
 from microtune.cli import main
-from microtune.data import collate
-from microtune.dpconfig import DPConfig
+from microtune.common.files import CHECKPOINT_FILE, LOG_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import CHECKPOINT_FILE, LOG_FILE
 from microtune.methods import METHODS, build_method, register_method, unregister_method
 from microtune.methods.linear import LinearProbe
 from microtune.model import HeadConfig, TaskModel
-from microtune.per_example import (
+from microtune.privacy.accounting import calibrate_sigma, epsilon_spent
+from microtune.privacy.config import DPConfig
+from microtune.privacy.dpsgd import DPStep, PoissonSampler, PrivacyPlan
+from microtune.privacy.per_example import (
     GhostClipping,
     PerExampleGradients,
     engine_for,
     example_losses,
     loop_gradients,
 )
-from microtune.privacy import DPStep, PoissonSampler, PrivacyPlan
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.data import collate
+from microtune.tasks.spec import DataSource
+from microtune.training.config import TrainConfig
 
 from .conftest import tiny_tokenizer
 
@@ -132,7 +133,7 @@ def test_ghost_clipped_sums_equal_clipping_each_examples_gradient(tiny_model_dir
 
 @pytest.mark.parametrize("steps", [3, 40])  # the ghost norm (T² < in·out), and the direct one
 def test_a_linear_layers_squared_norms_by_either_route(steps):
-    from microtune.per_example import _per_example_grad, _squared_norm
+    from microtune.privacy.per_example import _per_example_grad, _squared_norm
 
     layer = torch.nn.Linear(6, 5)
     a, g = torch.randn(4, steps, 6), torch.randn(4, steps, 5)
@@ -159,7 +160,7 @@ def test_ghost_falls_back_when_a_layer_is_called_twice():
     losses_of = lambda out, labels, m: (out - labels).pow(2).sum(1)  # noqa: E731
     engine = GhostClipping(model, params)
     with pytest.warns(UserWarning, match="called twice"), pytest.MonkeyPatch.context() as patch:
-        patch.setattr("microtune.per_example.example_losses", losses_of)
+        patch.setattr("microtune.privacy.per_example.example_losses", losses_of)
         engine.model = lambda **kw: model(kw["x"])
         engine.fallback.model = engine.model
         engine.fallback.path = "loop"
@@ -244,13 +245,14 @@ def dp_run(tmp_path, toy_files, model_dir, name, dp, resume=False, method="slash
         "sst2",
         method,
         tmp_path / name,
-        model=str(model_dir),
         method_options={"d": 16} if method == "slash" else {},
+        model=str(model_dir),
+        data=DataSource(
+            train_file=str(toy_files / "train.jsonl"), dev_file=str(toy_files / "dev.jsonl")
+        ),
         train_config=TrainConfig(**settings),
-        train_file=str(toy_files / "train.jsonl"),
-        dev_file=str(toy_files / "dev.jsonl"),
-        resume=resume,
         privacy=dp,
+        existing="resume" if resume else "refuse",
     )
 
 

@@ -4,7 +4,7 @@ import hashlib
 
 import torch
 
-from microtune.projections import ProjectionBank, draw_projection
+from microtune.methods.projections import ProjectionBank, draw_projection
 
 
 def test_same_seed_same_bits_in_any_order():

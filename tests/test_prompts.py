@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from microtune.backbone import load_backbone
+from microtune.backbone.load import load_backbone
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method
 from microtune.methods.prompts import block_inputs
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasktypes import loss_fn
+from microtune.tasks.types import loss_fn
 
 from .conftest import ARCH_TYPES, FAMILY_TYPES, VOCAB_SIZE, tiny_batch
 
@@ -262,7 +262,7 @@ def test_bad_options_are_one_line_errors():
 
 def test_cli_trains_and_reloads_jrwarp_memory_lean(tiny_model_dirs, data_dir, tmp_path):
     """A few-step smoke run through the CLI on a tiny model; the artifact records the option."""
-    from microtune.artifact import load_artifact
+    from microtune.artifacts.store import load_artifact
     from microtune.cli import build_parser, run
 
     args = ["train", "--task", "sst2", "--model", str(tiny_model_dirs["bert"])]

@@ -13,19 +13,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from microtune.api import load_exported
-from microtune.arch import arch_for
-from microtune.artifact import load_artifact
-from microtune.backbone import load_backbone
+from microtune.artifacts.store import load_artifact
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import load_backbone
 from microtune.cli import main
-from microtune.data import batches
-from microtune.export import write_merged
-from microtune.files import CONFIG_FILE, TENSORS_FILE
-from microtune.heads import read_out
+from microtune.common.files import CONFIG_FILE, TENSORS_FILE
+from microtune.export.merged import write_merged
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.per_example import PerExampleGradients, loop_gradients
-from microtune.tasks import task_record
-from microtune.taskspec import get_task
+from microtune.privacy.per_example import PerExampleGradients, loop_gradients
+from microtune.tasks.data import batches
+from microtune.tasks.examples import task_record
+from microtune.tasks.heads import read_out
+from microtune.tasks.spec import get_task
 
 from .conftest import FAMILY_TYPES, decoder_tokenizer, make_tiny_model
 

@@ -13,11 +13,13 @@ import uvicorn
 
 import microtune
 from microtune import api
+from microtune.backbone.options import ModelOptions
 from microtune.cli.serve import artifact_folders
-from microtune.multitask import load_many
-from microtune.serveconfig import ServeConfig
-from microtune.server import create_app
-from microtune.trainconfig import TrainConfig
+from microtune.serving.config import ServeConfig
+from microtune.serving.http import create_app
+from microtune.serving.multitask import load_many
+from microtune.tasks.spec import DataSource
+from microtune.training.config import TrainConfig
 
 from .test_causal_lm import copy_rows, make_causal_model, write_jsonl
 from .test_multitask import train
@@ -249,10 +251,13 @@ def test_generate_serves_a_causal_lm_task(tmp_path):
     files = [write_jsonl(tmp_path / f"{s}.jsonl", copy_rows(16, i)) for i, s in enumerate("td")]
     folder = tmp_path / "echo"
     api.train(
-        "causal-lm", "slash", folder, model=str(base), train_file=files[0], dev_file=files[1],
-        max_length=32, device="cpu",
+        "causal-lm",
+        "slash",
+        folder,
+        model=ModelOptions(name=str(base), device="cpu", max_length=32),
+        data=DataSource(train_file=files[0], dev_file=files[1]),
         train_config=TrainConfig(max_steps=4, batch_size=8, eval_every=0, progress=False),
-    )  # fmt: skip
+)  # fmt: skip
     engine = load_many([folder])
     prompts = ["the film is", "love"]
     with live(engine) as (client, _):

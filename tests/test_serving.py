@@ -12,16 +12,16 @@ from safetensors.torch import load_file
 
 import microtune
 from microtune import api, cli
-from microtune.arch import arch_for
-from microtune.artifact import save_artifact
-from microtune.backbone import fingerprint, load_backbone
+from microtune.artifacts.store import save_artifact
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import fingerprint, load_backbone
+from microtune.common.files import EXPORT_FILE, HEAD_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import EXPORT_FILE, HEAD_FILE
-from microtune.heads import read_out
+from microtune.export.peft import ADAPTER_CONFIG_FILE, export_peft
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.peft_format import ADAPTER_CONFIG_FILE, export_peft
-from microtune.taskspec import get_task
+from microtune.tasks.heads import read_out
+from microtune.tasks.spec import get_task
 
 from .conftest import REPO
 

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from microtune.backbone import load_backbone
+from microtune.backbone.load import load_backbone
 from microtune.methods import build_method
 from microtune.methods.slash import POSITIONS, site_part
 from microtune.model import HeadConfig, TaskModel
-from microtune.tasktypes import loss_fn
+from microtune.tasks.types import loss_fn
 
 from .conftest import ARCH_TYPES, tiny_batch
 

@@ -14,16 +14,16 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModelForSequenceClassification, pipeline
 
 import microtune
-from microtune.artifact import save_artifact
-from microtune.backbone import fingerprint, load_backbone
-from microtune.export import BACKBONE_FOLDER, write_merged
-from microtune.files import EXPORT_FILE
+from microtune.artifacts.store import save_artifact
+from microtune.backbone.load import fingerprint, load_backbone
+from microtune.common.files import EXPORT_FILE
+from microtune.export.merged import BACKBONE_FOLDER, write_merged
+from microtune.export.peft import export_peft
 from microtune.methods import build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.peft_format import export_peft
-from microtune.serving import ExportedModel
-from microtune.tasks import task_record
-from microtune.taskspec import get_task
+from microtune.serving.tuned import ExportedModel
+from microtune.tasks.examples import task_record
+from microtune.tasks.spec import get_task
 
 TEXTS = ["the film is good", "a very dull plot , not fun", "love it", "the worst movie"]
 

@@ -16,22 +16,22 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from microtune.api import load_exported
-from microtune.arch import arch_for
-from microtune.artifact import load_artifact, save_artifact
-from microtune.backbone import fingerprint, load_backbone, resolve_model_path
-from microtune.choices import DEFAULT_MODEL
+from microtune.artifacts.store import load_artifact, save_artifact
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import fingerprint, load_backbone, resolve_model_path
 from microtune.cli import main
-from microtune.data import IGNORE_INDEX, batches
+from microtune.common.choices import DEFAULT_MODEL
 from microtune.errors import MicrotuneError
-from microtune.export import write_merged
-from microtune.heads import default_readout
+from microtune.export.merged import write_merged
 from microtune.methods import METHODS, build_method
 from microtune.model import HeadConfig, TaskModel
-from microtune.per_example import PerExampleGradients, loop_gradients
-from microtune.tasks import rows_to_examples, task_record, with_data_labels
-from microtune.taskspec import Example, get_task
-from microtune.tasktypes import TASK_TYPES, align_labels, type_of
-from microtune.tasktypes.tokens import encode_words
+from microtune.privacy.per_example import PerExampleGradients, loop_gradients
+from microtune.tasks.data import IGNORE_INDEX, batches
+from microtune.tasks.examples import rows_to_examples, task_record, with_data_labels
+from microtune.tasks.heads import default_readout
+from microtune.tasks.spec import DataSource, Example, get_task
+from microtune.tasks.types import TASK_TYPES, align_labels, type_of
+from microtune.tasks.types.tokens import encode_words
 
 from .conftest import WORDS
 from .test_method_matrix import ARCH_OPTIONS, TINY_OPTIONS, folds_into_a_bias_no_stock_model_has
@@ -181,16 +181,15 @@ def test_label_sets_from_the_data_sorted_or_fixed():
 def test_conll2003_tiny_run_on_the_shared_ner_folder(data_dir, tiny_model_dirs, tmp_path):
     """The tiny version of `bench/conll_ner.py` (the real run: MiniLM, 2,000 sentences)."""
     from microtune.api import train
-    from microtune.trainconfig import TrainConfig
+    from microtune.training.config import TrainConfig
 
     report = train(
         "conll2003",
         "slash",
         tmp_path,
-        model=str(tiny_model_dirs["bert"]),
-        data_dir=str(data_dir),
-        max_train_examples=64,
         method_options={"d": 8},
+        model=str(tiny_model_dirs["bert"]),
+        data=DataSource(data_dir=str(data_dir), max_train_examples=64),
         train_config=TrainConfig(max_steps=2, batch_size=16, eval_every=0, progress=False),
     )
     assert report["steps"] == 2 and 0 <= report["metrics"]["f1"] <= 1

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
 
-from microtune.data import batches, encode, epoch_order
 from microtune.errors import MicrotuneError
-from microtune.metrics import compute_metrics
-from microtune.tasks import load_examples
-from microtune.taskspec import TASKS, Example, get_task
+from microtune.tasks.data import batches, encode, epoch_order
+from microtune.tasks.examples import load_examples
+from microtune.tasks.metrics import compute_metrics
+from microtune.tasks.spec import TASKS, Example, get_task
 
 from .conftest import tiny_tokenizer
 
@@ -147,7 +147,7 @@ def test_a_bad_row_anywhere_names_its_row(tmp_path):
 
 
 def test_offline_switch_accepts_the_hubs_true_values(monkeypatch):
-    from microtune.hub import is_offline
+    from microtune.common.hub import is_offline
 
     for value, expected in (("1", True), ("true", True), ("ON", True), ("0", False), ("", False)):
         monkeypatch.setenv("HF_HUB_OFFLINE", value)

@@ -8,9 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from microtune import api
-from microtune.files import CHECKPOINT_FILE, LOG_FILE
-from microtune.train import Trainer, linear_schedule
-from microtune.trainconfig import TrainConfig
+from microtune.common.files import CHECKPOINT_FILE, LOG_FILE
+from microtune.tasks.spec import DataSource
+from microtune.training.config import TrainConfig
+from microtune.training.loop import Trainer
+from microtune.training.steps import linear_schedule
 
 from .conftest import WORDS
 
@@ -30,12 +32,13 @@ def run(tmp_path, toy_files, model_dir, name, resume=False, **config):
         "sst2",
         "slash",
         tmp_path / name,
-        model=str(model_dir),
         method_options={"d": 16},
+        model=str(model_dir),
+        data=DataSource(
+            train_file=str(toy_files / "train.jsonl"), dev_file=str(toy_files / "dev.jsonl")
+        ),
         train_config=TrainConfig(**settings),
-        train_file=str(toy_files / "train.jsonl"),
-        dev_file=str(toy_files / "dev.jsonl"),
-        resume=resume,
+        existing="resume" if resume else "refuse",
     )
 
 
@@ -95,7 +98,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, toy_files, t
 def test_a_failed_checkpoint_write_keeps_the_previous_one(
     tmp_path, toy_files, tiny_model_dirs, monkeypatch
 ):
-    import safetensors.torch  # what microtune.files writes tensor files with
+    import safetensors.torch  # what microtune.common.files writes tensor files with
 
     bert = tiny_model_dirs["bert"]
     real_save = safetensors.torch.save_file
@@ -119,7 +122,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dirs, tmp_path):
-    from microtune.backbone import load_backbone
+    from microtune.backbone.load import load_backbone
     from microtune.methods import build_method
     from microtune.model import HeadConfig, TaskModel
 
@@ -168,8 +171,8 @@ class _InOrder:
 
 
 def test_shuffled_sampler_cuts_the_seeded_epoch_order():
-    from microtune.data import epoch_order
-    from microtune.train import ShuffledSampler
+    from microtune.tasks.data import epoch_order
+    from microtune.training.samplers import ShuffledSampler
 
     sampler = ShuffledSampler(num_examples=10, batch_size=4, seed=3)
     assert sampler.batches_per_epoch == 3
@@ -180,7 +183,7 @@ def test_shuffled_sampler_cuts_the_seeded_epoch_order():
 
 
 def test_length_grouped_sampler_pads_less_and_still_sees_every_example_once():
-    from microtune.train import LengthGroupedSampler, ShuffledSampler
+    from microtune.training.samplers import LengthGroupedSampler, ShuffledSampler
 
     rng = random.Random(0)
     lengths = tuple(rng.randint(3, 60) for _ in range(1000))
@@ -253,12 +256,14 @@ def test_eval_reads_your_files_with_the_columns_training_used(tmp_path, toy_file
         "sst2",
         "slash",
         tmp_path / "art",
-        model=str(tiny_model_dirs["bert"]),
         method_options={"d": 16},
-        text_columns=("text",),
-        label_column="y",
-        train_file=str(tmp_path / "train.jsonl"),
-        dev_file=str(tmp_path / "dev.jsonl"),
+        model=str(tiny_model_dirs["bert"]),
+        data=DataSource(
+            train_file=str(tmp_path / "train.jsonl"),
+            dev_file=str(tmp_path / "dev.jsonl"),
+            text_columns=("text",),
+            label_column="y",
+        ),
         train_config=TrainConfig(max_steps=3, eval_every=0, progress=False),
     )
     again = api.evaluate_artifact(tmp_path / "art", data_file=str(tmp_path / "dev.jsonl"))

@@ -1,7 +1,7 @@
 """The library's front door: train, evaluate, merge and export, as plain functions.
 
 The CLI is a thin layer over these; notebooks and scripts call them directly. Merging and
-exporting live in `microtune.export` and are offered here as well, as the front door's.
+exporting live in `microtune.export.merged` and are offered here as well, as the front door's.
 """
 
 from __future__ import annotations
@@ -19,23 +19,26 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from microtune import folders
-from microtune.arch import arch_for
-from microtune.artifact import artifact_bytes, load_artifact, read_artifact_config, save_artifact
-from microtune.backbone import check_max_length, fingerprint, load_backbone, resolve_device
-from microtune.choices import DEFAULT_MODEL
-from microtune.distributed import World
-from microtune.dpconfig import DPConfig
+from microtune.artifacts import folders
+from microtune.artifacts.store import (
+    artifact_bytes,
+    load_artifact,
+    read_artifact_config,
+    save_artifact,
+)
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import check_max_length, fingerprint, load_backbone, resolve_device
+from microtune.backbone.options import ModelOptions
+from microtune.common.choices import DEFAULT_MODEL
+from microtune.common.files import METRICS_FILE, TENSORS_FILE, write_json
+from microtune.common.hub import resolve_artifact
 from microtune.errors import MicrotuneError
-from microtune.export import export_and_check, export_merged, load_exported, merge_artifact
-from microtune.files import METRICS_FILE, TENSORS_FILE, write_json
-from microtune.heads import default_readout
-from microtune.hub import resolve_artifact
-from microtune.inference import predict
+from microtune.export.merged import export_and_check, export_merged, load_exported, merge_artifact
 from microtune.methods import build_method, method_class
 from microtune.model import HeadConfig, TaskModel
-from microtune.privacy import PrivacyPlugin
-from microtune.tasks import (
+from microtune.privacy.config import DPConfig
+from microtune.privacy.dpsgd import PrivacyPlugin
+from microtune.tasks.examples import (
     examples_fingerprint,
     load_split,
     rows_to_examples,
@@ -43,18 +46,18 @@ from microtune.tasks import (
     task_record,
     with_data_labels,
 )
-from microtune.taskspec import Example, Task, get_task, load_rows
-from microtune.tasktypes import TaskType, type_of
-from microtune.train import (
-    PluginBuilder,
-    Plugins,
-    Trainer,
-    TrainerCallback,
-    combine_plugins,
-    evaluate,
-)
-from microtune.trainconfig import DEFAULT_MAX_STEPS, TrainConfig
+from microtune.tasks.heads import default_readout
+from microtune.tasks.inference import predict
+from microtune.tasks.spec import DataSource, Example, Task, get_task, load_rows
+from microtune.tasks.types import TaskType, type_of
+from microtune.training.callbacks import TrainerCallback
+from microtune.training.config import DEFAULT_MAX_STEPS, TrainConfig
+from microtune.training.distributed import World
+from microtune.training.loop import Trainer, evaluate
+from microtune.training.plugins import PluginBuilder, Plugins, combine_plugins
 from microtune.version import __version__
+
+EXISTING = ("refuse", "resume", "overwrite")  # what `train` does with a used output folder
 
 
 def train(
@@ -62,61 +65,64 @@ def train(
     method: str,
     output_dir: str | os.PathLike,
     *,
-    model: str = DEFAULT_MODEL,
     method_options: dict[str, Any] | None = None,
-    readout: str | None = None,
-    head_dropout: float = 0.0,
-    head_bias: bool | None = None,
+    model: str | ModelOptions = DEFAULT_MODEL,
+    data: DataSource | None = None,
     train_config: TrainConfig | None = None,
-    data_dir: str | None = None,
-    train_file: str | None = None,
-    dev_file: str | None = None,
-    text_columns: tuple[str, ...] | None = None,
-    label_column: str | None = None,
-    labels: tuple[str, ...] | None = None,
-    max_length: int = 128,
-    max_train_examples: int | None = None,
-    resume: bool = False,
-    device: str = "auto",
     privacy: DPConfig | None = None,
-    dtype: str = "float32",
-    overwrite: bool = False,
-    callbacks: Sequence[TrainerCallback] = (),
-    plugins: Sequence[PluginBuilder] = (),
-) -> dict[str, Any]:
+    plugins: Sequence[PluginBuilder | TrainerCallback] = (),
+    existing: str = "refuse",
+) -> dict[str, Any] | None:
     """Train one method on one task; writes the artifact and metrics.json into output_dir.
 
-    The folder is locked while the run lasts; files microtune did not write, another run's
-    artifact or an unfinished run's checkpoint are refused unless `resume` (continue from the
-    checkpoint) or `overwrite` (start over) says what to do (`microtune.folders`). `dtype` is
-    the frozen base's precision; what trains, and the head, stays float32. Tasks whose labels
-    come from the data read them from the training rows (`labels` fixes their order).
-    `head_bias` None is the task type's default (`TaskType.default_head_bias`).
+    `model` names the base model, or gives `ModelOptions` (dtype of the frozen base, device,
+    max_length, read-out and head); `data` says where the examples come from (`DataSource`:
+    a data folder, your files, or the hub). The folder is locked while the run lasts; files
+    microtune did not write, another run's artifact or an unfinished run's checkpoint are
+    refused unless `existing` is "resume" (continue from the checkpoint) or "overwrite" (start
+    over) (`artifacts.folders`).
 
-    `plugins` are trainer plug-ins (`train.PluginBuilder`); each records what it did in
-    metrics.json and the artifact under its name. `privacy` adds the DP-SGD plug-in
-    (`privacy.PrivacyPlugin`): ε spent is metrics.json's `epsilon`. `callbacks`
-    (`train.TrainerCallback`) watch or steer the loop (`microtune bench` times steps with one).
-
-    Under `torchrun` or `accelerate launch` the processes train together (`distributed.World`,
-    `batch_size` per process); rank 0 alone holds the folder, evaluates and writes, the others
-    return None.
+    `plugins` are trainer plug-ins (`PluginBuilder`, recorded in metrics.json and the artifact
+    under their names) and callbacks (`TrainerCallback`). `privacy` adds the DP-SGD plug-in:
+    ε spent is metrics.json's `epsilon`. Under `torchrun` or `accelerate launch` the processes
+    train together; rank 0 alone holds the folder and writes, the others return None.
     """
     started = time.time()
-    data = TrainingData(task, data_dir, train_file, dev_file, text_columns, label_column)
+    if existing not in EXISTING:
+        raise MicrotuneError(f"existing must be one of {EXISTING}, got {existing!r}")
+    options = ModelOptions(name=model) if isinstance(model, str) else model
+    options = dataclasses.replace(options, name=_model_path(options.name))
     config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
-    model = _checked_inputs(model, train_file, dev_file, max_train_examples)
-    builders = [*plugins, *([PrivacyPlugin(privacy)] if privacy is not None else [])]
+    builders = [p for p in plugins if isinstance(p, PluginBuilder)]
+    builders += [PrivacyPlugin(privacy)] if privacy is not None else []
+    callbacks = [p for p in plugins if not isinstance(p, PluginBuilder)]
     world = World.from_env()
-    device = world.device(device)
-    rules = {"resume": resume, "overwrite": overwrite}
-    rules["protected"] = folders.base_model_folders([model])
-    with world.group(resolve_device(device)), _rank0_folder(world, output_dir, **rules) as folder:
-        data.load(labels, max_train_examples)
-        run = TrainingRun(data, model, method, method_options, config, max_length, builders, world)
-        run.build_model(dtype, readout, head_dropout, head_bias, device)
-        report = run.fit_and_save(folder, callbacks, resume, started)
+    options = dataclasses.replace(options, device=world.device(options.device))
+    rules = {"resume": existing == "resume", "overwrite": existing == "overwrite"}
+    rules["protected"] = folders.base_model_folders([options.name])
+    group = world.group(resolve_device(options.device))
+    with group, _rank0_folder(world, output_dir, **rules) as folder:
+        training = TrainingData(task, data or DataSource())
+        training.load()
+        run = start_run(training, method, method_options, options, config, builders, world)
+        report = run.fit_and_save(folder, callbacks, existing == "resume", started)
     return report if world.is_main else None
+
+
+def start_run(
+    data: TrainingData,
+    method: str,
+    method_options: dict[str, Any] | None,
+    model: ModelOptions,
+    config: TrainConfig,
+    builders: Sequence[PluginBuilder] = (),
+    world: World | None = None,
+) -> TrainingRun:
+    """The one way a run is built (`train`, and both federated apps) from its loaded data: the
+    task model in the order that makes a run reproducible (`TrainingRun.build_model`)."""
+    run = TrainingRun(data, model, method, method_options, config, builders, world)
+    run.build_model()
+    return run
 
 
 @contextmanager
@@ -143,58 +149,41 @@ def _rank0_folder(world: World, output_dir: str | os.PathLike, **rules: Any) -> 
         yield folder
 
 
-def _checked_inputs(
-    model: str, train_file: str | None, dev_file: str | None, max_train_examples: int | None
-) -> str:
-    """Refuse inconsistent data options; the base model's folder as an absolute path."""
-    if (train_file is None) != (dev_file is None):
-        raise MicrotuneError("give --train-file and --dev-file together (or --data-dir)")
-    if max_train_examples is not None and max_train_examples < 1:
-        raise MicrotuneError(f"--max-train-examples must be at least 1, got {max_train_examples}")
-    if os.path.isdir(model):
-        return os.path.abspath(model)  # the artifact must find it from anywhere
-    return model
+def _model_path(model: str) -> str:
+    """The base model's folder as an absolute path (the artifact must find it from anywhere)."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
 
 
 class TrainingData:
-    """The task of one run, its training and dev examples, and the columns they were read by."""
+    """The task of one run, its training and dev examples, and the source they were read from."""
 
-    def __init__(
-        self,
-        task: str,
-        data_dir: str | None,
-        train_file: str | None,
-        dev_file: str | None,
-        text_columns: tuple[str, ...] | None,
-        label_column: str | None,
-    ):
-        self.task = get_task(task)
-        self.data_dir, self.train_file, self.dev_file = data_dir, train_file, dev_file
-        self.text_columns, self.label_column = text_columns, label_column
+    def __init__(self, task: str, source: DataSource):
+        self.task, self.source = get_task(task), source
         self.train: list[Example] = []
         self.dev: list[Example] = []
 
-    def load(self, labels: tuple[str, ...] | None, max_train_examples: int | None) -> None:
+    def load(self) -> None:
         """Read both splits; the label set from the training rows where the task says so."""
-        task, columns, label_column = self.task, self.text_columns, self.label_column
-        rows, source = load_rows(task, "train", self.data_dir, self.train_file)
-        if max_train_examples is not None:
-            rows = rows[:max_train_examples]
+        task, source = self.task, self.source
+        columns, label_column = source.text_columns, source.label_column
+        rows, origin = load_rows(task, "train", source.data_dir, source.train_file)
+        if source.max_train_examples is not None:
+            rows = rows[: source.max_train_examples]
         if task.labels_from_data:
-            task = with_data_labels(task, rows, source, label_column, labels)
-        elif labels:
+            task = with_data_labels(task, rows, origin, label_column, source.labels)
+        elif source.labels:
             raise MicrotuneError(
                 f"--labels applies to tasks that read their labels from the data, not to "
                 f"{task.name}"
             )
         self.task = task = type_of(task).fit_rows(task, rows, columns)
-        self.train = rows_to_examples(task, rows, source, columns, label_column)
+        self.train = rows_to_examples(task, rows, origin, columns, label_column)
         self.dev = load_split(
-            task, task.dev_split, self.data_dir, self.dev_file, columns, label_column
+            task, task.dev_split, source.data_dir, source.dev_file, columns, label_column
         )
 
     def record(self) -> dict[str, Any]:
-        return task_record(self.task, self.text_columns, self.label_column)
+        return task_record(self.task, self.source.text_columns, self.source.label_column)
 
 
 class TrainingRun:
@@ -204,35 +193,24 @@ class TrainingRun:
     def __init__(
         self,
         data: TrainingData,
-        model: str,
+        model: ModelOptions,
         method: str,
         method_options: dict[str, Any] | None,
         config: TrainConfig,
-        max_length: int,
-        builders: Sequence[PluginBuilder],
+        builders: Sequence[PluginBuilder] = (),
         world: World | None = None,
     ):
-        self.data, self.model, self.method, self.method_options = (
-            data,
-            model,
-            method,
-            method_options,
-        )
-        self.config, self.max_length, self.builders = config, max_length, list(builders)
+        self.data, self.options = data, model
+        self.model, self.max_length = model.name, model.max_length  # as artifacts record them
+        self.method, self.method_options = method, method_options
+        self.config, self.builders = config, list(builders)
         self.built: list[Plugins] = []
         self.world = world or World()  # the processes that train together
 
-    def build_model(
-        self,
-        dtype: str,
-        readout: str | None,
-        head_dropout: float,
-        head_bias: bool | None,
-        device: str,
-    ) -> None:
-        task_type = type_of(self.data.task)
+    def build_model(self) -> None:
+        task_type, options = type_of(self.data.task), self.options
         torch.manual_seed(self.config.seed)
-        backbone, self.tokenizer = load_backbone(self.model, dtype, task_type.auto_class)
+        backbone, self.tokenizer = load_backbone(self.model, options.dtype, task_type.auto_class)
         check_max_length(backbone, self.max_length)
         self.base_fingerprint = fingerprint(backbone)
         method = build_method(self.method, self.method_options)
@@ -240,13 +218,12 @@ class TrainingRun:
             self.config = dataclasses.replace(
                 self.config, learning_rate=method.default_learning_rate
             )
-        head = head_config(
-            task_type, self.data.task, arch_for(backbone).causal, readout, head_dropout, head_bias
-        )
+        causal = arch_for(backbone).causal
+        head = head_config(task_type, self.data.task, causal, options)
         self.task_model = TaskModel(
             backbone, head, method, mask_token_id=self.tokenizer.mask_token_id, task_type=task_type
         )
-        self.task_model.to(resolve_device(device))
+        self.task_model.to(resolve_device(options.device))
         if not self.task_model.count_trainable()["total"]:
             raise MicrotuneError(
                 f"nothing trains: method '{self.method}' adds no tensors of its own and the "
@@ -257,10 +234,9 @@ class TrainingRun:
         """The trainer over the encoded rows, with the plug-ins built for this training set."""
         task, tokenizer, config = self.data.task, self.tokenizer, self.config
         pad_id = tokenizer.pad_token_id
-        with_mask = self.task_model.head_config.readout == "mask"
-        encode = type_of(task).encode
-        train_rows, train_labels = encode(tokenizer, self.data.train, self.max_length, with_mask)
-        dev_rows, dev_labels = encode(tokenizer, self.data.dev, self.max_length, with_mask)
+        encode = self.task_model.encode
+        train_rows, train_labels = encode(tokenizer, self.data.train, self.max_length)
+        dev_rows, dev_labels = encode(tokenizer, self.data.dev, self.max_length)
         self.built = [b.build(self.task_model, config, len(train_rows)) for b in self.builders]
         plugins = combine_plugins(self.built)
         return Trainer(
@@ -374,21 +350,15 @@ class TrainingRun:
         return report
 
 
-def head_config(
-    task_type: TaskType,
-    task: Task,
-    causal: bool,
-    readout: str | None,
-    head_dropout: float,
-    head_bias: bool | None,
-) -> HeadConfig:
+def head_config(task_type: TaskType, task: Task, causal: bool, options: ModelOptions) -> HeadConfig:
     """The head a task type gives a task on this backbone, with the user's choices applied."""
-    chosen = task_type.readout(readout, default_readout(causal))
+    chosen = task_type.readout(options.readout, default_readout(causal))
+    bias = options.head_bias
     return HeadConfig(
         num_labels=task.num_labels,
         readout=chosen,
-        head_dropout=head_dropout,
-        bias=task_type.default_head_bias(chosen, causal) if head_bias is None else head_bias,
+        head_dropout=options.head_dropout,
+        bias=task_type.default_head_bias(chosen, causal) if bias is None else bias,
     )
 
 
@@ -433,9 +403,7 @@ def evaluate_artifact(
         text_columns,
         label_column,
     )
-    rows, labels = type_of(task_spec).encode(
-        tokenizer, examples, config["max_length"], config["head"]["readout"] == "mask"
-    )
+    rows, labels = task_model.encode(tokenizer, examples, config["max_length"])
     return evaluate(
         task_model, task_spec, rows, labels, tokenizer.pad_token_id, batch_size, tokenizer
     )

@@ -1,22 +1,23 @@
-"""The task model: a loaded base model (`microtune.backbone`) wrapped as backbone + method +
+"""The task model: a loaded base model (`microtune.backbone.load`) wrapped as backbone + method +
 read-out + head, and folded back into a stock backbone by `merge`."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec, arch_for, get_submodule
+from microtune.backbone.arch import ArchSpec, arch_for, get_submodule
 from microtune.errors import MicrotuneError
-from microtune.heads import READOUTS, read_out
 from microtune.methods.base import Method, copy_matching
-from microtune.tasktypes import TaskType, get_task_type
+from microtune.tasks.heads import READOUTS, read_out
+from microtune.tasks.spec import Example
+from microtune.tasks.types import TaskType, get_task_type
 
 
 @dataclass
@@ -25,7 +26,7 @@ class HeadConfig:
 
     Attributes:
         num_labels: outputs of the head (1 for regression).
-        readout: which hidden state(s) the head reads (`microtune.heads.READOUTS`).
+        readout: which hidden state(s) the head reads (`microtune.tasks.heads.READOUTS`).
         head_dropout: dropout before the head's linear layer.
         bias: the head's linear has a bias (artifacts from before this field have one). The
             stock decoder `...ForSequenceClassification` classes have none, so a decoder's
@@ -99,6 +100,11 @@ class TaskModel(nn.Module):
         """The task type's training loss (`reduction="none"`: one per example)."""
         return self.task_type.loss(logits, labels, reduction)
 
+    def encode(self, tokenizer: Any, examples: Sequence[Example], max_length: int):
+        """(token rows, training labels) of examples as this model reads them (its task type's
+        encoding for its read-out)."""
+        return self.task_type.encode(tokenizer, examples, max_length, self.head_config.readout)
+
     @property
     def backbone_dropout(self) -> bool:
         return self.method is None or self.method.config.dropout
@@ -146,7 +152,7 @@ class TaskModel(nn.Module):
     def per_example_parameters(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Per-example leaves (B, *shape) for the head and, where the method offers a fast path
         (`Method.per_example_parameters`), the method's tensors, by their names here. DP uses
-        this path only when the leaves cover every trainable tensor (`microtune.per_example`)."""
+        this path only when the leaves cover every trainable tensor (`privacy.per_example`)."""
         with contextlib.ExitStack() as stack:
             head = stack.enter_context(self.head.per_example_parameters(batch_size))
             leaves = {f"head.linear.{name}": leaf for name, leaf in head.items()}

@@ -42,8 +42,8 @@ from typing import Any
 
 from microtune.errors import MicrotuneError
 from microtune.methods import method_class
-from microtune.taskspec import check_path_name, get_task
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.spec import check_path_name, get_task
+from microtune.training.config import TrainConfig
 
 CONFIG_FOLDER = Path(__file__).resolve().parents[3] / "bench" / "configs"  # in a checkout
 QUICK_CONFIG = "quick.toml"
@@ -172,6 +172,35 @@ class MethodEntry:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A comparison the report settles: method `a` against method `b` on the mean over the
+    bench's tasks, seed by seed (seeds where both ran every task).
+
+    Attributes:
+        name: what the claim says, as the report's row title.
+        a: the method label whose mean is compared.
+        b: the method label it is compared with.
+        kind: "ratio" (a ÷ b) or "difference" (a − b).
+        goal: the value the claim needs (at least).
+        max_bytes_ratio: also needs a's stored bytes ÷ b's at most this (0: no bound).
+    """
+
+    name: str
+    a: str
+    b: str
+    kind: str = "ratio"
+    goal: float = 1.0
+    max_bytes_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in CLAIM_KINDS:
+            raise MicrotuneError(f"claim {self.name!r}: kind must be one of {CLAIM_KINDS}")
+
+
+CLAIM_KINDS = ("ratio", "difference")
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """A whole bench file, resolved (paths absolute, learning rates filled in).
 
@@ -186,6 +215,7 @@ class BenchConfig:
         timing: what every cell measures.
         tune: learning-rate tuning settings.
         lrs: the tuned learning-rates file (absolute; "" when none).
+        claims: the comparisons the report settles (`[[claims]]`).
         source: the bench file this came from.
     """
 
@@ -199,6 +229,7 @@ class BenchConfig:
     timing: Timing = Timing()
     tune: TuneSettings = TuneSettings()
     lrs: str = ""
+    claims: tuple[Claim, ...] = ()
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,7 +238,7 @@ class BenchConfig:
     def config_hash(self) -> str:
         """Hash of everything that decides the results (not where the files are)."""
         record = self.to_dict()
-        for key in ("source", "data_dir", "lrs"):
+        for key in ("source", "data_dir", "lrs", "claims"):
             record.pop(key)
         return digest(record)
 
@@ -362,6 +393,37 @@ def _tuned(methods: tuple[MethodEntry, ...], lrs: str) -> tuple[MethodEntry, ...
     return tuple(dataclasses.replace(m, lr=float(rates[m.lr_from or m.label])) for m in methods)
 
 
+def _methods(tables: list, only: list[str] | None, path: str | os.PathLike) -> tuple:
+    """The `[[methods]]` entries, checked (labels unique, `lr_from` naming another label),
+    then those `only` keeps, in its order."""
+    methods = tuple(_method(m, i) for i, m in enumerate(tables))
+    by_label = {m.label: m for m in methods}
+    if len(by_label) != len(methods):
+        raise MicrotuneError(f"{path}: method labels repeat; give each `[[methods]]` a label")
+    for m in methods:
+        if m.lr_from and (m.lr_from == m.label or m.lr_from not in by_label):
+            raise MicrotuneError(
+                f"{path}: {m.label}'s lr_from {m.lr_from!r} must name another method's label"
+            )
+    if only is None:
+        return methods
+    unknown = [label for label in only if label not in by_label]
+    if unknown:
+        raise MicrotuneError(f"{path}: `only` names unknown method labels {unknown}")
+    return tuple(by_label[label] for label in only)
+
+
+def _claims(tables: list, methods: list, path: str | os.PathLike) -> tuple[Claim, ...]:
+    """The `[[claims]]`, each naming two method labels of the file (before `only`)."""
+    labels = {m.get("label", m.get("method")) for m in methods if isinstance(m, dict)}
+    claims = tuple(_build(Claim, c, f"claims[{i}]") for i, c in enumerate(tables))
+    for claim in claims:
+        unknown = sorted({claim.a, claim.b} - labels)
+        if unknown:
+            raise MicrotuneError(f"{path}: claim {claim.name!r} names unknown labels {unknown}")
+    return claims
+
+
 def load_config(
     path: str | os.PathLike,
     overrides: dict[str, Any] | None = None,
@@ -386,22 +448,7 @@ def load_config(
     for key in ("model", "tasks", "seeds", "methods"):
         if not table.get(key):
             raise MicrotuneError(f"{path}: `{key}` is missing or empty")
-    methods = tuple(_method(m, i) for i, m in enumerate(table["methods"]))
-    parents = {m.label for m in methods}
-    for m in methods:
-        if m.lr_from and (m.lr_from == m.label or m.lr_from not in parents):
-            raise MicrotuneError(
-                f"{path}: {m.label}'s lr_from {m.lr_from!r} must name another method's label"
-            )
-    if only is not None:
-        by_label = {m.label: m for m in methods}
-        unknown = [label for label in only if label not in by_label]
-        if unknown:
-            raise MicrotuneError(f"{path}: `only` names unknown method labels {unknown}")
-        methods = tuple(by_label[label] for label in only)
-    labels = [m.label for m in methods]
-    if len(set(labels)) != len(labels):
-        raise MicrotuneError(f"{path}: method labels repeat; give each `[[methods]]` a label")
+    methods = _methods(table["methods"], only, path)
     lrs = table.get("lrs") or ""
     if lrs and tuned:
         methods = _tuned(methods, lrs)
@@ -424,6 +471,7 @@ def load_config(
         timing=_build(Timing, table.get("timing", {}), "timing"),
         tune=tune,
         lrs=lrs,
+        claims=_claims(table.get("claims", []), table["methods"], path),
         source=str(Path(path).resolve()),
     )
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from microtune.bench.runner import FAILED, read_record, read_records
+from microtune.common.files import atomic_write
 from microtune.errors import MicrotuneError
-from microtune.files import atomic_write
 
 REPORT_FILE = "report.md"
 PLOTS = {
@@ -126,27 +126,94 @@ def task_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def summary_table(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
-    """Methods × tasks of mean scores, and the mean over tasks where a method ran them all."""
+def seed_means(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[int, float]]:
+    """label -> seed -> the mean main metric over the tasks, for the seeds where the method
+    ran every task with a score."""
+    scores: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    for r in records:
+        if r["score"] is not None:
+            scores[(r["label"], r["seed"])][r["task"]] = r["score"]
+    means: dict[str, dict[int, float]] = defaultdict(dict)
+    for (label, seed), by_task in scores.items():
+        if set(tasks) <= set(by_task):
+            means[label][seed] = statistics.mean(by_task[t] for t in tasks)
+    return means
+
+
+def _spread(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f} ({len(values)})"
+
+
+def summary_table(
+    rows: list[dict[str, Any]], tasks: list[str], means: dict[str, dict[int, float]]
+) -> list[str]:
+    """Methods × tasks of mean scores over seeds, and the mean over tasks ± its std over the
+    seeds that ran every task; trained numbers (besides the head) and stored bytes."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     by = {(r["label"], r["task"]): r for r in rows}
-    mean_name = f"{len(tasks)}-task mean" if len(tasks) > 1 else "mean"
+    mean_name = f"{len(tasks)}-task mean ± std (seeds)" if len(tasks) > 1 else "mean"
     lines = [
-        "| method | trained | " + " | ".join(tasks) + f" | {mean_name} |",
-        "|---|---|" + "---|" * (len(tasks) + 1),
+        "| method | trained | stored bytes | " + " | ".join(tasks) + f" | {mean_name} |",
+        "|---|---|---|" + "---|" * (len(tasks) + 1),
     ]
     for label in labels:
         cells = [by.get((label, t)) for t in tasks]
         scores = [c["mean"] if c else None for c in cells]
-        complete = all(s is not None for s in scores)
-        mean = statistics.mean(scores) if complete else None
-        trained = next(c["trained"] for c in cells if c)
+        seeds = list(means.get(label, {}).values())
+        first = next(c for c in cells if c)
         lines.append(
-            f"| {label} | {trained:,} | "
+            f"| {label} | {first['trained']:,} | {first['stored_bytes']:,.0f} | "
             + " | ".join(_number(s, ".4f") for s in scores)
-            + f" | {_number(mean, '.4f')} |"
+            + f" | {_spread(seeds) if seeds else '–'} |"
         )
     return lines
+
+
+def claim_table(claims: list[dict], means: dict[str, dict[int, float]], rows: list) -> list[str]:
+    """Each claim of the bench file, seed by seed on the mean over tasks: the value's mean and
+    range over the seeds both methods completed, its goal, and stored bytes where bounded."""
+    lines = [
+        "| claim | value, mean (min–max) over seeds | seeds | goal | met |",
+        "|---|---|---|---|---|",
+    ]
+    for claim in claims:
+        a, b = means.get(claim["a"], {}), means.get(claim["b"], {})
+        seeds = sorted(set(a) & set(b))
+        goal = f"≥ {claim['goal']:g}"
+        if not seeds:
+            lines.append(f"| {claim['name']} | not run yet | – | {goal} | – |")
+            continue
+        ratio = claim["kind"] == "ratio"
+        values = [a[s] / b[s] if ratio else a[s] - b[s] for s in seeds]
+        met = statistics.mean(values) >= claim["goal"]
+        if claim.get("max_bytes_ratio"):
+            size = _median_bytes(rows, claim["a"]) / _median_bytes(rows, claim["b"])
+            met = met and size <= claim["max_bytes_ratio"]
+            goal += f"; stored bytes ÷ {size:.3f} (goal ≤ {claim['max_bytes_ratio']:g})"
+        value = f"{statistics.mean(values):.4f} ({min(values):.4f}–{max(values):.4f})"
+        seen = ", ".join(map(str, seeds))
+        lines.append(f"| {claim['name']} | {value} | {seen} | {goal} | {'yes' if met else 'no'} |")
+    return lines
+
+
+def _median_bytes(rows: list[dict[str, Any]], label: str) -> float:
+    return statistics.median(r["stored_bytes"] for r in rows if r["label"] == label)
+
+
+def cost_table(records: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    """What a cell cost per task on this machine (process wall time: training, the dev
+    evaluation and any timing), and the CPU hours of every cell (wall × its threads)."""
+    lines = ["| task | cells | minutes per cell, median (min–max) |", "|---|---|---|"]
+    for task in tasks:
+        minutes = [
+            r["cell_time_s"] / 60 for r in records if r["task"] == task and "cell_time_s" in r
+        ]
+        if minutes:
+            spread = f"{statistics.median(minutes):.1f} ({min(minutes):.1f}–{max(minutes):.1f})"
+            lines.append(f"| {task} | {len(minutes)} | {spread} |")
+    hours = sum(r.get("cell_time_s", 0) * (r.get("threads") or 1) for r in records) / 3600
+    return [*lines, "", f"CPU hours over {len(records)} cells: {hours:.1f}"]
 
 
 def failures(folder: Path) -> list[dict[str, Any]]:
@@ -221,8 +288,12 @@ def report(folder: str | os.PathLike) -> dict[str, Any]:
     )
     rows = summarise(records)
     tasks = _ordered(order.get("tasks", []), [r["task"] for r in records])
+    means = seed_means(records, tasks)
     lines = header(records, folder)
-    lines += ["## Summary", "", *summary_table(rows, tasks), ""]
+    lines += ["## Summary", "", *summary_table(rows, tasks, means), ""]
+    if order.get("claims"):
+        lines += ["## Claims", "", *claim_table(order["claims"], means, rows), ""]
+    lines += ["## Cost", "", *cost_table(records, tasks), ""]
     for task in tasks:
         metric = next(r["metric"] for r in rows if r["task"] == task)
         lines += [f"## {task} ({metric})", "", *task_table([r for r in rows if r["task"] == task])]

@@ -29,8 +29,8 @@ from typing import Any
 
 import microtune
 from microtune.bench.config import BenchConfig, Cell, cells, check_config
+from microtune.common.files import write_json
 from microtune.errors import MicrotuneError
-from microtune.files import write_json
 
 CELLS, FAILED, SPECS, LOGS, RUNS = "cells", "failed", "specs", "logs", "runs"
 CARVED = "data/carved.json"  # `bench tune`'s data, carved before its first cell runs
@@ -162,6 +162,16 @@ def refuse_foreign_folder(output: Path) -> None:
         )
 
 
+def _unfinished(config: BenchConfig, output: Path, echo: Callable[[str], None]) -> tuple:
+    """(the grid, its cells still to run); stale records (other settings) are removed."""
+    grid, finished, stale = plan(config, output)
+    for cell in stale:
+        echo(f"stale: {cell.key} was run with other settings; running it again")
+        (output / CELLS / f"{cell.key}.json").unlink()
+    done = {c.key for c in finished}
+    return grid, [c for c in grid if c.key not in done]
+
+
 def run_bench(
     config: BenchConfig,
     output: str | os.PathLike,
@@ -188,15 +198,10 @@ def run_bench(
     write_json(
         output / "bench.json", {"config": config.to_dict(), "config_hash": config.config_hash()}
     )
-    grid, finished, stale = plan(config, output)
-    for cell in stale:
-        echo(f"stale: {cell.key} was run with other settings; running it again")
-        (output / CELLS / f"{cell.key}.json").unlink()
-    done = {c.key for c in finished}
-    todo = [c for c in grid if c.key not in done]
+    grid, todo = _unfinished(config, output, echo)
     echo(
-        f"{config.name}: {len(grid)} cells, {len(finished)} finished, {len(todo)} to run "
-        f"({jobs} at once, {threads} threads each) in {output}"
+        f"{config.name}: {len(grid)} cells, {len(grid) - len(todo)} finished, {len(todo)} to "
+        f"run ({jobs} at once, {threads} threads each) in {output}"
     )
     started, durations, failed = time.time(), [], []
     with ThreadPoolExecutor(jobs) as pool:

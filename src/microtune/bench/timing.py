@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from microtune.data import Encoded, batches
-from microtune.train import AdamWStep
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.data import Encoded, batches
+from microtune.training.config import TrainConfig
+from microtune.training.steps import AdamWStep
 from microtune.version import __version__
 
 

@@ -26,10 +26,10 @@ from microtune.bench.config import (
     read_lrs,
 )
 from microtune.bench.runner import CARVED, read_records, refuse_foreign_folder, run_bench
+from microtune.common.files import atomic_write, write_json
 from microtune.errors import MicrotuneError
-from microtune.files import atomic_write, write_json
 from microtune.methods import method_class
-from microtune.taskspec import get_task, load_rows
+from microtune.tasks.spec import get_task, load_rows
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

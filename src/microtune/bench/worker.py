@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from microtune import api
-from microtune.artifact import read_artifact_config
-from microtune.backbone import load_backbone
+from microtune.artifacts.store import read_artifact_config
+from microtune.backbone.load import load_backbone
+from microtune.backbone.options import ModelOptions
 from microtune.bench.timing import (
     hardware,
     inference_times,
@@ -33,13 +34,15 @@ from microtune.bench.timing import (
     sync,
     versions,
 )
-from microtune.data import batches
+from microtune.common.files import write_json
 from microtune.errors import MicrotuneError
-from microtune.export import check_rows
-from microtune.files import write_json
+from microtune.export.merged import check_rows
 from microtune.model import TaskModel
-from microtune.train import ShuffledSampler, TrainerCallback
-from microtune.trainconfig import TrainConfig
+from microtune.tasks.data import batches
+from microtune.tasks.spec import DataSource
+from microtune.training.callbacks import TrainerCallback
+from microtune.training.config import TrainConfig
+from microtune.training.samplers import ShuffledSampler
 
 
 class BenchCallback(TrainerCallback):
@@ -238,17 +241,21 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         spec["task"],
         spec["method"],
         spec["output"],
-        model=spec["model"],
         method_options=spec["options"],
-        readout=protocol["readout"] or None,
+        model=ModelOptions(
+            name=spec["model"],
+            dtype=protocol["dtype"],
+            device=spec["device"],
+            max_length=protocol["max_length"],
+            readout=protocol["readout"] or None,
+        ),
+        data=DataSource(
+            data_dir=spec["data_dir"] or None,
+            max_train_examples=protocol["max_train_examples"] or None,
+        ),
         train_config=train_config(spec),
-        data_dir=spec["data_dir"] or None,
-        max_length=protocol["max_length"],
-        max_train_examples=protocol["max_train_examples"] or None,
-        device=spec["device"],
-        dtype=protocol["dtype"],
-        overwrite=True,
-        callbacks=[watch],
+        plugins=[watch],
+        existing="overwrite",
     )
     model, device = watch.model, watch.device
     record = cell_record(spec, report, watch)

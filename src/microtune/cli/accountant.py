@@ -7,8 +7,8 @@ import argparse
 import math
 from typing import Any
 
-from microtune.dpconfig import ACCOUNTANTS, STEPS_MAX
 from microtune.errors import MicrotuneError
+from microtune.privacy.config import ACCOUNTANTS, STEPS_MAX
 
 TEXT = (
     "privacy accounting: the noise multiplier sigma for a target epsilon, or the epsilon of "
@@ -54,7 +54,7 @@ def _steps(args: argparse.Namespace, q: float) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from microtune.accounting import calibrate_sigma, check_delta, epsilon_spent
+    from microtune.privacy.accounting import calibrate_sigma, check_delta, epsilon_spent
 
     delta = _delta(args)
     if args.num_examples is not None:

@@ -91,7 +91,7 @@ def add_folder_options(sub: argparse.ArgumentParser) -> None:
 
 def read_inputs(args: argparse.Namespace) -> list:
     """`--input`'s lines (or standard input's), parsed by `serving.parse_input_lines`."""
-    from microtune.serving import parse_input_lines
+    from microtune.serving.tuned import parse_input_lines
 
     source = args.input or "standard input"
     try:

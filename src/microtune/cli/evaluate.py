@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from microtune.cli.common import ARTIFACT_HELP, MODEL_HELP, add_data_options
-from microtune.taskspec import TASKS
+from microtune.tasks.spec import TASKS
 
 
 def add(commands) -> None:

@@ -46,7 +46,7 @@ def add(commands) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.format == "peft":
-        from microtune.peft_format import export_peft_and_check as export
+        from microtune.export.peft import export_peft_and_check as export
     else:
         from microtune.api import export_and_check as export
     if args.data_file and args.format == "peft":

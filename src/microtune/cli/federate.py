@@ -14,7 +14,7 @@ from microtune.cli.common import HelpFormatter, add_data_options
 from microtune.errors import MicrotuneError
 from microtune.federated.spec import SCHEDULES, STRATEGIES
 from microtune.methods import method_names
-from microtune.taskspec import TASKS
+from microtune.tasks.spec import TASKS
 
 
 def add(commands) -> None:
@@ -92,6 +92,11 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
         help="LoRA: keep every A at its seeded start, send only B (then averaging is exact)",
     )
     group.add_argument("--workers", type=int, default=1, help="parties trained at once (CPUs)")
+    _add_client_dp_options(parser)
+
+
+def _add_client_dp_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("client-level differential privacy")
     group.add_argument(
         "--client-dp-epsilon",
         type=float,
@@ -106,7 +111,7 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from microtune.choices import DEFAULT_MODEL
+    from microtune.common.choices import DEFAULT_MODEL
     from microtune.federated.simulation import simulate
     from microtune.federated.spec import ClientDP, FederationSpec
 
@@ -125,13 +130,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_config=options.train_config(args),
         model=args.model or DEFAULT_MODEL,
         method_options=options.method_options(args),
-        data_dir=args.data_dir,
-        train_file=args.train_file,
-        dev_file=args.dev_file,
-        text_columns=args.text_columns,
-        label_column=args.label_column,
+        data=options.data_source(args),
         max_length=args.max_length,
-        max_train_examples=args.max_train_examples,
         clients=args.clients,
         clients_per_round=args.clients_per_round,
         rounds=args.rounds,

@@ -41,7 +41,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from microtune.serving import load
+    from microtune.serving.tuned import load
 
     prompts = _prompts(args)
     return load(args.artifact, args.model).generate(prompts, args.max_new_tokens, args.batch_size)

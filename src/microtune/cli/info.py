@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from microtune.choices import DEFAULT_MODEL, READOUTS
 from microtune.cli.common import ARTIFACT_HELP
-from microtune.taskspec import TASKS
+from microtune.common.choices import DEFAULT_MODEL, READOUTS
+from microtune.tasks.spec import TASKS
 from microtune.version import __version__
 
 
@@ -28,7 +28,7 @@ def _methods() -> dict[str, dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from microtune.api import artifact_summary
-    from microtune.arch import ARCHITECTURES
+    from microtune.backbone.arch import ARCHITECTURES
 
     if args.artifact:
         return artifact_summary(args.artifact)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from microtune.choices import DEFAULT_MODEL
+from microtune.common.choices import DEFAULT_MODEL
 
 
 def add(commands) -> None:
@@ -22,8 +22,8 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from microtune.arch import describe
-    from microtune.backbone import load_backbone
+    from microtune.backbone.arch import describe
+    from microtune.backbone.load import load_backbone
 
     backbone, _ = load_backbone(args.model)
     return describe(backbone)

@@ -22,10 +22,11 @@ import dataclasses
 import typing
 from typing import Any
 
-from microtune.dpconfig import DPConfig
 from microtune.errors import MicrotuneError
 from microtune.methods import method_config, method_names
-from microtune.trainconfig import DEFAULT_MAX_STEPS, TrainConfig
+from microtune.privacy.config import DPConfig
+from microtune.tasks.spec import DataSource
+from microtune.training.config import DEFAULT_MAX_STEPS, TrainConfig
 
 # Members of one group take one flag at most (the library lets max_steps win over epochs; the
 # command line refuses both).
@@ -175,6 +176,21 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
             dest=f"method_{name}",
             **field_argument(spec["type"], text, metavar=name.upper()),
         )
+
+
+def data_source(args: argparse.Namespace) -> DataSource:
+    """Where the examples come from (`--data-dir`, or `--train-file`/`--dev-file` with their
+    columns), as `microtune train` and `microtune federate` take it."""
+    columns = args.text_columns
+    return DataSource(
+        data_dir=args.data_dir,
+        train_file=args.train_file,
+        dev_file=args.dev_file,
+        text_columns=tuple(columns) if columns else None,
+        label_column=args.label_column,
+        max_train_examples=args.max_train_examples,
+        labels=tuple(args.labels) if getattr(args, "labels", None) else None,
+    )
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,12 +31,12 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from microtune.serving import load
+    from microtune.serving.tuned import load
 
     if args.batch_size < 1:
         raise MicrotuneError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.model_folder:
-        from microtune.serving import ExportedModel, is_export_folder
+        from microtune.serving.tuned import ExportedModel, is_export_folder
 
         if not is_export_folder(args.model_folder):
             raise MicrotuneError(

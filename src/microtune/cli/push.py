@@ -25,7 +25,7 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from microtune.push import push_artifact
+    from microtune.artifacts.push import push_artifact
 
     return push_artifact(
         args.artifact, args.repo, private=args.private, revision=args.revision, token=args.token

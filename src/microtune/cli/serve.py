@@ -8,9 +8,9 @@ from pathlib import Path
 
 from microtune.cli.common import MODEL_HELP
 from microtune.cli.options import dest_of, field_argument, flagged_fields
+from microtune.common.files import CONFIG_FILE
 from microtune.errors import MicrotuneError
-from microtune.files import CONFIG_FILE
-from microtune.serveconfig import ServeConfig
+from microtune.serving.config import ServeConfig
 
 
 def add(commands) -> None:
@@ -66,8 +66,8 @@ def check_artifact_root(root: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from microtune.multitask import load_many
-    from microtune.server import bind, serve
+    from microtune.serving.http import bind, serve
+    from microtune.serving.multitask import load_many
 
     given = {
         field.name: getattr(args, dest_of(flag))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from microtune.choices import DEFAULT_MODEL, DTYPE_NAMES, READOUTS
+from microtune.backbone.options import ModelOptions
 from microtune.cli import options
 from microtune.cli.common import HelpFormatter, add_data_options
+from microtune.common.choices import DEFAULT_MODEL, DTYPE_NAMES, READOUTS
+from microtune.errors import MicrotuneError
 from microtune.methods import method_names
-from microtune.taskspec import TASKS
+from microtune.tasks.spec import TASKS
 
 DEFAULT_METHOD = "slash"
 
@@ -97,27 +99,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from microtune.api import train
 
     config = options.train_config(args)  # its refusals first, as before the package split
+    model = ModelOptions(
+        name=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_length=args.max_length,
+        readout=args.readout,
+        head_dropout=args.head_dropout,
+        head_bias=args.head_bias,
+    )
+    if args.resume and args.overwrite:
+        raise MicrotuneError(
+            "--resume continues a run and --overwrite starts over; give only one of them"
+        )
     return train(
         args.task,
         args.method,
         args.output,
-        model=args.model,
         method_options=options.method_options(args),
-        readout=args.readout,
-        head_dropout=args.head_dropout,
-        head_bias=args.head_bias,
+        model=model,
+        data=options.data_source(args),
         train_config=config,
-        data_dir=args.data_dir,
-        train_file=args.train_file,
-        dev_file=args.dev_file,
-        text_columns=args.text_columns,
-        label_column=args.label_column,
-        labels=args.labels,
-        max_length=args.max_length,
-        max_train_examples=args.max_train_examples,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        device=args.device,
         privacy=options.dp_config(args),
-        dtype=args.dtype,
+        existing="resume" if args.resume else "overwrite" if args.overwrite else "refuse",
     )

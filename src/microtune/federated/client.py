@@ -20,8 +20,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from microtune.accounting import calibrate_sigma, epsilon_spent
-from microtune.api import TrainingData, TrainingRun
+from microtune.api import TrainingData, TrainingRun, start_run
+from microtune.backbone.options import ModelOptions
 from microtune.errors import MicrotuneError
 from microtune.federated.exchange import (
     freeze_untravelled,
@@ -32,8 +32,11 @@ from microtune.federated.exchange import (
 )
 from microtune.federated.partition import dirichlet_partition
 from microtune.federated.spec import FederationSpec
-from microtune.privacy import PrivacyPlugin
-from microtune.train import AdamWStep, Plugins, Trainer
+from microtune.privacy.accounting import calibrate_sigma, epsilon_spent
+from microtune.privacy.dpsgd import PrivacyPlugin
+from microtune.training.loop import Trainer
+from microtune.training.plugins import Plugins
+from microtune.training.steps import AdamWStep
 
 REFUSAL = "refusal"  # the ConfigRecord of a reply that refuses the round, with its reason
 
@@ -52,17 +55,16 @@ class ProximalStep(AdamWStep):
         super().bind(model, parameters, *args, **kwargs)
         self.anchor = {name: p.detach().clone() for name, p in parameters.items()}
 
+    def loss(self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The task type's loss, of the logits shifted by the log prior when there is one."""
+        if self.log_prior is not None:
+            logits = logits + self.log_prior.to(logits)
+        return super().loss(model, logits, labels)
+
     def gradients(self, model: nn.Module, micro_batches: Iterable, logical_size: int) -> float:
-        if self.log_prior is None:
-            loss = super().gradients(model, micro_batches, logical_size)
-        else:
-            loss_sum, units = 0.0, 0
-            for inputs, labels in micro_batches:
-                logits = model(**inputs)
-                loss = nn.functional.cross_entropy(logits + self.log_prior.to(logits), labels)
-                (loss * len(labels)).backward()
-                loss_sum, units = loss_sum + loss.item() * len(labels), units + len(labels)
-            loss = self.average_gradients(loss_sum, units)
+        """The step's gradient plus FedProx's mu (w - w_global); the loss returned is the
+        task's alone."""
+        loss = super().gradients(model, micro_batches, logical_size)
         if self.mu > 0:
             with torch.no_grad():
                 for name, parameter in self.parameters.items():
@@ -85,10 +87,7 @@ class LocalParty:
         self.model = self.run.task_model
         self.names = travelling_names(self.model, spec.lora_frozen_a)
         tokenizer = self.run.tokenizer
-        with_mask = self.model.head_config.readout == "mask"
-        self.rows, self.labels = self.model.task_type.encode(
-            tokenizer, train, spec.max_length, with_mask
-        )
+        self.rows, self.labels = self.model.encode(tokenizer, train, spec.max_length)
         self.pad_id = tokenizer.pad_token_id
         self.sigma = self._sample_sigma()
 
@@ -193,19 +192,16 @@ def _worker_model(spec: FederationSpec, node_config: dict[str, Any]) -> tuple:
     key = repr((spec, model, node_config.get("train-file"), node_config.get("dev-file")))
     if key not in _MODELS:
         _MODELS.clear()
-        data = TrainingData(
-            spec.task,
-            None if own_rows else spec.data_dir,
-            node_config.get("train-file", spec.train_file),
-            node_config.get("dev-file", spec.dev_file),
-            spec.text_columns,
-            spec.label_column,
+        source = dataclasses.replace(
+            spec.data,
+            data_dir=None if own_rows else spec.data.data_dir,
+            train_file=node_config.get("train-file", spec.data.train_file),
+            dev_file=node_config.get("dev-file", spec.data.dev_file),
         )
-        data.load(None, spec.max_train_examples)
-        run = TrainingRun(
-            data, model, spec.method, spec.method_options, spec.train_config, spec.max_length, []
-        )
-        run.build_model("float32", None, 0.0, None, "cpu")
+        data = TrainingData(spec.task, source)
+        data.load()
+        options = ModelOptions(name=model, device="cpu", max_length=spec.max_length)
+        run = start_run(data, spec.method, spec.method_options, options, spec.train_config)
         freeze_untravelled(run.task_model, spec.lora_frozen_a)
         _MODELS[key] = (run, data)
     return _MODELS[key]

@@ -9,7 +9,7 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner
 
 from microtune.errors import MicrotuneError
-from microtune.taskspec import Example
+from microtune.tasks.spec import Example
 
 
 def dirichlet_partition(

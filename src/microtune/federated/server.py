@@ -28,10 +28,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from microtune import folders
-from microtune.accounting import calibrate_sigma, epsilon_spent
-from microtune.api import TrainingData, TrainingRun
-from microtune.artifact import save_artifact
+from microtune.api import TrainingData, start_run
+from microtune.artifacts import folders
+from microtune.artifacts.store import save_artifact
+from microtune.backbone.options import ModelOptions
+from microtune.common.files import (
+    CHECKPOINT_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    atomic_write,
+    write_json,
+    write_tensors,
+)
 from microtune.errors import MicrotuneError
 from microtune.federated.client import REFUSAL
 from microtune.federated.exchange import (
@@ -46,15 +54,8 @@ from microtune.federated.exchange import (
 )
 from microtune.federated.partition import dirichlet_partition
 from microtune.federated.spec import FederationSpec
-from microtune.files import (
-    CHECKPOINT_FILE,
-    LOG_FILE,
-    METRICS_FILE,
-    atomic_write,
-    write_json,
-    write_tensors,
-)
-from microtune.train import evaluate
+from microtune.privacy.accounting import calibrate_sigma, epsilon_spent
+from microtune.training.loop import evaluate
 
 logger = logging.getLogger("microtune.federated")
 
@@ -163,34 +164,17 @@ class FederationServer:
 
     def __init__(self, spec: FederationSpec, folder: Path):
         self.spec, self.folder, self.started = spec, folder, time.time()
-        data = TrainingData(
-            spec.task,
-            spec.data_dir,
-            spec.train_file,
-            spec.dev_file,
-            spec.text_columns,
-            spec.label_column,
-        )
-        data.load(None, spec.max_train_examples)
+        data = TrainingData(spec.task, spec.data)
+        data.load()
         # The clients' split, checked here so a task or size it cannot split stops the run first.
         dirichlet_partition(data.train, spec.clients, spec.alpha, spec.partition_seed)
         self.data = data
-        self.run = TrainingRun(
-            data,
-            spec.model,
-            spec.method,
-            spec.method_options,
-            spec.train_config,
-            spec.max_length,
-            [],
-        )
-        self.run.build_model("float32", None, 0.0, None, "cpu")
+        options = ModelOptions(name=spec.model, device="cpu", max_length=spec.max_length)
+        self.run = start_run(data, spec.method, spec.method_options, options, spec.train_config)
         self.model = self.run.task_model
         self.names = travelling_names(self.model, spec.lora_frozen_a)
         self.shapes = expected_shapes(self.model, self.names)
-        with_mask = self.model.head_config.readout == "mask"
-        tokenizer = self.run.tokenizer
-        self.dev = self.model.task_type.encode(tokenizer, data.dev, spec.max_length, with_mask)
+        self.dev = self.model.encode(self.run.tokenizer, data.dev, spec.max_length)
         self.sigma = self._client_sigma()
         self.done = 0
         self.log: list[dict[str, Any]] = []

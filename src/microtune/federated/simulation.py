@@ -11,11 +11,11 @@ from typing import Any
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
+from microtune.common.files import METRICS_FILE
 from microtune.errors import MicrotuneError
 from microtune.federated.client import client_app
 from microtune.federated.server import server_app
 from microtune.federated.spec import FederationSpec
-from microtune.files import METRICS_FILE
 
 
 def simulate(

@@ -9,11 +9,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from microtune.choices import DEFAULT_MODEL
-from microtune.dpconfig import DPConfig
+from microtune.common.choices import DEFAULT_MODEL
 from microtune.errors import MicrotuneError
-from microtune.taskspec import TASKS
-from microtune.trainconfig import TrainConfig
+from microtune.privacy.config import DPConfig
+from microtune.tasks.spec import TASKS, DataSource
+from microtune.training.config import TrainConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 SCHEDULES = ("federation", "round")
@@ -53,13 +53,8 @@ class FederationSpec:
     train_config: TrainConfig
     model: str = DEFAULT_MODEL
     method_options: dict[str, Any] = field(default_factory=dict)
-    data_dir: str | None = None
-    train_file: str | None = None
-    dev_file: str | None = None
-    text_columns: tuple[str, ...] | None = None
-    label_column: str | None = None
+    data: DataSource = DataSource()
     max_length: int = 128
-    max_train_examples: int | None = None
     clients: int = 10
     clients_per_round: int = 3
     rounds: int = 20
@@ -133,10 +128,15 @@ class FederationSpec:
     def record(self) -> dict[str, Any]:
         """What the artifact and metrics.json record of the federation (JSON)."""
         record = dataclasses.asdict(self)
-        for key in ("output_dir", "resume", "overwrite", "train_config", "method_options"):
+        for key in ("output_dir", "resume", "overwrite", "train_config", "method_options", "data"):
             record.pop(key)
+        source = self.data
+        record |= {
+            key: getattr(source, key)
+            for key in ("data_dir", "train_file", "dev_file", "label_column", "max_train_examples")
+        }
         record["local_steps"] = self.train_config.max_steps
-        record["text_columns"] = list(self.text_columns) if self.text_columns else None
+        record["text_columns"] = list(source.text_columns) if source.text_columns else None
         return {key: value for key, value in record.items() if value is not None}
 
 
@@ -162,13 +162,16 @@ def spec_from_run_config(config: dict[str, Any]) -> FederationSpec:
     values = {k: v for k, v in values.items() if not k.startswith("client_dp_") and v != ""}
     if isinstance(values.get("text_columns"), str):
         values["text_columns"] = tuple(values["text_columns"].split(","))
-    known = {f.name for f in dataclasses.fields(FederationSpec)}
+    data_keys = {f.name for f in dataclasses.fields(DataSource)} - {"labels"}
+    data = DataSource(**{key: values.pop(key) for key in data_keys & set(values)})
+    known = {f.name for f in dataclasses.fields(FederationSpec)} - {"data"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise MicrotuneError(f"unknown run-config keys {unknown}; see microtune federate --help")
     return FederationSpec(
         train_config=TrainConfig(**train),
         method_options=options,
+        data=data,
         client_dp=client_dp,
         **values,
     )

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec, output_dim
+from microtune.backbone.arch import ArchSpec, output_dim
 from microtune.methods.base import Method
 from microtune.methods.configs.adapter import ACTIVATION_NAMES, ADAPTER_SITES, AdapterConfig
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec
+from microtune.backbone.arch import ArchSpec
+from microtune.common.records import Record
 from microtune.errors import MicrotuneError
 from microtune.methods.configs.base import MethodConfig
-from microtune.records import Record
 
 
 class Method(nn.Module, abc.ABC):
@@ -36,6 +38,10 @@ class Method(nn.Module, abc.ABC):
     supports_per_example: ClassVar[bool] = True
     # The record `stored_metadata` returns (the artifact's `method_state`); None: it records {}.
     state_schema: ClassVar[type[Record] | None] = None
+    # How its tasks join a mixed batch of tasks on one shared base (`microtune.load_many`), one
+    # of `JOINS`; `serving_join` reads it (a method whose answer depends on its options
+    # overrides that instead).
+    mixed_batch: ClassVar[str] = "copy"
 
     def __init__(self, config: MethodConfig):
         super().__init__()
@@ -56,7 +62,7 @@ class Method(nn.Module, abc.ABC):
         """Optional fast path for DP: a context in which each of this method's trainable tensors
         is replaced by a per-example leaf of shape (batch_size, *shape) that row b of the batch
         alone uses; it yields the leaves by parameter name (e.g. {"z": z_b}). None (the
-        default): DP uses the general `torch.func` path (`microtune.per_example`)."""
+        default): DP uses the general `torch.func` path (`microtune.privacy.per_example`)."""
         return None
 
     def merge(self, backbone: nn.Module, arch: ArchSpec) -> list[str]:
@@ -115,6 +121,50 @@ class Method(nn.Module, abc.ABC):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+
+    # -- serving in a mixed batch (`microtune.serving.multitask`) ----------------------------
+
+    @classmethod
+    def serving_join(cls, config: MethodConfig) -> str:
+        """How a task of this method with these options joins a mixed batch (one of `JOINS`):
+
+        - "bias": `merge` changes nothing but bias vectors; each row adds its task's changes.
+        - "lora": each row adds x Aᵀ Bᵀ per target layer, from `low_rank_rows`.
+        - "pafi": its rows run as their own group with `swapped_values` written into the base.
+        - "copy" (the default): it cannot join; it is served on its own copy of the base.
+        """
+        return cls.mixed_batch
+
+    def low_rank_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """For a "lora" join: target path in the backbone -> (A (rank, in), scale·B (out,
+        rank)), detached copies, so that the layer's update is x Aᵀ (scale·B)ᵀ."""
+        raise TypeError(f"method '{self.name}' does not join mixed batches as low-rank rows")
+
+    def swapped_values(self) -> SwappedValues:
+        """For a "pafi" join: the values its rows' pass writes into the base, and how."""
+        raise TypeError(f"method '{self.name}' does not join mixed batches as swapped values")
+
+
+JOINS = ("bias", "lora", "pafi", "copy")
+
+
+@dataclass(eq=False)
+class SwappedValues:
+    """What a "pafi" join gives the mixed batch: values written into the shared base's weights
+    for its own rows' forward pass (`swap_in`), the originals written back after (`swap_out`).
+    Tasks of one `group` (PaFi: one mask) hold the `shared` tensors once (`share`)."""
+
+    group: str
+    own: tuple[torch.Tensor, ...]  # held by this task alone (PaFi: its values)
+    shared: tuple[torch.Tensor, ...]  # held once per group (PaFi: positions, original values)
+    swap_in: Callable[[], object]
+    swap_out: Callable[[], object]
+    use_shared: Callable[[tuple[torch.Tensor, ...]], None]  # take the group's `shared` tensors
+
+    def share(self, first: SwappedValues) -> None:
+        """Use the `shared` tensors of the group's first task in place of this task's own."""
+        self.use_shared(first.shared)
+        self.shared = first.shared
 
 
 def copy_matching(stored: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ import warnings
 
 from torch import nn
 
-from microtune.arch import ArchSpec, ensure_bias
+from microtune.backbone.arch import ArchSpec, ensure_bias
 from microtune.methods.configs.bitfit import BitFitConfig
 from microtune.methods.masters import BackboneTensorMethod
 
@@ -34,6 +34,7 @@ class BitFit(BackboneTensorMethod):
     name = "bitfit"
     config_class = BitFitConfig
     default_learning_rate = 1e-3
+    mixed_batch = "bias"
 
     def __init__(self, config: BitFitConfig):
         super().__init__(config)

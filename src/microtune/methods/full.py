@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from microtune.arch import ArchSpec
+from microtune.backbone.arch import ArchSpec
 from microtune.methods.configs.full import FullConfig
 from microtune.methods.masters import BackboneTensorMethod
 

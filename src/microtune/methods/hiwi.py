@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from microtune.arch import ArchSpec, is_conv1d
+from microtune.backbone.arch import ArchSpec, is_conv1d
 from microtune.errors import MicrotuneError
 from microtune.methods.adapter import ACTIVATIONS
 from microtune.methods.base import Method, copy_matching
@@ -90,6 +90,11 @@ class HiWi(Method):
                 self.adapters[key] = ParameterAdapter(n, self.config.r, self.config.activation)
                 self._targets[key] = (name, module)
         self.to(next(backbone.parameters()).device)
+
+    @classmethod
+    def serving_join(cls, config: HiWiConfig) -> str:  # type: ignore[override]
+        """The bias variant's P' are biases; the weight variant's cannot join."""
+        return "bias" if config.variant == "bias" else "copy"
 
     def _rows_as_stored(self, module: nn.Module) -> bool:
         """Whether P is the stored tensor as is: biases, and Conv1D weights (in, out)."""

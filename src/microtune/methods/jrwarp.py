@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec
+from microtune.backbone.arch import ArchSpec
 from microtune.methods.configs.jrwarp import JRWARPConfig
 from microtune.methods.projected import ProjectedZMethod
 from microtune.methods.prompts import PromptMethod

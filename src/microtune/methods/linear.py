@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from microtune.arch import ArchSpec
+from microtune.backbone.arch import ArchSpec
 from microtune.methods.base import Method
 from microtune.methods.configs.linear import LinearProbeConfig
 
@@ -15,6 +15,7 @@ class LinearProbe(Method):
     name = "linear"
     config_class = LinearProbeConfig
     default_learning_rate = 5e-3
+    mixed_batch = "bias"  # with no bias row at all: only its head differs
 
     def attach(self, backbone: nn.Module, arch: ArchSpec) -> None:
         pass

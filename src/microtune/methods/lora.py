@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec, is_conv1d
+from microtune.backbone.arch import ArchSpec, is_conv1d
 from microtune.errors import MicrotuneError
 from microtune.methods.base import Method
 from microtune.methods.configs.lora import LoRAConfig
@@ -78,6 +78,7 @@ class LoRA(Method):
     name = "lora"
     config_class = LoRAConfig
     default_learning_rate = 5e-4
+    mixed_batch = "lora"
 
     def __init__(self, config: LoRAConfig):
         super().__init__(config)
@@ -114,6 +115,15 @@ class LoRA(Method):
 
     def target_paths(self) -> list[str]:
         return list(self._paths.values())
+
+    def low_rank_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {
+            path: (
+                self.factors[key].A.detach().clone(),
+                (self.config.scale * self.factors[key].B.detach()).clone(),
+            )
+            for key, path in self._paths.items()
+        }
 
     @torch.no_grad()
     def _fold(self, sign: float) -> None:

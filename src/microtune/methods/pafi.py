@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from microtune.arch import ArchSpec
+from microtune.backbone.arch import ArchSpec
 from microtune.errors import MicrotuneError
-from microtune.methods.base import Method, copy_matching
+from microtune.methods.base import Method, SwappedValues, copy_matching
 from microtune.methods.configs.pafi import MASKS as MASKS  # re-exported
 from microtune.methods.configs.pafi import PaFiConfig, PaFiState
 
@@ -178,6 +178,7 @@ class PaFi(Method):
     config_class = PaFiConfig
     state_schema = PaFiState
     default_learning_rate = 1e-3  # chosen over 1e-4 on an SST-2 slice of the training set
+    mixed_batch = "pafi"
 
     def __init__(self, config: PaFiConfig):
         super().__init__(config)
@@ -259,6 +260,24 @@ class PaFi(Method):
             raise MicrotuneError("pafi: not merged, nothing to unmerge")
         self._write(self.original)
         self.merged = False
+
+    def swapped_values(self) -> SwappedValues:
+        """Its values, swapped in by `merge` and out by `unmerge` (O(k)); tasks on one mask
+        share its positions and original values."""
+        return SwappedValues(
+            group=self.mask_fingerprint,
+            own=(self.values,),
+            shared=(self.positions, self.original),
+            swap_in=self._swap_in,
+            swap_out=self.unmerge,
+            use_shared=self._use_shared,
+        )
+
+    def _swap_in(self) -> None:
+        self.merge(None, None)  # type: ignore[arg-type]  # PaFi's merge reads neither
+
+    def _use_shared(self, shared: tuple[torch.Tensor, ...]) -> None:
+        self.positions, self.original = shared
 
     # -- what the artifact stores ------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from microtune.methods.base import Method
 from microtune.methods.configs.projected import MAX_D as MAX_D  # re-exported
 from microtune.methods.configs.projected import Z_INITS as Z_INITS  # re-exported
 from microtune.methods.configs.projected import ProjectedZConfig
-from microtune.projections import ProjectionBank, project_from_seed
+from microtune.methods.projections import ProjectionBank, project_from_seed
 
 
 def init_z(d: int, mode: str) -> torch.Tensor:

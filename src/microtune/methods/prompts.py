@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec
+from microtune.backbone.arch import ArchSpec
 from microtune.methods.base import Method
 
 

@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec, ensure_bias, output_dim
+from microtune.backbone.arch import ArchSpec, ensure_bias, output_dim
 from microtune.errors import MicrotuneError
 from microtune.methods.configs.slash import POSITIONS as POSITIONS  # re-exported
 from microtune.methods.configs.slash import SLaShConfig
@@ -36,6 +36,7 @@ class SLaSh(ProjectedZMethod):
     name = "slash"
     config_class = SLaShConfig
     default_learning_rate = 2e-2
+    mixed_batch = "bias"  # merged, the shifts are biases
 
     def __init__(self, config: SLaShConfig):
         super().__init__(config)

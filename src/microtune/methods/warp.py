@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec
+from microtune.backbone.arch import ArchSpec
 from microtune.methods.configs.warp import PROMPT_INITS as PROMPT_INITS  # re-exported
 from microtune.methods.configs.warp import WARPConfig
 from microtune.methods.prompts import PromptMethod, block_inputs

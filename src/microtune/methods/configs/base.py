@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from microtune.checks import check_seed
+from microtune.common.checks import check_seed
 from microtune.errors import MicrotuneError
 
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from pydantic import Field
 
+from microtune.common.records import Record, Sha256
 from microtune.errors import MicrotuneError
 from microtune.methods.configs.base import MethodConfig
-from microtune.records import Record, Sha256
 
 MASKS = ("smallest", "largest", "random")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from microtune.common.records import Record, Sha256
 from microtune.errors import MicrotuneError
 from microtune.methods.configs.base import MethodConfig
-from microtune.records import Record, Sha256
 
 
 def positive_sizes(peer: str, **sizes: int) -> None:

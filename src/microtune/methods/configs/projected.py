@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from microtune.choices import PROJECTION_INITS
+from microtune.common.choices import PROJECTION_INITS
 from microtune.errors import MicrotuneError
 from microtune.methods.configs.base import MethodConfig
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec, is_conv1d
+from microtune.backbone.arch import ArchSpec, is_conv1d
 from microtune.errors import MicrotuneError
 from microtune.methods.base import Method, copy_matching
 from microtune.methods.configs.peers import PeerConfig, PeerState

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from microtune.arch import ArchSpec
+from microtune.backbone.arch import ArchSpec
 from microtune.errors import MicrotuneError
 from microtune.methods.configs.peers import (
     PeftIA3Config,

@@ -1,0 +1,5 @@
+"""Common ground, free of torch: the names users choose, shared checks, the strict record
+type, file names and atomic writes, and fetching from the Hugging Face hub.
+
+Nothing is imported here, so that reading one module of the folder stays cheap.
+"""

@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 from microtune.bench.config import load_config, read_lrs
-from microtune.bench.runner import CELLS, RUNS, read_records, run_bench
+from microtune.bench.runner import CELLS, RUNS, run_bench
 from microtune.bench.tune import tune
 
 HERE = Path(__file__).resolve().parents[1]
 CONFIG = HERE / "bench" / "configs" / "evidence.toml"
+RESULTS = HERE / "bench" / "results" / "evidence"
 GROUPS = (
     ("slash", "full", "lora", "pafi", "hiwi"),
     ("jrwarp", "bitfit", "linear", "pafi-random", "peft-vera", "peft-unilora-8k"),
@@ -69,30 +70,41 @@ def keep_artifact(record: dict, output: Path) -> Path | None:
     return target
 
 
-def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, results: Path):
-    """Tune the group's rates unless the rates file has them all; keep the tuning records."""
+def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, kept: Path, repo):
+    """Tune the group's rates unless the rates file has them all. Each tuning cell's record
+    is kept in `kept` (and committed, with a `repo`) as it lands, and put back into the
+    scratch folder first, so a new checkout resumes the tuning too."""
     overrides = {"only": list(group), "lrs": str(lrs), "tune": {"write": str(lrs)}}
     config = load_config(CONFIG, overrides, tuned=False)
     wanted = {m.label for m in config.methods if not m.lr_from}
     if lrs.is_file() and wanted <= set(read_lrs(str(lrs))):
         return
-    tune(CONFIG, scratch, jobs=jobs, overrides=overrides)
-    kept = results / "tune"
     kept.mkdir(parents=True, exist_ok=True)
-    for record in read_records(scratch):
-        (kept / f"{record['cell']}.json").write_text(json.dumps(record, indent=1) + "\n")
-    return [lrs, kept]
+    (scratch / CELLS).mkdir(parents=True, exist_ok=True)
+    for record in kept.glob("*.json"):
+        if not (scratch / CELLS / record.name).exists():
+            shutil.copy2(record, scratch / CELLS / record.name)
+
+    def land(record: dict) -> None:
+        if record.get("failed"):
+            return
+        path = kept / f"{record['cell']}.json"
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        if repo is not None:
+            commit(repo, [path], f"Evidence tuning: {record['cell']} {record['score']}")
+
+    tune(CONFIG, scratch, jobs=jobs, overrides=overrides, on_result=land)
+    if repo is not None:
+        commit(repo, [lrs], f"Evidence: learning rates of {', '.join(group)} (bench tune)")
 
 
 def run_grid(repo: Path, jobs: int, commit_cells: bool) -> None:
-    results = repo / "bench" / "results" / "evidence"
+    results = repo / RESULTS.relative_to(HERE)
     lrs = repo / "bench" / "configs" / "evidence-lrs.toml"
     scratch = HERE / "runs" / "evidence-tune"
     labels: list[str] = []
     for group in GROUPS:
-        tuned = tune_group(group, lrs, scratch, jobs, results)
-        if tuned and commit_cells:
-            commit(repo, tuned, f"Evidence: learning rates of {', '.join(group)} (bench tune)")
+        tune_group(group, lrs, scratch, jobs, results / "tune", repo if commit_cells else None)
         labels += group
         config = load_config(CONFIG, {"only": labels, "lrs": str(lrs)})
 

@@ -175,14 +175,16 @@ def tune(
     jobs: int = 1,
     overrides: dict[str, Any] | None = None,
     echo=print,
+    on_result=None,
 ) -> dict[str, Any]:
-    """Carve, run the grid into `output`, write the chosen rates to the config's `tune.write`."""
+    """Carve, run the grid into `output`, write the chosen rates to the config's `tune.write`;
+    `on_result` sees each cell's record as it lands (`run_bench`)."""
     config = load_config(config_path, overrides, tuned=False)
     output = Path(output)
     refuse_foreign_folder(output)
     data_dir = carve(config, (output / CARVED).parent)
     grid = tuning_config(config, data_dir)
-    summary = run_bench(grid, output, device=device, jobs=jobs, echo=echo)
+    summary = run_bench(grid, output, device=device, jobs=jobs, echo=echo, on_result=on_result)
     chosen = choose(config, read_records(output), echo)
     write_lrs(config.tune.write, chosen, f"microtune bench tune {config_path}")
     echo(f"wrote {config.tune.write}")

@@ -3,12 +3,16 @@
 import json
 import random
 
+import datasets
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import microtune
 from microtune import api
 from microtune.common.files import CHECKPOINT_FILE, LOG_FILE
+from microtune.errors import MicrotuneError
 from microtune.tasks.spec import DataSource
 from microtune.training.config import TrainConfig
 from microtune.training.loop import Trainer
@@ -268,3 +272,61 @@ def test_eval_reads_your_files_with_the_columns_training_used(tmp_path, toy_file
     )
     again = api.evaluate_artifact(tmp_path / "art", data_file=str(tmp_path / "dev.jsonl"))
     assert again == report["metrics"]
+
+
+def test_train_reads_rows_in_memory_as_it_reads_the_same_rows_from_files(
+    tmp_path, toy_files, tiny_model_dirs
+):
+    def rows(split):
+        return [
+            json.loads(line) for line in (toy_files / f"{split}.jsonl").read_text().splitlines()
+        ]
+
+    def train(name, data):
+        return microtune.train(
+            "sst2",
+            "slash",
+            tmp_path / name,
+            method_options={"d": 16},
+            model=str(tiny_model_dirs["bert"]),
+            data=data,
+            train_config=TrainConfig(max_steps=4, batch_size=8, eval_every=0, progress=False),
+        )
+
+    files = DataSource(
+        train_file=str(toy_files / "train.jsonl"), dev_file=str(toy_files / "dev.jsonl")
+    )
+    expected = train("files", files)["metrics"]
+    given = {
+        "dicts": (rows("train"), rows("dev")),
+        "pandas": (pd.DataFrame(rows("train")), pd.DataFrame(rows("dev"))),
+        "datasets": (
+            datasets.Dataset.from_list(rows("train")),
+            datasets.Dataset.from_list(rows("dev")),
+        ),
+    }
+    for name, (train_rows, dev_rows) in given.items():
+        report = train(name, DataSource(train_rows=train_rows, dev_rows=dev_rows))
+        assert report["metrics"] == expected, name  # the same rows, the same run
+    frame = pd.DataFrame(rows("train"))
+    refusals = {
+        "train_file takes a path, not a DataFrame; pass rows in memory": lambda: DataSource(
+            train_file=frame, dev_file=frame
+        ),
+        "give train_file or train_rows, not both": lambda: DataSource(
+            train_file="a.csv", train_rows=frame, dev_rows=frame
+        ),
+        "give --train-file and --dev-file together": lambda: DataSource(train_rows=frame),
+        "train_rows takes rows in memory; pass a path as train_file": lambda: DataSource(
+            train_rows="train.csv", dev_rows=frame
+        ),
+    }
+    for message, build in refusals.items():
+        with pytest.raises(MicrotuneError, match=message):
+            build()
+    for bad, message in (
+        (7, "must be a list of dicts, a pandas DataFrame or a datasets.Dataset; got int"),
+        ([{"sentence": "good", "label": 1}, ["good", 1]], "the train rows, row 2: not a mapping"),
+    ):
+        with pytest.raises(MicrotuneError, match=message):
+            train("bad", DataSource(train_rows=bad, dev_rows=rows("dev")))

@@ -166,7 +166,7 @@ class TrainingData:
         """Read both splits; the label set from the training rows where the task says so."""
         task, source = self.task, self.source
         columns, label_column = source.text_columns, source.label_column
-        rows, origin = load_rows(task, "train", source.data_dir, source.train_file)
+        rows, origin = load_rows(task, "train", source.data_dir, source.file("train"))
         if source.max_train_examples is not None:
             rows = rows[: source.max_train_examples]
         if task.labels_from_data:
@@ -179,7 +179,7 @@ class TrainingData:
         self.task = task = type_of(task).fit_rows(task, rows, columns)
         self.train = rows_to_examples(task, rows, origin, columns, label_column)
         self.dev = load_split(
-            task, task.dev_split, source.data_dir, source.dev_file, columns, label_column
+            task, task.dev_split, source.data_dir, source.file("dev"), columns, label_column
         )
 
     def record(self) -> dict[str, Any]:

@@ -14,8 +14,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from microtune.common.hub import is_offline
 from microtune.errors import MicrotuneError
@@ -175,6 +177,13 @@ class DataSource:
     data_dir: str | None = field(default=None, metadata={"help": "a folder <task>/<split>.jsonl"})
     train_file: str | None = field(default=None, metadata={"help": "your CSV/TSV/JSON(L) rows"})
     dev_file: str | None = field(default=None, metadata={"help": "your dev rows (with train)"})
+    train_rows: Any = field(
+        default=None,
+        metadata={
+            "help": "rows in memory: a list of dicts, a pandas DataFrame, a datasets.Dataset"
+        },
+    )
+    dev_rows: Any = field(default=None, metadata={"help": "dev rows in memory (with train_rows)"})
     text_columns: tuple[str, ...] | None = field(
         default=None, metadata={"help": "the text column(s) of your files"}
     )
@@ -187,12 +196,52 @@ class DataSource:
     )
 
     def __post_init__(self) -> None:
-        if (self.train_file is None) != (self.dev_file is None):
+        for name in ("train_file", "dev_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise MicrotuneError(
+                    f"{name} takes a path, not a {type(value).__name__}; pass rows in memory (a "
+                    f"list of dicts, a DataFrame, a datasets.Dataset) as {name[:-5]}_rows"
+                )
+        for split in ("train", "dev"):
+            if getattr(self, f"{split}_file") is not None and self.rows(split) is not None:
+                raise MicrotuneError(f"give {split}_file or {split}_rows, not both")
+            if isinstance(self.rows(split), (str, os.PathLike)):
+                raise MicrotuneError(
+                    f"{split}_rows takes rows in memory; pass a path as {split}_file"
+                )
+        if (self.file("train") is None) != (self.file("dev") is None):
             raise MicrotuneError("give --train-file and --dev-file together (or --data-dir)")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise MicrotuneError(
                 f"--max-train-examples must be at least 1, got {self.max_train_examples}"
             )
+
+    def rows(self, split: str) -> Any:
+        return self.train_rows if split == "train" else self.dev_rows
+
+    def file(self, split: str) -> Any:
+        """The split's own data, a path or rows in memory (None: the data folder or the hub)."""
+        rows = self.rows(split)
+        return rows if rows is not None else getattr(self, f"{split}_file")
+
+
+def rows_in_memory(value: Any, what: str) -> list[dict]:
+    """Rows given in memory as a list of dicts: a sequence of mappings, a pandas DataFrame or
+    a `datasets.Dataset` (duck-typed, so neither library is imported here)."""
+    if hasattr(value, "columns") and hasattr(value, "to_dict"):  # pandas.DataFrame
+        value = value.to_dict("records")
+    elif hasattr(value, "column_names") and hasattr(value, "to_list"):  # datasets.Dataset
+        value = value.to_list()
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise MicrotuneError(
+            f"{what} must be a list of dicts, a pandas DataFrame or a datasets.Dataset; got "
+            f"{type(value).__name__}"
+        )
+    for number, row in enumerate(value, 1):
+        if not isinstance(row, Mapping) or not all(isinstance(k, str) for k in row):
+            raise MicrotuneError(f"{what}, row {number}: not a mapping of column name to value")
+    return [dict(row) for row in value]
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -401,7 +450,10 @@ def load_rows(
     data_dir: str | os.PathLike | None = None,
     data_file: str | os.PathLike | None = None,
 ) -> tuple[list[dict], str]:
-    """(raw rows, where they came from) of one split: a file, a data folder, or the hub."""
+    """(raw rows, where they came from) of one split: a file (or rows in memory, see
+    `DataSource`), a data folder, or the hub."""
+    if data_file is not None and not isinstance(data_file, (str, os.PathLike)):
+        return rows_in_memory(data_file, f"the {split} rows"), f"the {split} rows"
     if data_file is not None:
         return read_rows(data_file), str(data_file)
     if task.name in USER_TASKS:

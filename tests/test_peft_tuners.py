@@ -13,19 +13,23 @@ from pathlib import Path
 import peft.mapping
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
     TrainingArguments,
 )
+from trl import SFTConfig, SFTTrainer
 
+import microtune
 import microtune.peft as mpeft
 from microtune.errors import MicrotuneError
 from microtune.peft import registry
-from tests.conftest import WORDS, make_tiny_model
+from tests.conftest import TINY_CONFIGS, WORDS, decoder_tokenizer, make_tiny_model
 
 # Small options so that a few steps move each method visibly on the tiny BERT.
 CONFIGS = {
@@ -240,3 +244,69 @@ def test_registration_runs_again_harmlessly():
 def test_bad_options_are_one_line_errors():
     with pytest.raises(MicrotuneError, match="position 'middle' unknown"):
         mpeft.SlashConfig(position="middle")
+
+
+# -- TRL --------------------------------------------------------------------------------------
+
+
+def test_trl_sft_trainer_takes_a_slash_config_and_the_loss_falls(tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]())
+    tokenizer = decoder_tokenizer(eos_appended=True)
+    tokenizer.pad_token = tokenizer.eos_token
+    texts = ["the film is good and the story is fun", "a very dull plot , not fun"]
+    data = Dataset.from_list([{"text": text} for text in texts] * 8)
+    args = SFTConfig(
+        tmp_path,
+        max_steps=10,
+        per_device_train_batch_size=4,
+        learning_rate=0.2,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
+    config = mpeft.SlashConfig(task_type="CAUSAL_LM", d=16)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=config
+    )
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable == ["base_model.microtune_slash.default.z"]
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+
+
+# -- round trip into microtune ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_a_peft_folder_loads_as_a_microtune_artifact_with_equal_logits(
+    bert, trained, method, tmp_path
+):
+    report = mpeft.to_artifact(trained[method], tmp_path / "artifact", label_names=["no", "yes"])
+    assert report["parameters"]["method"] == METHOD_NUMBERS[method]
+    texts = ["the film is good", "a very dull plot , not fun", "love it"]
+    tokenizer = AutoTokenizer.from_pretrained(bert)
+    expected = logits(
+        loaded(bert, trained[method]), tokenizer(texts, return_tensors="pt", padding=True)
+    )
+    tuned = microtune.load(tmp_path / "artifact")
+    assert tuned.label_names == ["no", "yes"]
+    torch.testing.assert_close(tuned.logits(texts), expected, rtol=0, atol=1e-5)
+
+
+def test_to_artifact_refuses_another_base(trained, tmp_path):
+    other = make_tiny_model("bert", tmp_path / "other", seed=1)
+    with pytest.raises(MicrotuneError, match="base model mismatch"):
+        mpeft.to_artifact(trained["slash"], tmp_path / "artifact", model=str(other))
+
+
+def test_to_artifact_refuses_a_lora_folder(bert, tmp_path):
+    config = LoraConfig(task_type="SEQ_CLS", target_modules=["query"], r=2)
+    get_peft_model(base_model(bert), config).save_pretrained(tmp_path / "lora")
+    with pytest.raises(MicrotuneError, match="holds a peft LORA adapter, not a microtune method"):
+        mpeft.to_artifact(tmp_path / "lora", tmp_path / "artifact")

@@ -310,3 +310,18 @@ def test_to_artifact_refuses_a_lora_folder(bert, tmp_path):
     get_peft_model(base_model(bert), config).save_pretrained(tmp_path / "lora")
     with pytest.raises(MicrotuneError, match="holds a peft LORA adapter, not a microtune method"):
         mpeft.to_artifact(tmp_path / "lora", tmp_path / "artifact")
+
+
+def test_a_second_adapter_and_switching_off_are_refused(bert):
+    model = peft_model(bert, "slash")
+    with pytest.raises(MicrotuneError, match="one microtune adapter per model"):
+        model.add_adapter("other", mpeft.SlashConfig(task_type="SEQ_CLS", d=8))
+    with pytest.raises(MicrotuneError, match="cannot be switched off"), model.disable_adapter():
+        pass
+
+
+def test_a_routed_method_refuses_inputs_embeds(bert, rows):
+    model = peft_model(bert, "pafi")
+    embeds = torch.zeros(2, 5, 32)
+    with pytest.raises(MicrotuneError, match="pass input_ids, not inputs_embeds"):
+        model(inputs_embeds=embeds, attention_mask=torch.ones(2, 5, dtype=torch.long))

@@ -1,0 +1,161 @@
+"""A peft folder of a microtune method, as a microtune artifact (`to_artifact`).
+
+The folder holds what `save_pretrained` wrote: `adapter_config.json` (a `SlashConfig` & co., with
+the fingerprint of the base it was trained on) and `adapter_model.safetensors` (the method's
+tensors as `base_model.microtune_<method>.<name>`, the head as `base_model.model.classifier.*`).
+The converter loads the base as microtune loads it, refuses one whose weights differ from the
+recorded fingerprint, rebuilds a `TaskModel` with the same method and a "pooler" read-out (what a
+BERT-style `...ForSequenceClassification` feeds its `classifier`), copies the tensors in, and
+writes the artifact with `artifacts.store.save_artifact`: the method then stores what it always
+stores (HiWi its biases P', PaFi its values with the mask fingerprint), so `microtune.load` serves
+it with the same logits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig
+from safetensors.torch import load_file
+
+from microtune.artifacts.folders import check_output
+from microtune.artifacts.store import save_artifact
+from microtune.backbone.arch import arch_for
+from microtune.backbone.load import check_max_length, fingerprint, load_backbone
+from microtune.errors import MicrotuneError
+from microtune.methods import build_method
+from microtune.methods.base import copy_matching
+from microtune.model import HeadConfig, TaskModel
+from microtune.peft.configs import MicrotunePeftConfig
+from microtune.tasks.examples import task_record
+from microtune.tasks.spec import TASKS
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_PREFIX = "base_model.model.classifier."
+
+
+def read_peft_folder(folder: Path) -> tuple[MicrotunePeftConfig, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors; a one-line error for anything but ours."""
+    if not (folder / "adapter_config.json").is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise MicrotuneError(
+            f"{folder} is not a peft adapter folder (adapter_config.json and {ADAPTER_WEIGHTS}); "
+            "save the PeftModel with save_pretrained"
+        )
+    config = PeftConfig.from_pretrained(str(folder))
+    if not isinstance(config, MicrotunePeftConfig):
+        kind = getattr(config.peft_type, "value", config.peft_type)  # "LORA", not PeftType.LORA
+        raise MicrotuneError(
+            f"{folder} holds a peft {kind} adapter, not a microtune method; only "
+            "SlashConfig, JRWarpConfig, PaFiConfig and HiWiConfig adapters convert"
+        )
+    return config, load_file(folder / ADAPTER_WEIGHTS)
+
+
+def split_tensors(
+    config: MicrotunePeftConfig, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(method tensors as `TaskModel` names them, "method.z"; head tensors, "head.linear.*")."""
+    own = f"base_model.microtune_{config.method_name}."
+    method, head = {}, {}
+    for name, tensor in tensors.items():
+        if name.startswith(own):
+            method["method." + name.removeprefix(own)] = tensor
+        elif name.startswith(HEAD_PREFIX):
+            head["head.linear." + name.removeprefix(HEAD_PREFIX)] = tensor
+        else:
+            raise MicrotuneError(
+                f"{name} in {ADAPTER_WEIGHTS} is neither the method's nor a `classifier` head's; "
+                "to_artifact converts a BERT-style sequence classifier (a linear `classifier` "
+                "on the pooler)"
+            )
+    if "head.linear.weight" not in head:
+        raise MicrotuneError(
+            f"{ADAPTER_WEIGHTS} holds no `classifier` head; train with task_type='SEQ_CLS' on "
+            "a BERT-style AutoModelForSequenceClassification"
+        )
+    return method, head
+
+
+def load_checked_base(config: MicrotunePeftConfig, model: str | None) -> tuple[Any, Any, str, str]:
+    """(backbone, tokenizer, fingerprint, name) of the base, once it matches the recorded one."""
+    name = model or config.base_model_name_or_path
+    if not name:
+        raise MicrotuneError("the adapter names no base model; pass model= with its name or folder")
+    backbone, tokenizer = load_backbone(name, "float32", "AutoModel")
+    found = fingerprint(backbone)
+    if config.base_fingerprint is None:
+        raise MicrotuneError(
+            "the adapter records no base fingerprint, so its base cannot be checked; save it "
+            "again with this version of microtune.peft"
+        )
+    if found != config.base_fingerprint:
+        raise MicrotuneError(
+            f"base model mismatch: the adapter was trained on a base with "
+            f"{config.base_fingerprint[:19]}… but '{name}' has {found[:19]}…; pass model= "
+            "with the original base model"
+        )
+    if arch_for(backbone).pooler is None:
+        raise MicrotuneError(
+            f"{backbone.config.model_type} has no pooler; to_artifact converts BERT-style "
+            "classifiers (a linear `classifier` on the pooler)"
+        )
+    return backbone, tokenizer, found, name
+
+
+def task_of(
+    num_labels: int, label_names: list[str] | None, text_columns: tuple[str, ...]
+) -> dict[str, Any]:
+    """The artifact's task record: classification over `label_names`, or regression."""
+    if num_labels == 1:
+        return task_record(TASKS["regression"], text_columns)
+    names = tuple(label_names or (f"LABEL_{i}" for i in range(num_labels)))
+    if len(names) != num_labels:
+        raise MicrotuneError(
+            f"label_names has {len(names)} names but the head has {num_labels} outputs"
+        )
+    task = replace(TASKS["classification"], num_labels=num_labels, label_names=names)
+    return task_record(task, text_columns)
+
+
+def to_artifact(
+    peft_folder: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: str | None = None,
+    label_names: list[str] | None = None,
+    text_columns: tuple[str, ...] = ("text",),
+    max_length: int = 128,
+) -> dict[str, Any]:
+    """Write the peft folder of a microtune method as a microtune artifact in `output` (a new
+    or empty folder); `model`: the base model when the adapter's `base_model_name_or_path` is
+    not where it is now. Returns the artifact's size in bytes and its trained numbers."""
+    config, tensors = read_peft_folder(Path(peft_folder))
+    method_tensors, head_tensors = split_tensors(config, tensors)
+    target = check_output(output, "output")
+    if target.exists() and any(target.iterdir()):
+        raise MicrotuneError(f"output {output} is not empty; name a new or empty folder")
+    backbone, tokenizer, found, name = load_checked_base(config, model)
+    check_max_length(backbone, max_length)
+    num_labels = head_tensors["head.linear.weight"].shape[0]
+    head = HeadConfig(num_labels, readout="pooler", bias="head.linear.bias" in head_tensors)
+    method = build_method(config.method_name, config.method_options())
+    task_model = TaskModel(backbone, head, method, mask_token_id=tokenizer.mask_token_id)
+    trainable = task_model.trainable_state()
+    copy_matching(head_tensors, {n: t for n, t in trainable.items() if n.startswith("head.")})
+    copy_matching(method_tensors, {n: t for n, t in trainable.items() if n.startswith("method.")})
+    target.mkdir(parents=True, exist_ok=True)
+    size = save_artifact(
+        target,
+        task_model.eval(),
+        method_name=config.method_name,
+        base_model=name,
+        base_fingerprint=found,
+        task=task_of(num_labels, label_names, tuple(text_columns)),
+        max_length=max_length,
+        tokenizer=tokenizer,
+    )
+    return {"output": str(target), "bytes": size, "parameters": task_model.count_trainable()}

@@ -148,8 +148,8 @@ def test_pooler_readout_exports_for_sequence_classification(tmp_path, sst2_dev):
 
 
 def test_export_guide_loading_snippet_runs_without_microtune(trained, tmp_path, data_dir):
-    """The export guide's few lines load the default export (mean pooling) with sentence-transformers
-    alone, and its logits are the artifact's."""
+    """The export guide's few lines load the default export (mean pooling) with
+    sentence-transformers alone, and its logits are the artifact's."""
     import microtune
 
     folder, _ = trained

@@ -1,7 +1,7 @@
 """How long `make demo` takes on this machine, on a fresh clone, and what it ends with.
 
 Clones the repository (its committed HEAD) into a temporary folder and runs `make demo` there,
-then prints the demo's figures as the README states them: total minutes (install included),
+then prints the demo's figures as its guide states them: total minutes (install included),
 training seconds and steps, SST-2 dev accuracy, trained numbers, artifact bytes, the export
 check, and how much padding length-grouped batches save. To say how fast the machine is, it
 also times one SLaSh training step of 32 SST-2 examples in uniformly shuffled batches (the

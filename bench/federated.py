@@ -8,7 +8,7 @@ Bytes: the reply's `RecordDict` (the arrays and the metrics) as Flower's protobu
 with the ratio to full fine-tuning. Exactness: three clients' states (the start plus a random
 step each, weighted 10/30/60 examples) averaged by Flower's FedAvg, loaded and merged, against
 the weighted mean of the three merged backbones: the largest difference over every weight.
-Accuracy (SST-2, vs centralised) comes from `microtune federate` runs (README).
+Accuracy (SST-2, vs centralised) comes from `microtune federate` runs (docs/guides/federated.md).
 """
 
 from __future__ import annotations

@@ -147,14 +147,14 @@ def test_pooler_readout_exports_for_sequence_classification(tmp_path, sst2_dev):
     assert abs(logits - unmerged).max() <= 1e-5
 
 
-def test_readme_loading_snippet_runs_without_microtune(trained, tmp_path, data_dir):
-    """The README's few lines load the default export (mean pooling) with sentence-transformers
-    alone, and its logits are the artifact's."""
+def test_export_guide_loading_snippet_runs_without_microtune(trained, tmp_path, data_dir):
+    """The export guide's few lines load the default export (mean pooling) with
+    sentence-transformers alone, and its logits are the artifact's."""
     import microtune
 
     folder, _ = trained
     api.merge_artifact(folder, tmp_path / "merged")
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "guides" / "export.md").read_text()
     snippet = re.search(r"<!-- export-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
     assert "microtune" not in snippet
     snippet = re.sub(r'folder = ".*?"', f'folder = "{tmp_path / "merged"}"', snippet)

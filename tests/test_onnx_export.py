@@ -246,8 +246,8 @@ def test_quantize_without_onnx_is_a_one_line_error(tiny_artifact, tmp_path, caps
     assert not (tmp_path / "x").exists()
 
 
-def test_readme_onnx_snippet_runs_without_microtune(tiny_artifact, tmp_path, capsys):
-    """The README's ONNX lines, in a fresh Python with no microtune or torch, give the labels
+def test_export_guide_onnx_snippet_runs_without_microtune(tiny_artifact, tmp_path, capsys):
+    """The export guide's ONNX lines, in a fresh Python with no microtune or torch, give the labels
     `microtune predict --artifact` gives."""
     artifact, dev = tiny_artifact
     out = tmp_path / "onnx"
@@ -256,7 +256,7 @@ def test_readme_onnx_snippet_runs_without_microtune(tiny_artifact, tmp_path, cap
         "--data-file", str(dev), "--format", "onnx", "--check-examples", "8",
     )  # fmt: skip
     assert code == 0, err
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "guides" / "export.md").read_text()
     snippet = re.search(r"<!-- onnx-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
     snippet = re.sub(r'folder = ".*?"', f'folder = "{out}"', snippet)
     texts = ["a gripping , funny film", "dull and lifeless"]

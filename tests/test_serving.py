@@ -251,8 +251,8 @@ def test_cli_predict_reads_jsonl_for_pair_tasks(tmp_path, tiny_model_dirs):
         cli.run(["predict", "--artifact", str(artifact), "--input", str(tmp_path / "none")])
 
 
-def test_readme_python_snippet_runs(lora_artifact, tmp_path):
-    readme = (REPO / "README.md").read_text()
+def test_export_guide_python_snippet_runs(lora_artifact, tmp_path):
+    readme = (REPO / "docs" / "guides" / "export.md").read_text()
     snippet = re.search(r"<!-- python-api-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
     snippet = snippet.replace('load("runs/sst2")', f'load("{lora_artifact}")')
     snippet = snippet.replace('"runs/sst2-merged"', f'"{tmp_path / "merged"}"')

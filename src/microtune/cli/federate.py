@@ -2,7 +2,7 @@
 
 The options of the task, the method and local training are `microtune train`'s (generated from
 the same config dataclasses); the federation's own are below. The same apps run under Flower's
-deployment engine (README, examples/flower)."""
+deployment engine (docs/guides/federated.md, examples/flower)."""
 
 from __future__ import annotations
 

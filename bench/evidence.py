@@ -81,9 +81,14 @@ def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, kept
         return
     kept.mkdir(parents=True, exist_ok=True)
     (scratch / CELLS).mkdir(parents=True, exist_ok=True)
-    for record in kept.glob("*.json"):
+    for record in kept.glob("*.json"):  # a new checkout: resume from the committed records
         if not (scratch / CELLS / record.name).exists():
             shutil.copy2(record, scratch / CELLS / record.name)
+    unkept = [p for p in (scratch / CELLS).glob("*.json") if not (kept / p.name).exists()]
+    for record in unkept:  # finished before an interruption, never committed
+        shutil.copy2(record, kept / record.name)
+    if unkept and repo is not None:
+        commit(repo, [kept / p.name for p in unkept], f"Evidence tuning: {len(unkept)} records")
 
     def land(record: dict) -> None:
         if record.get("failed"):

@@ -172,6 +172,17 @@ def _unfinished(config: BenchConfig, output: Path, echo: Callable[[str], None]) 
     return grid, [c for c in grid if c.key not in done]
 
 
+def _checked_run(config: BenchConfig, output: Path, jobs: int) -> Path:
+    """Refusals before any cell runs: the job count, the config, the output folder."""
+    if jobs < 1:
+        raise MicrotuneError(f"--jobs must be at least 1, got {jobs}")
+    check_config(config)
+    if output.exists() and not output.is_dir():
+        raise MicrotuneError(f"--output {output} is a file; choose a folder")
+    refuse_foreign_folder(output)
+    return output
+
+
 def run_bench(
     config: BenchConfig,
     output: str | os.PathLike,
@@ -186,13 +197,7 @@ def run_bench(
 
     `threads` per worker defaults to the usable CPU cores divided by `jobs`. `on_result` sees
     each cell's record (or failure record) as it lands, e.g. to commit it."""
-    if jobs < 1:
-        raise MicrotuneError(f"--jobs must be at least 1, got {jobs}")
-    check_config(config)
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise MicrotuneError(f"--output {output} is a file; choose a folder")
-    refuse_foreign_folder(output)
+    output = _checked_run(config, Path(output), jobs)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = threads or max(1, (cores or 1) // jobs)
     write_json(

@@ -10,7 +10,9 @@ resume identity (N steps straight vs resumed from the checkpoint at N/2: max |Δ
 adapter's tensors, 0 when bit-identical); merged parity (`merge_and_unload()`, a stock
 `BertForSequenceClassification`, against the unmerged adapter on the dev set: max |Δlogit|).
 
-    nice -n 10 python bench/peft_trainer.py --steps 300 --batch 32 --max-length 64 --threads 1
+    nice -n 10 python bench/peft_trainer.py --steps 100 --batch 32 --max-length 64 --threads 1
+
+(about 6.5 min on 2 busy cores; its output: bench/results/peft_trainer.json).
 """
 
 from __future__ import annotations

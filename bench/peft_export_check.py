@@ -85,7 +85,7 @@ def main() -> None:
         "train_examples": report["train_examples"],
         "dev_accuracy_full_dev": report["metrics"]["accuracy"],
         "targets": check["targets"],
-        "lora_parameters": check["lora_parameters"],
+        "adapter_parameters": check["adapter_parameters"],
         "examples": len(rows),
         "max_abs_logit_diff_peft_vs_microtune": float(np.abs(theirs - ours).max()),
         "max_abs_logit_diff_export_check": check["max_abs_logit_diff"],

@@ -194,13 +194,6 @@ def test_peft_loads_the_export_with_the_same_outputs(tmp_path, tiny_model_dirs, 
         assert (logits_fn(**batch) - expected).abs().max() <= 1e-5
 
 
-def test_peft_export_refuses_other_methods(tmp_path, tiny_model_dirs):
-    make_artifact(tmp_path / "slash", tiny_model_dirs["bert"], "slash")
-    with pytest.raises(MicrotuneError, match="needs a LoRA artifact.*'slash'.*--format merged"):
-        export_peft(tmp_path / "slash", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 def test_cli_export_format_peft_checks_against_peft(lora_artifact, tmp_path, data_dir):
     report = cli.run(
         [

@@ -6,7 +6,8 @@ config, the method's stored metadata, trained and stored parameter counts, task,
 and fingerprints of its weights and tokenizer, library version, and the SHA-256 of the tensor
 file). Nothing is ever unpickled, and nothing is trusted before it is checked: the config
 against `artifacts.schema`, the tensor file against its hash, then every tensor's name, shape,
-dtype and finiteness against what the rebuilt model stores.
+dtype and finiteness against what the rebuilt model stores. `read_export_record` reads the
+record (`microtune_export.json`) that every export writes beside its files.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from microtune.backbone.load import (
     load_backbone,
     tokenizer_fingerprint,
 )
-from microtune.common.files import CONFIG_FILE, TENSORS_FILE, file_sha256, write_json, write_tensors
+from microtune.common.files import (
+    CONFIG_FILE,
+    EXPORT_FILE,
+    TENSORS_FILE,
+    file_sha256,
+    write_json,
+    write_tensors,
+)
 from microtune.common.hub import resolve_artifact
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method
@@ -256,3 +264,20 @@ def load_artifact(
     model.load_stored_state(stored, config.get("method_state", {}))
     model.eval()
     return model, tokenizer, config
+
+
+def read_export_record(folder: str | os.PathLike) -> dict[str, Any]:
+    """The folder's `microtune_export.json`, or a one-line refusal naming what to pass."""
+    path = Path(folder) / EXPORT_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MicrotuneError(
+            f"{folder} is not a microtune export (no {EXPORT_FILE}); pass the folder that "
+            "`microtune export` or `microtune merge` wrote"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MicrotuneError(f"{path} cannot be read ({error}); export again") from None
+    if not isinstance(info, dict) or not isinstance(info.get("format"), str):
+        raise MicrotuneError(f"{path} names no export format; export again")
+    return info

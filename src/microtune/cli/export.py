@@ -17,7 +17,10 @@ def add(commands) -> None:
     export.add_argument("--data-dir", help="folder of the task's data, for the check")
     export.add_argument(
         "--data-file",
-        help="your own dev file, for the check of a task trained on your own files (merged format)",
+        "--dev-file",  # the name train used for the same file
+        dest="data_file",
+        help="your own dev file, for the check of a task trained on your own files "
+        "(alias: --dev-file)",
     )
     export.add_argument(
         "--check-examples",
@@ -31,9 +34,10 @@ def add(commands) -> None:
         default="merged",
         help="merged: the method folded into the base weights, a standard model "
         "folder (a stock transformers class, else a sentence-transformers folder for mean or "
-        "first-token read-outs, else backbone + head); peft (LoRA only): peft's "
-        "adapter_config.json + adapter_model.safetensors with the head beside it, checked by "
-        "loading it with PeftModel.from_pretrained; onnx: model.onnx, the merged model with "
+        "first-token read-outs, else backbone + head); peft (LoRA, SLaSh, JR-WARP, PaFi, HiWi): "
+        "peft's adapter_config.json + adapter_model.safetensors with the head beside it, "
+        "checked by loading it with PeftModel.from_pretrained (import microtune.peft for "
+        "our four methods); onnx: model.onnx, the merged model with "
         "its read-out and head, checked in onnxruntime",
     )
     export.add_argument(
@@ -49,8 +53,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from microtune.export.peft import export_peft_and_check as export
     else:
         from microtune.api import export_and_check as export
-    if args.data_file and args.format == "peft":
-        raise MicrotuneError("--data-file applies to --format merged or onnx")
     if args.quantize and args.format != "onnx":
         raise MicrotuneError("--quantize applies to --format onnx")
     own_file = {"data_file": args.data_file} if args.data_file else {}

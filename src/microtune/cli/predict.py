@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from microtune.cli.common import ARTIFACT_HELP, MODEL_HELP, read_inputs
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"--model-folder {args.model_folder} is not an export folder (no "
                 "microtune_export.json); pass what `microtune export` wrote, or --artifact"
             )
+        if (Path(args.model_folder) / "adapter_config.json").is_file():
+            import microtune.peft  # noqa: F401  registers SLaSh & co. for their peft exports
         model = ExportedModel(args.model_folder, args.model)
     else:
         model = load(args.artifact, args.model)

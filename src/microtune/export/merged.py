@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel
 
 from microtune.artifacts import folders
-from microtune.artifacts.store import load_artifact, read_artifact_config
+from microtune.artifacts.store import load_artifact, read_artifact_config, read_export_record
 from microtune.backbone.load import fingerprint, load_backbone
 from microtune.common.files import EXPORT_FILE, HEAD_FILE, write_json, write_tensors
 from microtune.errors import MicrotuneError
@@ -266,23 +266,6 @@ def load_exported(folder: str | os.PathLike, base_model: str | None = None):
     return logits, backbone
 
 
-def read_export_record(folder: str | os.PathLike) -> dict[str, Any]:
-    """The folder's `microtune_export.json`, or a one-line refusal naming what to pass."""
-    path = Path(folder) / EXPORT_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MicrotuneError(
-            f"{folder} is not a microtune export (no {EXPORT_FILE}); pass the folder that "
-            "`microtune export` or `microtune merge` wrote"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MicrotuneError(f"{path} cannot be read ({error}); export again") from None
-    if not isinstance(info, dict) or not isinstance(info.get("format"), str):
-        raise MicrotuneError(f"{path} names no export format; export again")
-    return info
-
-
 def time_forward(forward, batches_, repeats: int = 3) -> float:
     """Best-of-`repeats` seconds to run every batch once."""
     best = float("inf")
@@ -465,6 +448,7 @@ def load_peft(folder: str | os.PathLike, base_model: str | None = None):
     """The exported folder's backbone as peft serves it: `PeftModel.from_pretrained` over the
     base model (default: the one the export names; its weights must match the fingerprint)."""
     try:
+        import peft.mapping
         from peft import PeftModel
     except ImportError:
         raise MicrotuneError(
@@ -478,5 +462,12 @@ def load_peft(folder: str | os.PathLike, base_model: str | None = None):
         raise MicrotuneError(
             f"base model mismatch: {folder} was exported from '{info['base_model']['name']}' "
             f"but '{name}' has other weights; pass the original base model"
+        )
+    adapter = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    kind = adapter.get("peft_type", "")
+    if kind.startswith("MICROTUNE_") and kind not in peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise MicrotuneError(
+            f"{folder} holds a microtune {info['method']} adapter, which peft knows only once "
+            "microtune's methods are registered; import microtune.peft first"
         )
     return PeftModel.from_pretrained(backbone, str(folder)).eval()

@@ -130,6 +130,28 @@ class HiWi(Method):
         self.adapters = nn.ModuleDict()
         self.served = True
 
+    @torch.no_grad()
+    def adapter_state(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """A and B of every adapter ("adapters.<key>.A"), also once the bias variant is served:
+        its P' then comes back as rank-one adapters on `base` (the unmodified backbone) that
+        give P' from P exactly: A's first column P / |P|², so that f(P A) = (f(1), 0, ...), and
+        B's first row (P' - P) / f(1)."""
+        if not self.served:
+            return {f"adapters.{n}": t.clone() for n, t in self.adapters.state_dict().items()}
+        if self.config.variant != "bias":
+            raise MicrotuneError("hiwi: merged weights hold no adapters; load the artifact again")
+        one = ACTIVATIONS[self.config.activation]()(torch.ones(()))
+        state = {}
+        for key, (name, module) in self._targets.items():
+            p = base.get_parameter(name).detach().float()
+            updated = module.bias.detach().float()
+            A, B = torch.zeros(p.numel(), self.config.r), torch.zeros(self.config.r, p.numel())
+            squared = p.dot(p)
+            if squared > 0:  # a zero P stays zero whatever B is: P' = P, and B = 0 says so
+                A[:, 0], B[0] = p / squared, (updated - p) / one
+            state[f"adapters.{key}.A"], state[f"adapters.{key}.B"] = A, B
+        return state
+
     # -- what the artifact stores ------------------------------------------------------------
 
     def _bias_parameters(self) -> dict[str, torch.Tensor]:

@@ -8,7 +8,11 @@ recorded fingerprint, rebuilds a `TaskModel` with the same method and a "pooler"
 BERT-style `...ForSequenceClassification` feeds its `classifier`), copies the tensors in, and
 writes the artifact with `artifacts.store.save_artifact`: the method then stores what it always
 stores (HiWi its biases P', PaFi its values with the mask fingerprint), so `microtune.load` serves
-it with the same logits.
+it with the same logits. A folder that `microtune export --format peft` wrote (the adapter on
+the bare backbone, task type FEATURE_EXTRACTION, with `head.safetensors` and
+`microtune_export.json` beside it) converts too: its head, read-out, task and max length come
+from the export, so microtune -> peft -> microtune gives the artifact back (`peft_tensors` names
+the method's tensors as peft does, the inverse of `split_tensors`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from peft import PeftConfig
 from safetensors.torch import load_file
 
 from microtune.artifacts.folders import check_output
-from microtune.artifacts.store import save_artifact
+from microtune.artifacts.store import read_export_record, save_artifact
 from microtune.backbone.arch import arch_for
 from microtune.backbone.load import check_max_length, fingerprint, load_backbone
+from microtune.common.files import EXPORT_FILE, HEAD_FILE
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method
 from microtune.methods.base import copy_matching
@@ -36,6 +41,16 @@ from microtune.tasks.spec import TASKS
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_PREFIX = "base_model.model.classifier."
+
+
+def method_prefix(method_name: str) -> str:
+    """Where peft saves a method's tensors: "base_model.microtune_slash." (`tuner`'s container)."""
+    return f"base_model.microtune_{method_name}."
+
+
+def peft_tensors(method_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The method's tensors ("z", "adapters.0-ffn_in.A") as peft's `save_pretrained` names them."""
+    return {method_prefix(method_name) + name: tensor for name, tensor in state.items()}
 
 
 def read_peft_folder(folder: Path) -> tuple[MicrotunePeftConfig, dict[str, torch.Tensor]]:
@@ -59,7 +74,7 @@ def split_tensors(
     config: MicrotunePeftConfig, tensors: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(method tensors as `TaskModel` names them, "method.z"; head tensors, "head.linear.*")."""
-    own = f"base_model.microtune_{config.method_name}."
+    own = method_prefix(config.method_name)
     method, head = {}, {}
     for name, tensor in tensors.items():
         if name.startswith(own):
@@ -72,16 +87,28 @@ def split_tensors(
                 "to_artifact converts a BERT-style sequence classifier (a linear `classifier` "
                 "on the pooler)"
             )
+    return method, head
+
+
+def exported_head(folder: Path, head: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The export record of a folder `microtune export --format peft` wrote (its head moved into
+    `head`, as "head.linear.*"), else None; refuses a folder with no head at all."""
+    if (folder / EXPORT_FILE).is_file() and (folder / HEAD_FILE).is_file():
+        head.update({"head.linear." + n: t for n, t in load_file(folder / HEAD_FILE).items()})
+        return read_export_record(folder)
     if "head.linear.weight" not in head:
         raise MicrotuneError(
             f"{ADAPTER_WEIGHTS} holds no `classifier` head; train with task_type='SEQ_CLS' on "
             "a BERT-style AutoModelForSequenceClassification"
         )
-    return method, head
+    return None
 
 
-def load_checked_base(config: MicrotunePeftConfig, model: str | None) -> tuple[Any, Any, str, str]:
-    """(backbone, tokenizer, fingerprint, name) of the base, once it matches the recorded one."""
+def load_checked_base(
+    config: MicrotunePeftConfig, model: str | None, pooler: bool = True
+) -> tuple[Any, Any, str, str]:
+    """(backbone, tokenizer, fingerprint, name) of the base, once it matches the recorded one
+    (and has a pooler, when the head reads it)."""
     name = model or config.base_model_name_or_path
     if not name:
         raise MicrotuneError("the adapter names no base model; pass model= with its name or folder")
@@ -98,7 +125,7 @@ def load_checked_base(config: MicrotunePeftConfig, model: str | None) -> tuple[A
             f"{config.base_fingerprint[:19]}… but '{name}' has {found[:19]}…; pass model= "
             "with the original base model"
         )
-    if arch_for(backbone).pooler is None:
+    if pooler and arch_for(backbone).pooler is None:
         raise MicrotuneError(
             f"{backbone.config.model_type} has no pooler; to_artifact converts BERT-style "
             "classifiers (a linear `classifier` on the pooler)"
@@ -132,16 +159,25 @@ def to_artifact(
 ) -> dict[str, Any]:
     """Write the peft folder of a microtune method as a microtune artifact in `output` (a new
     or empty folder); `model`: the base model when the adapter's `base_model_name_or_path` is
-    not where it is now. Returns the artifact's size in bytes and its trained numbers."""
+    not where it is now. A folder `microtune export --format peft` wrote brings its own task,
+    read-out and max length (`label_names`, `text_columns` and `max_length` are for the rest).
+    Returns the artifact's size in bytes and its trained numbers."""
     config, tensors = read_peft_folder(Path(peft_folder))
     method_tensors, head_tensors = split_tensors(config, tensors)
+    record = exported_head(Path(peft_folder), head_tensors)
     target = check_output(output, "output")
     if target.exists() and any(target.iterdir()):
         raise MicrotuneError(f"output {output} is not empty; name a new or empty folder")
-    backbone, tokenizer, found, name = load_checked_base(config, model)
-    check_max_length(backbone, max_length)
+    base_name = model or (record["base_model"]["name"] if record else None)
+    backbone, tokenizer, found, name = load_checked_base(config, base_name, record is None)
     num_labels = head_tensors["head.linear.weight"].shape[0]
-    head = HeadConfig(num_labels, readout="pooler", bias="head.linear.bias" in head_tensors)
+    if record:
+        task, max_length = record["task"], record["max_length"]
+    else:
+        task = task_of(num_labels, label_names, tuple(text_columns))
+    check_max_length(backbone, max_length)
+    readout = record["readout"] if record else "pooler"
+    head = HeadConfig(num_labels, readout=readout, bias="head.linear.bias" in head_tensors)
     method = build_method(config.method_name, config.method_options())
     task_model = TaskModel(backbone, head, method, mask_token_id=tokenizer.mask_token_id)
     trainable = task_model.trainable_state()
@@ -154,7 +190,7 @@ def to_artifact(
         method_name=config.method_name,
         base_model=name,
         base_fingerprint=found,
-        task=task_of(num_labels, label_names, tuple(text_columns)),
+        task=task,
         max_length=max_length,
         tokenizer=tokenizer,
     )

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from peft import PeftConfig
 
+from microtune.errors import MicrotuneError
 from microtune.methods.configs.base import MethodConfig
 from microtune.methods.configs.hiwi import HiWiConfig as _HiWiOptions
 from microtune.methods.configs.jrwarp import JRWARPConfig as _JRWarpOptions
@@ -100,3 +101,12 @@ class HiWiConfig(MicrotunePeftConfig, _HiWiOptions):
 
 
 CONFIGS: tuple[type[MicrotunePeftConfig], ...] = (SlashConfig, JRWarpConfig, PaFiConfig, HiWiConfig)
+
+
+def config_class_of(method_name: str) -> type[MicrotunePeftConfig]:
+    """The peft config class of a microtune method ("slash" -> `SlashConfig`)."""
+    for config_class in CONFIGS:
+        if config_class.method_name == method_name:
+            return config_class
+    names = ", ".join(c.method_name for c in CONFIGS)
+    raise MicrotuneError(f"'{method_name}' has no peft config; microtune.peft holds {names}")

@@ -459,7 +459,7 @@ def load_rows(
     if task.name in USER_TASKS:
         raise MicrotuneError(
             f"--task {task.name} trains on your own files: give --train-file and --dev-file "
-            "(--data-file for eval)"
+            "(--data-file for eval and export)"
         )
     if data_dir is not None:
         path = split_file(data_dir, task, split)

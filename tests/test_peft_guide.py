@@ -1,5 +1,6 @@
-"""docs/guides/peft.md runs as written: its python blocks, in order, in one namespace, on the
-tiny BERT and a tiny Llama of conftest (through the guide's environment variables)."""
+"""docs/guides/peft.md runs as written: its python blocks (marked `<!-- peft-guide-snippet -->`
+for tests/test_docs.py), in order, in one namespace, on the tiny BERT and a tiny Llama of
+conftest (through the guide's environment variables)."""
 
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path, data_dir)
     assert all((a[k] == b[k]).all() for k in a)
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "merge", "export", "info"])
+@pytest.mark.parametrize("command", ["train", "eval", "merge", "export", "info", "plot"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

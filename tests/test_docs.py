@@ -213,7 +213,7 @@ def test_the_site_builds_strictly_with_every_command_and_public_name(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     cli_page = (site / "reference" / "cli" / "index.html").read_text()
-    for command in ("train", "eval", "predict", "export", "serve", "federate", "push"):
+    for command in ("train", "eval", "predict", "export", "serve", "federate", "push", "plot"):
         assert f"usage: microtune {command}" in cli_page
     assert "--dp-epsilon" in cli_page and "--max-copy-mb" in cli_page
     api_page = (site / "reference" / "api" / "index.html").read_text()

@@ -355,7 +355,9 @@ def test_own_string_labels_through_the_cli(tiny_model_dirs, tmp_path, capsys):
     capsys.readouterr()
     for flag in ("--data-file", "--dev-file"):  # --dev-file: the name train took it by
         assert main(["eval", "--artifact", str(out), flag, str(tmp_path / "dev.csv")]) == 0
-        assert json.loads(capsys.readouterr().out) == report["metrics"]
+        result = json.loads(capsys.readouterr().out)
+        assert {name: result[name] for name in report["metrics"]} == report["metrics"]
+        assert set(result["per_class"]) == {"neg", "neu", "pos"}  # by the file's label names
 
     (tmp_path / "in.txt").write_text("the film is good\nawful plot\n")
     assert main(["predict", "--artifact", str(out), "--input", str(tmp_path / "in.txt")]) == 0

@@ -2,8 +2,9 @@
 
 `docs/reference/cli.md` holds the placeholder `<!-- cli-help -->`; at build time it becomes one
 section per command with that command's `--help`, so the page can never disagree with the
-parser. Help is formatted at a fixed width (100 columns) so the page does not depend on the
-terminal that builds it.
+parser. Help is formatted at a fixed width (88 columns: what the theme's code blocks show
+without scrolling on a desktop screen) so the page does not depend on the terminal that
+builds it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def cli_markdown() -> str:
     """One section per command: its one-line summary and its full `--help`."""
     from microtune.cli import build_parser
 
-    with mock.patch.dict(os.environ, {"COLUMNS": "100"}):
+    with mock.patch.dict(os.environ, {"COLUMNS": "88"}):
         parser = build_parser()
         sections = ["## microtune", "", "```text", parser.format_help().rstrip(), "```", ""]
         for name, sub in command_parsers(parser).items():

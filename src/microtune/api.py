@@ -254,6 +254,7 @@ class TrainingRun:
                 tokenizer.pad_token_id,
                 config.eval_batch_size,
                 tokenizer,
+                progress=config.progress and self.world.is_main,
             ),
             main_metric=task.main_metric,
             run_signature=self.signature(len(self.data.train)),
@@ -373,8 +374,13 @@ def evaluate_artifact(
     text_columns: tuple[str, ...] | None = None,
     label_column: str | None = None,
     batch_size: int = 64,
-) -> dict[str, float]:
-    """Metrics of a saved artifact on one split (default: the task's dev split).
+    progress: bool = True,
+    breakdown: bool = False,
+) -> dict[str, Any]:
+    """Metrics of a saved artifact on one split (default: the task's dev split), with a
+    progress bar over its batches on stderr (`progress`), and with `breakdown` the task
+    type's report beside them (classification: `per_class` precision, recall, F1 and support
+    by label name, and the `confusion_matrix`).
 
     Columns default to those the artifact was trained with. Another task than the artifact's
     is refused unless the data is named explicitly (`data_file`): then its labels must still
@@ -405,7 +411,15 @@ def evaluate_artifact(
     )
     rows, labels = task_model.encode(tokenizer, examples, config["max_length"])
     return evaluate(
-        task_model, task_spec, rows, labels, tokenizer.pad_token_id, batch_size, tokenizer
+        task_model,
+        task_spec,
+        rows,
+        labels,
+        tokenizer.pad_token_id,
+        batch_size,
+        tokenizer,
+        progress=progress,
+        breakdown=breakdown,
     )
 
 

@@ -26,7 +26,6 @@ from flwr.serverapp.strategy import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from microtune.api import TrainingData, start_run
 from microtune.artifacts import folders
@@ -40,6 +39,7 @@ from microtune.common.files import (
     write_json,
     write_tensors,
 )
+from microtune.common.progress import progress_bar
 from microtune.errors import MicrotuneError
 from microtune.federated.client import REFUSAL
 from microtune.federated.exchange import (
@@ -178,7 +178,7 @@ class FederationServer:
         self.sigma = self._client_sigma()
         self.done = 0
         self.log: list[dict[str, Any]] = []
-        self.bar = tqdm(total=spec.rounds, desc="rounds", disable=not spec.train_config.progress)
+        self.bar = progress_bar(spec.rounds, "rounds", "round", spec.train_config.progress)
 
     def _client_sigma(self) -> float | None:
         dp = self.spec.client_dp

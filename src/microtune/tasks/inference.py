@@ -3,27 +3,35 @@ the export checks share, apart from the training loop."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from microtune.common.progress import progress_bar
 from microtune.tasks.data import Encoded, batches
 
 # Model outputs of a split, in order: one (N, C) array for sequence types, one (T_i, C) array
 # per example (its real tokens) for per-token types.
 Outputs = np.ndarray | list[np.ndarray]
+T = TypeVar("T")
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, rows: Sequence[Encoded], pad_token_id: int, batch_size: int = 64
+    model: nn.Module,
+    rows: Sequence[Encoded],
+    pad_token_id: int,
+    batch_size: int = 64,
+    progress: bool = False,
 ) -> Outputs:
     """Logits of every row, in order, with the model in eval mode: one (N, C) array, or for
     per-token outputs one (T_i, C) array per row (its real tokens, padding cut off).
 
-    Rows are batched longest first (and put back in order), so little of a batch is padding."""
+    Rows are batched longest first (and put back in order), so little of a batch is padding.
+    `progress`: a bar over the batches (`evaluation_batches`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -33,6 +41,7 @@ def predict(
             rows,
             pad_token_id,
             batch_size,
+            progress,
         )
     finally:
         model.train(was_training)
@@ -44,15 +53,28 @@ def predict_with(
     rows: Sequence[Encoded],
     pad_token_id: int,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> Outputs:
     """`predict` with any function of the padded inputs (an exported model: onnxruntime,
     sentence-transformers), batched the same way."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     dummy = [0] * len(rows)
     outputs = []
-    for inputs, _ in batches(rows, dummy, batch_size, pad_token_id, order):
+    every = batches(rows, dummy, batch_size, pad_token_id, order)
+    for inputs, _ in evaluation_batches(every, len(rows), batch_size, progress):
         outputs.append(forward(**inputs).float().cpu())
     return join_outputs(outputs, rows, order)
+
+
+def evaluation_batches(
+    every: Iterable[T], rows: int, batch_size: int, progress: bool, desc: str = "evaluate"
+) -> Iterator[T]:
+    """The batches of an evaluation, under a progress bar over them when `progress` (the one
+    bar of every evaluation: the end of training, `microtune eval`)."""
+    with progress_bar(-(-rows // batch_size), desc, "batch", progress) as bar:
+        for batch in every:
+            yield batch
+            bar.update(1)
 
 
 def join_outputs(

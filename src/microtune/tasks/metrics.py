@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    matthews_corrcoef,
+    precision_recall_fscore_support,
+)
 
 from microtune.errors import MicrotuneError
 
@@ -62,3 +70,28 @@ def compute_metrics(names: tuple[str, ...], predictions, labels) -> dict[str, fl
         else:
             results[name] = value
     return results
+
+
+def per_class_report(predictions, labels, label_names: Sequence[str]) -> dict[str, Any]:
+    """Precision, recall, F1 and support of every class, by name (as scikit-learn's
+    `classification_report`; 0.0 where a class is never predicted or never true), and the
+    confusion matrix: `matrix[i][j]` counts examples of class `label_names[i]` predicted as
+    `label_names[j]`."""
+    classes = list(range(len(label_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=classes, zero_division=0
+    )
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(label_names)
+    }
+    matrix = confusion_matrix(labels, predictions, labels=classes)
+    return {
+        "per_class": per_class,
+        "confusion_matrix": {"labels": list(label_names), "matrix": matrix.tolist()},
+    }

@@ -3,11 +3,10 @@ run has: evaluation, the JSONL log, the progress bar and checkpoints."""
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
+from microtune.common.progress import progress_bar
 
 if TYPE_CHECKING:
     from microtune.training.loop import Trainer
@@ -64,27 +63,25 @@ class ProgressCallback(TrainerCallback):
     """A tqdm bar with the last loss, the main dev metric and live values in its postfix."""
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        self.bar = tqdm(
-            total=trainer.total_steps,
-            initial=trainer.step,
-            disable=not (trainer.config.progress and trainer.world.is_main),
+        config = trainer.config
+        self.bar = progress_bar(
+            trainer.total_steps,
             # Say up front how much one step is, so a long accumulation is not a silent wait.
-            desc=f"train ({trainer.config.batch_size}x{trainer.config.grad_accum} per step)"
-            if trainer.config.grad_accum > 1
+            f"train ({config.batch_size}x{config.grad_accum} per step)"
+            if config.grad_accum > 1
             else "train",
-            unit="step",
-            dynamic_ncols=True,
-            # In a log file (no terminal) every redraw is a new line: redraw rarely there.
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            "step",
+            enabled=config.progress and trainer.world.is_main,
+            initial=trainer.step,
         )
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        self.bar.update(1)
         postfix = {"loss": f"{logs['loss']:.4f}"}
         if trainer.last_metrics.get(trainer.main_metric) is not None:
             postfix[trainer.main_metric] = f"{trainer.last_metrics[trainer.main_metric]:.4f}"
         postfix.update({k: str(v) for k, v in trainer.live.items()})
-        self.bar.set_postfix(postfix)
+        self.bar.set_postfix(postfix, refresh=False)  # shown by update: rarely in a log file
+        self.bar.update(1)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.bar.close()

@@ -61,11 +61,25 @@ def evaluate(
     pad_token_id: int,
     batch_size: int = 64,
     tokenizer: Any = None,
-) -> dict[str, float | None]:
+    *,
+    progress: bool = False,
+    breakdown: bool = False,
+) -> dict[str, Any]:
     """The task's metrics on these rows, by its task type (`TaskType.evaluate`: by default
     `score` of `predict`'s outputs, refused when not finite); `tokenizer` for types that read
-    generated text back (the causal LM's exact match)."""
-    return type_of(task).evaluate(model, task, rows, labels, pad_token_id, batch_size, tokenizer)
+    generated text back (the causal LM's exact match); `progress`: a bar over the batches;
+    `breakdown`: the type's per-class report too (`TaskType.breakdown`)."""
+    return type_of(task).evaluate(
+        model,
+        task,
+        rows,
+        labels,
+        pad_token_id,
+        batch_size,
+        tokenizer,
+        progress=progress,
+        breakdown=breakdown,
+    )
 
 
 def enable_activation_checkpointing(model: nn.Module) -> list[nn.Module]:

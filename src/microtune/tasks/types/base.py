@@ -151,11 +151,15 @@ class TaskType(abc.ABC):
         pad_token_id: int,
         batch_size: int = 64,
         tokenizer: Any = None,
-    ) -> dict[str, float | None]:
+        *,
+        progress: bool = False,
+        breakdown: bool = False,
+    ) -> dict[str, Any]:
         """The dev metrics of `model` on encoded rows: `score` of `predict`'s outputs, which
-        must be finite. Types whose outputs are too large to hold (a vocabulary per token) or
-        that generate override it (`tokenizer`: for those that read text back)."""
-        outputs = predict(model, rows, pad_token_id, batch_size)
+        must be finite, with a progress bar over the batches when `progress`, and the type's
+        `breakdown` added when asked. Types whose outputs are too large to hold (a vocabulary
+        per token) or that generate override it (`tokenizer`: for those that read text back)."""
+        outputs = predict(model, rows, pad_token_id, batch_size, progress)
         each = outputs if isinstance(outputs, list) else list(outputs)
         bad = sum(not np.isfinite(o).all() for o in each)
         if bad:
@@ -163,11 +167,17 @@ class TaskType(abc.ABC):
                 f"the model's outputs are not finite on {bad} of {len(rows)} evaluation examples, "
                 "so nothing can be scored; check the artifact's tensors, or use a wider --dtype"
             )
-        return self.score(task, outputs, labels)
+        metrics: dict[str, Any] = dict(self.score(task, outputs, labels))
+        return {**metrics, **self.breakdown(task, outputs, labels)} if breakdown else metrics
 
     @abc.abstractmethod
     def score(self, task: Task, outputs: Outputs, labels: Sequence) -> dict[str, float | None]:
         """The task's dev metrics of the model's outputs against the encoded labels."""
+
+    def breakdown(self, task: Task, outputs: Outputs, labels: Sequence) -> dict[str, Any]:
+        """What `microtune eval` reports beside the metrics (classification: per-class numbers
+        and the confusion matrix); nothing by default."""
+        return {}
 
     @abc.abstractmethod
     def present(

@@ -31,7 +31,7 @@ from torch import nn
 from microtune.backbone.load import backbone_dtype
 from microtune.errors import MicrotuneError
 from microtune.tasks.data import IGNORE_INDEX, batches, collate
-from microtune.tasks.inference import Outputs
+from microtune.tasks.inference import Outputs, evaluation_batches
 from microtune.tasks.probe import logits_match, probe_batch, task_logits
 from microtune.tasks.spec import Example
 from microtune.tasks.types.base import TaskType
@@ -99,11 +99,13 @@ def greedy_generate(
     eos_token_id: int | None,
     pad_token_id: int,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> list[list[int]]:
     """Greedy continuations of token prompts through the task model (method attached or
     merged), without a key/value cache: every step re-runs the whole right-padded batch, so
     every method (prompts, substituted tensors) sees exactly the inputs it trains on. A
-    continuation ends at EOS (not included) or after its `max_new_tokens`."""
+    continuation ends at EOS (not included) or after its `max_new_tokens`; `progress`: a bar
+    over the batches."""
     limits = (
         [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     )
@@ -115,7 +117,8 @@ def greedy_generate(
     device = next(task_model.parameters()).device
     answers: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in evaluation_batches(starts, len(order), batch_size, progress, "generate"):
         active = [i for i in order[start : start + batch_size] if limits[i] > 0]
         while active:
             rows = []
@@ -279,7 +282,7 @@ class CausalLM(TaskType):
 
     @torch.no_grad()
     def token_losses(
-        self, model, rows, labels, pad_token_id: int, batch_size: int = 64
+        self, model, rows, labels, pad_token_id: int, batch_size: int = 64, progress: bool = False
     ) -> tuple[list[float], list[int]]:
         """(summed loss, scored tokens) per row, as `loss` scores them, with the vocabulary-wide
         logits computed only at scored positions, a chunk at a time."""
@@ -289,7 +292,8 @@ class CausalLM(TaskType):
         sums, counts = [0.0] * len(rows), [0] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
         start = 0
-        for inputs, batch_labels in batches(rows, labels, batch_size, pad_token_id, order):
+        every = batches(rows, labels, batch_size, pad_token_id, order)
+        for inputs, batch_labels in evaluation_batches(every, len(rows), batch_size, progress):
             index = order[start : start + len(batch_labels)]
             start += len(batch_labels)
             inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -311,8 +315,20 @@ class CausalLM(TaskType):
         model.train(was_training)
         return sums, counts
 
-    def evaluate(self, model, task, rows, labels, pad_token_id, batch_size=64, tokenizer=None):
-        sums, counts = self.token_losses(model, rows, labels, pad_token_id, batch_size)
+    def evaluate(
+        self,
+        model,
+        task,
+        rows,
+        labels,
+        pad_token_id,
+        batch_size=64,
+        tokenizer=None,
+        *,
+        progress=False,
+        breakdown=False,
+    ):
+        sums, counts = self.token_losses(model, rows, labels, pad_token_id, batch_size, progress)
         tokens = sum(counts)
         loss = sum(sums) / max(tokens, 1)
         if not math.isfinite(loss):
@@ -323,11 +339,13 @@ class CausalLM(TaskType):
         metrics: dict[str, float | None] = {"loss": loss, "perplexity": math.exp(min(loss, 700))}
         if len(task.text_columns) == 2:
             metrics["exact_match"] = self.exact_match(
-                model, rows, labels, pad_token_id, batch_size, tokenizer
+                model, rows, labels, pad_token_id, batch_size, tokenizer, progress
             )
         return {key: metrics[key] for key in task.metrics if key in metrics}
 
-    def exact_match(self, model, rows, labels, pad_token_id, batch_size, tokenizer) -> float:
+    def exact_match(
+        self, model, rows, labels, pad_token_id, batch_size, tokenizer, progress=False
+    ) -> float:
         """Share of rows whose greedy answer (up to EOS, at most the reference's length + 4
         tokens) equals the reference response, both decoded and stripped (token ids compared
         when no tokenizer is given)."""
@@ -341,7 +359,9 @@ class CausalLM(TaskType):
             reference = list(label[cut:])
             references.append(reference[:-1] if reference[-1:] == [eos] else reference)
         budgets = [len(r) + EXTRA_ANSWER_TOKENS for r in references]
-        answers = greedy_generate(model, prompts, budgets, eos, pad_token_id, batch_size)
+        answers = greedy_generate(
+            model, prompts, budgets, eos, pad_token_id, batch_size, progress=progress
+        )
 
         def text(ids: list[int]) -> str | list[int]:
             if tokenizer is None:

@@ -27,7 +27,7 @@ from microtune.backbone.load import backbone_dtype
 from microtune.errors import MicrotuneError
 from microtune.tasks.data import encode
 from microtune.tasks.inference import Outputs
-from microtune.tasks.metrics import METRICS, compute_metrics
+from microtune.tasks.metrics import METRICS, compute_metrics, per_class_report
 from microtune.tasks.probe import logits_match, probe_batch, task_logits
 from microtune.tasks.types.base import TaskType, own_linear, stock_model_like
 
@@ -160,6 +160,11 @@ class SequenceClassification(SequenceTaskType):
 
     def score(self, task, outputs: Outputs, labels: Sequence):
         return compute_metrics(task.metrics, outputs.argmax(-1), labels)
+
+    def breakdown(self, task, outputs: Outputs, labels: Sequence):
+        """Per-class precision, recall, F1 and support, and the confusion matrix."""
+        names = task.label_names or [str(i) for i in range(outputs.shape[-1])]
+        return per_class_report(outputs.argmax(-1), labels, names)
 
     def present(self, outputs: Outputs, label_names, examples, labels):
         scores, indices = torch.from_numpy(outputs).softmax(-1).max(-1)

@@ -82,7 +82,7 @@ def test_training_report_and_eval_agree(trained, data_dir):
     assert report["trainable_parameters"] == {"head": 770, "method": 1024, "total": 1794}
     assert report["artifact_bytes"] < 20_000
     assert report["metrics"]["accuracy"] > 0.6  # 30 steps already beat chance (0.51)
-    metrics = api.evaluate_artifact(folder, data_dir=str(data_dir))
+    metrics = api.evaluate_artifact(folder, data=DataSource(data_dir=str(data_dir)))
     assert metrics == report["metrics"]
 
 

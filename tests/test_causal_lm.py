@@ -23,7 +23,7 @@ from microtune.tasks.data import IGNORE_INDEX, batches
 from microtune.tasks.examples import rows_to_examples
 from microtune.tasks.spec import Example, get_task
 from microtune.tasks.types import get_task_type
-from microtune.tasks.types.causal import greedy_generate
+from microtune.tasks.types.causal import greedy_generate, token_losses
 from tests.conftest import TINY_CONFIGS, WORDS, tiny_tokenizer
 
 CAUSAL = get_task_type("causal-lm")
@@ -115,7 +115,7 @@ def test_per_example_losses_equal_a_one_example_loop(model_type, causal_dirs):
             alone.append(CAUSAL.loss(model(**one), one_label))
     torch.testing.assert_close(together, torch.stack(alone), rtol=1e-5, atol=1e-5)
     # The dev loss (logits only at scored positions) is the token mean of the same losses.
-    sums, counts = CAUSAL.token_losses(model, rows, labels, tokenizer.pad_token_id, 2)
+    sums, counts = token_losses(model, rows, labels, tokenizer.pad_token_id, 2)
     torch.testing.assert_close(
         torch.tensor(sums) / torch.tensor(counts, dtype=torch.float32),
         together,

@@ -17,4 +17,7 @@ def test_stsb_regression_learns(tmp_path, data_dir):
     # Chance is 0 correlation; 60 steps reach about 0.35 (measured), far from noise on 1,500.
     assert report["metrics"]["pearson"] > 0.2
     assert report["metrics"]["spearman"] > 0.2
-    assert api.evaluate_artifact(tmp_path, data_dir=str(data_dir)) == report["metrics"]
+    assert (
+        api.evaluate_artifact(tmp_path, data=DataSource(data_dir=str(data_dir)))
+        == report["metrics"]
+    )

@@ -11,6 +11,7 @@ import microtune
 from microtune import api
 from microtune.cli import main
 from microtune.tasks.metrics import per_class_report
+from microtune.tasks.spec import DataSource
 from microtune.training.config import TrainConfig
 
 
@@ -87,9 +88,11 @@ def test_eval_reports_per_class_numbers_and_the_confusion_matrix(artifact, toy_f
 
 def test_eval_shows_a_bar_over_its_batches_unless_no_progress(artifact, toy_files, capsys):
     dev = str(toy_files / "dev.jsonl")
-    quiet = api.evaluate_artifact(artifact, data_file=dev, batch_size=8, progress=False)
+    quiet = api.evaluate_artifact(
+        artifact, data=DataSource(dev_file=dev), batch_size=8, progress=False
+    )
     assert "evaluate" not in capsys.readouterr().err
-    shown = api.evaluate_artifact(artifact, data_file=dev, batch_size=8)
+    shown = api.evaluate_artifact(artifact, data=DataSource(dev_file=dev), batch_size=8)
     assert shown == quiet
     err = capsys.readouterr().err
     assert "evaluate: 100%" in err and "4/4 [" in err  # 32 dev rows, 8 a batch

@@ -84,7 +84,7 @@ def test_three_clients_beat_chance_survive_a_crash_and_make_an_artifact(
     assert report["bytes_up_per_client_round"] > 0
     # The aggregate is an ordinary artifact: eval gives the same number, merge works.
     dev = str(toy_files / "dev.jsonl")
-    assert api.evaluate_artifact(output, data_file=dev) == report["metrics"]
+    assert api.evaluate_artifact(output, data=DataSource(dev_file=dev)) == report["metrics"]
     merged = api.merge_artifact(output, tmp_path / "merged")
     assert merged is not None
 
@@ -306,7 +306,9 @@ def test_one_round_of_every_method_is_an_ordinary_artifact(
     assert screen.round["joined"] == 2 and set(aggregate) == set(start)
     server.evaluate_round(1, aggregate, screen)
     dev = str(toy_files / "dev.jsonl")
-    assert api.evaluate_artifact(tmp_path, data_file=dev) == server.log[-1]["metrics"]
+    assert (
+        api.evaluate_artifact(tmp_path, data=DataSource(dev_file=dev)) == server.log[-1]["metrics"]
+    )
 
 
 def test_sample_level_dp_on_a_party_accounts_across_rounds(tiny_model_dirs, toy_files, tmp_path):

@@ -270,7 +270,9 @@ def test_eval_reads_your_files_with_the_columns_training_used(tmp_path, toy_file
         ),
         train_config=TrainConfig(max_steps=3, eval_every=0, progress=False),
     )
-    again = api.evaluate_artifact(tmp_path / "art", data_file=str(tmp_path / "dev.jsonl"))
+    again = api.evaluate_artifact(
+        tmp_path / "art", data=DataSource(dev_file=str(tmp_path / "dev.jsonl"))
+    )
     assert again == report["metrics"]
 
 
@@ -316,7 +318,9 @@ def test_train_reads_rows_in_memory_as_it_reads_the_same_rows_from_files(
         "give train_file or train_rows, not both": lambda: DataSource(
             train_file="a.csv", train_rows=frame, dev_rows=frame
         ),
-        "give --train-file and --dev-file together": lambda: DataSource(train_rows=frame),
+        "give --train-file and --dev-file together": lambda: DataSource(
+            train_rows=frame
+        ).check_for_training(),
         "train_rows takes rows in memory; pass a path as train_file": lambda: DataSource(
             train_rows="train.csv", dev_rows=frame
         ),

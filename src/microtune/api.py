@@ -90,6 +90,8 @@ def train(
     started = time.time()
     if existing not in EXISTING:
         raise MicrotuneError(f"existing must be one of {EXISTING}, got {existing!r}")
+    data = data or DataSource()
+    data.check_for_training()
     options = ModelOptions(name=model) if isinstance(model, str) else model
     options = dataclasses.replace(options, name=_model_path(options.name))
     config = train_config or TrainConfig(max_steps=DEFAULT_MAX_STEPS)
@@ -102,7 +104,7 @@ def train(
     rules["protected"] = folders.base_model_folders([options.name])
     group = world.group(resolve_device(options.device))
     with group, _rank0_folder(world, output_dir, **rules) as folder:
-        training = TrainingData(task, data or DataSource())
+        training = TrainingData(task, data)
         training.load()
         run = start_run(training, method, method_options, options, config, builders, world)
         report = run.fit_and_save(folder, callbacks, existing == "resume", started)
@@ -369,10 +371,7 @@ def evaluate_artifact(
     task: str | None = None,
     split: str | None = None,
     model: str | None = None,
-    data_dir: str | None = None,
-    data_file: str | None = None,
-    text_columns: tuple[str, ...] | None = None,
-    label_column: str | None = None,
+    data: DataSource | None = None,
     batch_size: int = 64,
     progress: bool = True,
     breakdown: bool = False,
@@ -382,45 +381,35 @@ def evaluate_artifact(
     type's report beside them (classification: `per_class` precision, recall, F1 and support
     by label name, and the `confusion_matrix`).
 
-    Columns default to those the artifact was trained with. Another task than the artifact's
-    is refused unless the data is named explicitly (`data_file`): then its labels must still
-    fit the head."""
+    `data` names the rows (a data folder, or your dev file or rows: `dev_file`, `dev_rows`);
+    columns default to those the artifact was trained with. Another task than the artifact's
+    is refused unless the rows are named explicitly: then its labels must still fit the head."""
+    data = data or DataSource()
+    own_rows = data.file("dev")
     trained_on = read_artifact_config(artifact_dir)["task"]["name"]
-    if task is not None and task != trained_on and data_file is None:
+    if task is not None and task != trained_on and own_rows is None:
         raise MicrotuneError(
             f"the artifact was trained on '{trained_on}', not '{task}'; leave out --task to "
             f"evaluate on {trained_on}, or evaluate on other data explicitly with --data-file "
             "(and --text-columns, --label-column), whose labels must fit the artifact's head"
         )
     task_model, tokenizer, config = load_artifact(artifact_dir, model)
-    own = task is None or task == config["task"]["name"]
-    if own:
-        text_columns = text_columns or tuple(config["task"]["text_columns"])
+    columns, label_column = data.text_columns, data.label_column
+    if task is None or task == config["task"]["name"]:
+        columns = columns or tuple(config["task"]["text_columns"])
         label_column = label_column or config["task"].get("label_column", "label")
-        task_spec = artifact_task(config, task_model, text_columns)
+        task_spec = artifact_task(config, task_model, columns)
     else:
         task_spec = get_task(task)
         _check_task_fits(task_spec, task_model, config)
-    examples = load_split(
-        task_spec,
-        split or task_spec.dev_split,
-        data_dir,
-        data_file,
-        text_columns,
-        label_column,
-    )
+    split = split or task_spec.dev_split
+    examples = load_split(task_spec, split, data.data_dir, own_rows, columns, label_column)
     rows, labels = task_model.encode(tokenizer, examples, config["max_length"])
+    pad_id = tokenizer.pad_token_id
     return evaluate(
-        task_model,
-        task_spec,
-        rows,
-        labels,
-        tokenizer.pad_token_id,
-        batch_size,
-        tokenizer,
-        progress=progress,
-        breakdown=breakdown,
-    )
+        task_model, task_spec, rows, labels, pad_id, batch_size, tokenizer,
+        progress=progress, breakdown=breakdown,
+    )  # fmt: skip
 
 
 def _check_task_fits(task_spec: Task, task_model: TaskModel, config: dict[str, Any]) -> None:

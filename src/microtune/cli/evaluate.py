@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from microtune.cli.common import ARTIFACT_HELP, MODEL_HELP, add_data_options
-from microtune.tasks.spec import TASKS
+from microtune.tasks.spec import TASKS, DataSource
 
 
 def add(commands) -> None:
@@ -34,10 +34,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         task=args.task,
         split=args.split,
         model=args.model,
-        data_dir=args.data_dir,
-        data_file=args.data_file,
-        text_columns=args.text_columns,
-        label_column=args.label_column,
+        data=DataSource(
+            data_dir=args.data_dir,
+            dev_file=args.data_file,
+            text_columns=tuple(args.text_columns) if args.text_columns else None,
+            label_column=args.label_column,
+        ),
         progress=args.progress,
         breakdown=True,
     )

@@ -81,6 +81,7 @@ class FederationSpec:
             )
         if self.rounds < 1:
             raise MicrotuneError(f"--rounds must be at least 1, got {self.rounds}")
+        self.data.check_for_training()
         if not 0 < self.alpha < math.inf:  # inf: no Dirichlet draw (NaN shares)
             raise MicrotuneError(f"--alpha must be positive and finite, got {self.alpha}")
         self._check_settings()

@@ -210,12 +210,16 @@ class DataSource:
                 raise MicrotuneError(
                     f"{split}_rows takes rows in memory; pass a path as {split}_file"
                 )
-        if (self.file("train") is None) != (self.file("dev") is None):
-            raise MicrotuneError("give --train-file and --dev-file together (or --data-dir)")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise MicrotuneError(
                 f"--max-train-examples must be at least 1, got {self.max_train_examples}"
             )
+
+    def check_for_training(self) -> None:
+        """Training reads both splits from one kind of source (evaluation needs the dev rows
+        alone)."""
+        if (self.file("train") is None) != (self.file("dev") is None):
+            raise MicrotuneError("give --train-file and --dev-file together (or --data-dir)")
 
     def rows(self, split: str) -> Any:
         return self.train_rows if split == "train" else self.dev_rows

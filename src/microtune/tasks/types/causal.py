@@ -280,41 +280,6 @@ class CausalLM(TaskType):
         """The scored next-token positions: what `loss` averages over."""
         return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
-    @torch.no_grad()
-    def token_losses(
-        self, model, rows, labels, pad_token_id: int, batch_size: int = 64, progress: bool = False
-    ) -> tuple[list[float], list[int]]:
-        """(summed loss, scored tokens) per row, as `loss` scores them, with the vocabulary-wide
-        logits computed only at scored positions, a chunk at a time."""
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        sums, counts = [0.0] * len(rows), [0] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-        start = 0
-        every = batches(rows, labels, batch_size, pad_token_id, order)
-        for inputs, batch_labels in evaluation_batches(every, len(rows), batch_size, progress):
-            index = order[start : start + len(batch_labels)]
-            start += len(batch_labels)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            hidden = model.backbone_outputs(**inputs).last_hidden_state[:, :-1]
-            targets = batch_labels[:, 1:].to(device)
-            where = targets != IGNORE_INDEX
-            owner = torch.arange(len(index), device=device).unsqueeze(1).expand_as(targets)[where]
-            features, wanted = hidden[where], targets[where]
-            losses = torch.empty(len(wanted), device=device)
-            for chunk in range(0, len(wanted), LOGIT_CHUNK):
-                part = slice(chunk, chunk + LOGIT_CHUNK)
-                logits = model.head(features[part].to(model.head.linear.weight.dtype)).float()
-                losses[part] = nn.functional.cross_entropy(logits, wanted[part], reduction="none")
-            per_row = torch.zeros(len(index), device=device).index_add_(0, owner, losses)
-            per_count = torch.bincount(owner, minlength=len(index))
-            for position, row in enumerate(index):
-                sums[row] = float(per_row[position])
-                counts[row] = int(per_count[position])
-        model.train(was_training)
-        return sums, counts
-
     def evaluate(
         self,
         model,
@@ -328,7 +293,7 @@ class CausalLM(TaskType):
         progress=False,
         breakdown=False,
     ):
-        sums, counts = self.token_losses(model, rows, labels, pad_token_id, batch_size, progress)
+        sums, counts = token_losses(model, rows, labels, pad_token_id, batch_size, progress)
         tokens = sum(counts)
         loss = sum(sums) / max(tokens, 1)
         if not math.isfinite(loss):
@@ -338,38 +303,10 @@ class CausalLM(TaskType):
             )
         metrics: dict[str, float | None] = {"loss": loss, "perplexity": math.exp(min(loss, 700))}
         if len(task.text_columns) == 2:
-            metrics["exact_match"] = self.exact_match(
+            metrics["exact_match"] = exact_match(
                 model, rows, labels, pad_token_id, batch_size, tokenizer, progress
             )
         return {key: metrics[key] for key in task.metrics if key in metrics}
-
-    def exact_match(
-        self, model, rows, labels, pad_token_id, batch_size, tokenizer, progress=False
-    ) -> float:
-        """Share of rows whose greedy answer (up to EOS, at most the reference's length + 4
-        tokens) equals the reference response, both decoded and stripped (token ids compared
-        when no tokenizer is given)."""
-        if not rows:
-            return 0.0
-        eos = eos_id(tokenizer) if tokenizer is not None else model_eos(model)
-        prompts, references = [], []
-        for row, label in zip(rows, labels, strict=True):
-            cut = prompt_length(label)
-            prompts.append(row["input_ids"][:cut])
-            reference = list(label[cut:])
-            references.append(reference[:-1] if reference[-1:] == [eos] else reference)
-        budgets = [len(r) + EXTRA_ANSWER_TOKENS for r in references]
-        answers = greedy_generate(
-            model, prompts, budgets, eos, pad_token_id, batch_size, progress=progress
-        )
-
-        def text(ids: list[int]) -> str | list[int]:
-            if tokenizer is None:
-                return ids
-            return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-        hits = sum(text(a) == text(r) for a, r in zip(answers, references, strict=True))
-        return hits / len(rows)
 
     def score(self, task, outputs: Outputs, labels: Sequence):
         """Loss and perplexity of per-token logits as `predict` returns them (small models
@@ -425,6 +362,69 @@ class CausalLM(TaskType):
         """The merged model as a stock `AutoModelForCausalLM` (`write_stock_causal_lm`)."""
         write_stock_causal_lm(task_model, folder)
         return True
+
+
+@torch.no_grad()
+def token_losses(
+    model, rows, labels, pad_token_id: int, batch_size: int = 64, progress: bool = False
+) -> tuple[list[float], list[int]]:
+    """(summed loss, scored tokens) per row, as `loss` scores them, with the vocabulary-wide
+    logits computed only at scored positions, a chunk at a time."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums, counts = [0.0] * len(rows), [0] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    start = 0
+    every = batches(rows, labels, batch_size, pad_token_id, order)
+    for inputs, batch_labels in evaluation_batches(every, len(rows), batch_size, progress):
+        index = order[start : start + len(batch_labels)]
+        start += len(batch_labels)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        hidden = model.backbone_outputs(**inputs).last_hidden_state[:, :-1]
+        targets = batch_labels[:, 1:].to(device)
+        where = targets != IGNORE_INDEX
+        owner = torch.arange(len(index), device=device).unsqueeze(1).expand_as(targets)[where]
+        features, wanted = hidden[where], targets[where]
+        losses = torch.empty(len(wanted), device=device)
+        for chunk in range(0, len(wanted), LOGIT_CHUNK):
+            part = slice(chunk, chunk + LOGIT_CHUNK)
+            logits = model.head(features[part].to(model.head.linear.weight.dtype)).float()
+            losses[part] = nn.functional.cross_entropy(logits, wanted[part], reduction="none")
+        per_row = torch.zeros(len(index), device=device).index_add_(0, owner, losses)
+        per_count = torch.bincount(owner, minlength=len(index))
+        for position, row in enumerate(index):
+            sums[row] = float(per_row[position])
+            counts[row] = int(per_count[position])
+    model.train(was_training)
+    return sums, counts
+
+
+def exact_match(model, rows, labels, pad_token_id, batch_size, tokenizer, progress=False) -> float:
+    """Share of rows whose greedy answer (up to EOS, at most the reference's length + 4
+    tokens) equals the reference response, both decoded and stripped (token ids compared
+    when no tokenizer is given)."""
+    if not rows:
+        return 0.0
+    eos = eos_id(tokenizer) if tokenizer is not None else model_eos(model)
+    prompts, references = [], []
+    for row, label in zip(rows, labels, strict=True):
+        cut = prompt_length(label)
+        prompts.append(row["input_ids"][:cut])
+        reference = list(label[cut:])
+        references.append(reference[:-1] if reference[-1:] == [eos] else reference)
+    budgets = [len(r) + EXTRA_ANSWER_TOKENS for r in references]
+    answers = greedy_generate(
+        model, prompts, budgets, eos, pad_token_id, batch_size, progress=progress
+    )
+
+    def text(ids: list[int]) -> str | list[int]:
+        if tokenizer is None:
+            return ids
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    hits = sum(text(a) == text(r) for a, r in zip(answers, references, strict=True))
+    return hits / len(rows)
 
 
 def _check_scored(labels: Sequence[Sequence[int]], max_length: int) -> None:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from microtune import api
-from microtune.artifacts.store import load_artifact, save_artifact
+from microtune.artifacts.store import load_artifact, load_base, save_artifact
 from microtune.backbone.load import fingerprint, load_backbone
 from microtune.common.choices import DEFAULT_MODEL
 from microtune.common.files import TENSORS_FILE
@@ -20,7 +20,8 @@ from microtune.tasks.inference import predict
 from microtune.tasks.spec import DataSource, get_task
 from microtune.training.config import TrainConfig
 
-from .conftest import REPO
+from .conftest import REPO, make_tiny_model
+from .test_serving import make_artifact
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,20 @@ def test_a_different_base_model_is_refused(trained, tmp_path, tiny_model_dirs):
     tokenizer.save_pretrained(tmp_path / "nudged")
     with pytest.raises(MicrotuneError, match="base model mismatch"):
         load_artifact(folder, model_name=str(tmp_path / "nudged"))
+
+
+def test_a_mismatch_names_the_base_model_actually_loaded(tmp_path, tiny_model_dirs):
+    """Issue 32: a base loaded once and shared (load_many, the server) is named as what it is,
+    not as the artifact's base a second time."""
+    trained_on = tiny_model_dirs["bert"]
+    folder = make_artifact(tmp_path / "art", trained_on)
+    other = make_tiny_model("bert", tmp_path / "other", seed=1)
+    for kwargs in ({"base_model": load_base(folder, str(other))}, {"model_name": str(other)}):
+        with pytest.raises(MicrotuneError) as error:
+            load_artifact(folder, **kwargs)
+        message = str(error.value)
+        assert f"trained on '{trained_on}' (" in message, message
+        assert f"but '{other}' has" in message, message
 
 
 def test_tampered_tensors_are_refused(trained, tmp_path):

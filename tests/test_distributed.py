@@ -300,6 +300,33 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_bit_for_bit(runs, cap
     assert _losses(root / "killed") == _losses(root / "two")
 
 
+def test_a_plain_run_with_stale_launcher_variables_stops_soon_saying_what_to_unset(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    """WORLD_SIZE=2 RANK=0 left in the environment, no rank 1: one line within the join
+    timeout (here 3 s), not the 30-minute collective timeout, and nothing written."""
+    model = tiny_model_dirs["bert"]
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env["MICROTUNE_DIST_JOIN_TIMEOUT_S"] = "3"
+    args = _train_args(model, toy_files, tmp_path / "out", 4)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "microtune", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode != 0
+    assert time.monotonic() - started < 90  # start-up on a busy machine, plus 3 s
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "found no other process at 127.0.0.1:" in lines[0]
+    assert "within 3 s" in lines[0] and "unset WORLD_SIZE RANK LOCAL_RANK MASTER_ADDR" in lines[0]
+    assert not (tmp_path / "out" / "adapter.safetensors").exists()
+
+
 def test_world_reads_the_launchers_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")

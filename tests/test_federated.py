@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -394,3 +395,69 @@ def test_rounds_follow_one_schedule_over_the_federation():
     assert restarted != pytest.approx(centralised, abs=1e-3)
     with pytest.raises(MicrotuneError, match="schedule slice must start"):
         AdamWStep().slice_of(20, 20)
+
+
+def too_slow(spec: FederationSpec) -> ClientApp:
+    """microtune's client app, except that every party answers only after 20 s."""
+    app, inner = ClientApp(), client_app(spec)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        time.sleep(20)
+        return inner(message, context)
+
+    return app
+
+
+def test_a_federation_whose_round_aggregated_nothing_fails_and_writes_nothing(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    """Issue 32: --round-timeout so short that no party answers: one line and no artifact,
+    never the untrained initial state as if trained."""
+    output = tmp_path / "fed"
+    spec = spec_for(tiny_model_dirs, toy_files, output, clients=2, clients_per_round=2)
+    spec = dataclasses.replace(spec, rounds=2, round_timeout=1.0)
+    with pytest.raises(MicrotuneError) as error:
+        simulate(spec, workers=2, client=too_slow(spec))
+    assert "round 1 aggregated no update (0 joined, 2 failed" in str(error.value)
+    assert "nothing written" in str(error.value) and "--allow-empty-rounds" in str(error.value)
+    assert not (output / CONFIG_FILE).exists() and not (output / "metrics.json").exists()
+
+
+def test_an_empty_round_after_a_trained_one_stops_unless_allowed(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    spec = spec_for(tiny_model_dirs, toy_files, tmp_path / "a", method="slash", rounds=3)
+    spec = dataclasses.replace(spec, method_options={"d": 8})
+    empty = {"sampled": 3, "joined": 0, "failed": 3, "aggregated": False}
+    server = FederationServer(spec, tmp_path / "a")
+    state = server.start_state()
+    screen = Screen(flower_strategy(spec, None), server, 1)
+    screen.round = {"joined": 3, "aggregated": True}
+    server.evaluate_round(1, state, screen)
+    screen.round = empty
+    with pytest.raises(MicrotuneError, match=r"round 2 aggregated no update.*holds round 1"):
+        server.evaluate_round(2, state, screen)
+    # Allowed: every round logged, but a state no round trained is never written.
+    allowed = dataclasses.replace(spec, output_dir=str(tmp_path / "b"), allow_empty_rounds=True)
+    (tmp_path / "b").mkdir()
+    server = FederationServer(allowed, tmp_path / "b")
+    state = server.start_state()
+    screen.server = server
+    for server_round in (1, 2, 3):
+        server.evaluate_round(server_round, state, screen)
+    assert not (tmp_path / "b" / CONFIG_FILE).exists()
+    with pytest.raises(MicrotuneError, match="no round of 3 aggregated an update; nothing"):
+        server.finish()
+    assert allowed.record() == spec.record()  # resuming with or without the flag is one run
+
+
+def test_client_level_delta_must_be_below_one_over_the_parties(
+    tiny_model_dirs, toy_files, tmp_path, capsys
+):
+    spec = spec_for(tiny_model_dirs, toy_files, tmp_path / "x", clients=4, clients_per_round=2)
+    with pytest.raises(MicrotuneError, match=r"--client-dp-delta 0.5 is not below 1/--clients"):
+        dataclasses.replace(spec, client_dp=ClientDP(8.0, 0.5))
+    with pytest.raises(MicrotuneError, match=r"1/--clients = 1/4.*at most 0.125"):
+        dataclasses.replace(spec, client_dp=ClientDP(8.0, 0.25))
+    assert dataclasses.replace(spec, client_dp=ClientDP(8.0, 0.2)).client_dp.delta == 0.2

@@ -238,7 +238,7 @@ def test_cli_predict_reads_jsonl_for_pair_tasks(tmp_path, tiny_model_dirs):
     found = cli.run(["predict", "--artifact", str(artifact), "--input", str(inputs)])
     assert found == microtune.load(artifact).predict(PAIRS)
     inputs.write_text("a plain line\n")
-    with pytest.raises(MicrotuneError, match="takes 2 text"):
+    with pytest.raises(MicrotuneError, match="line 1: not valid JSON"):
         cli.run(["predict", "--artifact", str(artifact), "--input", str(inputs)])
     with pytest.raises(MicrotuneError, match="cannot read --input"):
         cli.run(["predict", "--artifact", str(artifact), "--input", str(tmp_path / "none")])

@@ -184,6 +184,7 @@ class LoadedBase:
     tokenizer: Any
     fingerprint: str
     tokenizer_fingerprint: str
+    name: str | None = None  # what was loaded (a refusal names it), when known
 
 
 def load_base(
@@ -203,13 +204,20 @@ def load_base(
     )
     if device is not None:
         backbone.to(device).eval()
-    return LoadedBase(backbone, tokenizer, fingerprint(backbone), tokenizer_fingerprint(tokenizer))
+    return LoadedBase(
+        backbone,
+        tokenizer,
+        fingerprint(backbone),
+        tokenizer_fingerprint(tokenizer),
+        name=str(model_name or base["name"]),
+    )
 
 
 def check_base(
     base: dict[str, Any], model_name: str | None, found: str, found_tokenizer: str
 ) -> None:
-    """The base model's weights (and, where recorded, its tokenizer) are the artifact's."""
+    """The base model's weights (and, where recorded, its tokenizer) are the artifact's.
+    `model_name`: the base model actually loaded (None: the one the artifact names)."""
     if found != base["fingerprint"]:
         raise MicrotuneError(
             f"base model mismatch: the artifact was trained on '{base['name']}' "
@@ -245,7 +253,8 @@ def load_artifact(
     stored = read_artifact_tensors(directory, config)
     check_sizes(config, sum(t.numel() for t in stored.values()), config_path)
     base = base_model if base_model is not None else load_base(config, model_name)
-    check_base(config["base_model"], model_name, base.fingerprint, base.tokenizer_fingerprint)
+    loaded = base.name or model_name  # a base passed in was loaded from its own name
+    check_base(config["base_model"], loaded, base.fingerprint, base.tokenizer_fingerprint)
     backbone, tokenizer = base.model, base.tokenizer
     try:
         check_max_length(backbone, config["max_length"])

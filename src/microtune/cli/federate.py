@@ -87,6 +87,12 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
         "--round-timeout", type=float, default=600.0, help="seconds a round waits for replies"
     )
     group.add_argument(
+        "--allow-empty-rounds",
+        action="store_true",
+        help="go on when a round aggregates no update (none of --min-replies valid replies "
+        "within --round-timeout); without it such a round stops the federation with an error",
+    )
+    group.add_argument(
         "--lora-frozen-a",
         action="store_true",
         help="LoRA: keep every A at its seeded start, send only B (then averaging is exact)",
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server_lr=args.server_lr,
         min_replies=args.min_replies,
         round_timeout=args.round_timeout,
+        allow_empty_rounds=args.allow_empty_rounds,
         lora_frozen_a=args.lora_frozen_a,
         client_dp=client_dp,
         sample_dp=options.dp_config(args),

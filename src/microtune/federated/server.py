@@ -159,6 +159,9 @@ def _one_line(text: str) -> str:
     return lines[-1][:300] if lines else "unknown error"
 
 
+EMPTY_COUNTS = ("joined", "failed", "refused", "left_out")  # a round's counts, in its error
+
+
 class FederationServer:
     """The server's task model, dev rows and output folder: evaluates, saves and logs rounds."""
 
@@ -177,6 +180,7 @@ class FederationServer:
         self.dev = self.model.encode(self.run.tokenizer, data.dev, spec.max_length)
         self.sigma = self._client_sigma()
         self.done = 0
+        self.trained = False  # whether any round aggregated an update (the state is trained)
         self.log: list[dict[str, Any]] = []
         self.bar = progress_bar(spec.rounds, "rounds", "round", spec.train_config.progress)
 
@@ -254,7 +258,7 @@ class FederationServer:
             trainable = dict(self.model.named_parameters())
             for name, tensor in tensors.items():
                 trainable[name].copy_(tensor)
-        self.done = int(meta["round"])
+        self.done, self.trained = int(meta["round"]), True
         lines = (self.folder / LOG_FILE).read_text(encoding="utf-8").splitlines()
         self.log = [json.loads(line) for line in lines if line.strip()][: self.done]
         text = "".join(json.dumps(record) + "\n" for record in self.log)
@@ -266,6 +270,7 @@ class FederationServer:
         round's artifact, checkpoint and log line."""
         if server_round == 0 or "stopped" in screen.round:
             return None
+        self._check_aggregated(screen.round)
         load_arrays(self.model, arrays)
         task, tokenizer = self.data.task, self.run.tokenizer
         rows, labels = self.dev
@@ -274,7 +279,8 @@ class FederationServer:
         line = {"round": self.done, **screen.round, "metrics": metrics}
         if self.spec.client_dp is not None:
             line["epsilon"] = round(self.epsilon(self.done), 4)
-        self.save()
+        if self.trained:  # never the untrained initial state as if trained
+            self.save()
         self.log.append(line)
         with open(self.folder / LOG_FILE, "a", encoding="utf-8") as log:
             log.write(json.dumps(line) + "\n")
@@ -282,6 +288,22 @@ class FederationServer:
         self.bar.set_postfix(shown | ({"eps": line["epsilon"]} if "epsilon" in line else {}))
         self.bar.update(1)
         return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
+
+    def _check_aggregated(self, round_: dict[str, Any]) -> None:
+        """A round that aggregated no update stops the federation (one line: why, and what
+        the folder holds), unless --allow-empty-rounds; then the state stays as it was."""
+        if round_.get("aggregated", True):
+            self.trained = True
+            return
+        counts = ", ".join(f"{round_.get(k, 0)} {k.replace('_', ' ')}" for k in EMPTY_COUNTS)
+        what = f"round {self.done + 1} aggregated no update ({counts})"
+        if not self.spec.allow_empty_rounds:
+            held = f"the artifact holds round {self.done}" if self.trained else "nothing written"
+            raise MicrotuneError(
+                f"{what}; {held}: raise --round-timeout or lower --min-replies (or fix the "
+                "parties, see their lines above), or pass --allow-empty-rounds"
+            )
+        logger.warning("%s; the global state stays as it was", what)
 
     def record(self) -> dict[str, Any]:
         record = {**self.spec.record(), "rounds_done": self.done}
@@ -317,6 +339,11 @@ class FederationServer:
     def finish(self) -> dict[str, Any]:
         """metrics.json; the checkpoint goes once the last round's artifact is written."""
         self.bar.close()
+        if not self.trained:
+            raise MicrotuneError(
+                f"no round of {self.done} aggregated an update; nothing was written: raise "
+                "--round-timeout or lower --min-replies (or fix the parties)"
+            )
         (self.folder / CHECKPOINT_FILE).unlink(missing_ok=True)
         last = self.log[-1] if self.log else {}
         ups = [r["bytes_up"] for r in self.log if r.get("bytes_up")]

@@ -67,6 +67,7 @@ class FederationSpec:
     server_lr: float = 0.1
     min_replies: int = 1
     round_timeout: float = 600.0
+    allow_empty_rounds: bool = False
     lora_frozen_a: bool = False
     client_dp: ClientDP | None = None
     sample_dp: DPConfig | None = None
@@ -105,7 +106,8 @@ class FederationSpec:
             raise MicrotuneError("choose client-level DP or sample-level DP-SGD, not both")
 
     def _check_settings(self) -> None:
-        """Issue 23: the task splits by label; rates and timeouts positive and finite."""
+        """Issue 23: the task splits by label; rates and timeouts positive and finite; issue
+        32: client-level δ below 1/N."""
         task = TASKS.get(self.task)
         if task is not None and task.type != "classification":
             raise MicrotuneError(
@@ -120,6 +122,13 @@ class FederationSpec:
                 raise MicrotuneError(f"{flag} must be positive and finite, got {value}")
         if not 0 <= self.proximal_mu < math.inf:
             raise MicrotuneError(f"--proximal-mu must be >= 0 and finite, got {self.proximal_mu}")
+        dp = self.client_dp
+        if dp is not None and dp.delta >= 1 / self.clients:  # as train's δ < 1/N, N parties
+            raise MicrotuneError(
+                f"--client-dp-delta {dp.delta} is not below 1/--clients = 1/{self.clients}: it "
+                f"would allow leaking one party's data outright; use at most "
+                f"{1 / (2 * self.clients):.3g} (1/(2N))"
+            )
 
     @property
     def sample_rate(self) -> float:
@@ -131,6 +140,7 @@ class FederationSpec:
         record = dataclasses.asdict(self)
         for key in ("output_dir", "resume", "overwrite", "train_config", "method_options", "data"):
             record.pop(key)
+        record.pop("allow_empty_rounds")  # how a run reacts, not what it trains (resume ignores)
         source = self.data
         record |= {
             key: getattr(source, key)

@@ -29,6 +29,11 @@ T = TypeVar("T")
 # How long a rank waits in a collective for the others (rank 0 evaluating, say) before it gives
 # up; a dead peer is noticed at once on gloo, whatever this says.
 DEFAULT_TIMEOUT_S = 1800
+# How long the processes have to find each other at the start (MICROTUNE_DIST_JOIN_TIMEOUT_S):
+# a launcher starts them together, so a peer missing after this means no launcher started it
+# (stale launcher variables in a plain run's environment).
+DEFAULT_JOIN_TIMEOUT_S = 60
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -87,8 +92,31 @@ class World:
         timeout = datetime.timedelta(
             seconds=_env_int("MICROTUNE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)
         )
-        self._guard(lambda: dist.init_process_group(backend, timeout=timeout))
+        join_s = _env_int("MICROTUNE_DIST_JOIN_TIMEOUT_S", DEFAULT_JOIN_TIMEOUT_S)
+        store = self._join(join_s)
+        self._guard(
+            lambda: dist.init_process_group(
+                backend, store=store, rank=self.rank, world_size=self.size, timeout=timeout
+            )
+        )
+        store.set_timeout(timeout)  # joined: from now on, the collectives' patience
         return True
+
+    def _join(self, join_s: int) -> dist.Store:
+        """Meet the other processes at MASTER_ADDR:MASTER_PORT within `join_s` seconds; none
+        there means stale launcher variables in a plain run: one line saying which to unset."""
+        try:
+            rendezvous = dist.rendezvous("env://", timeout=datetime.timedelta(seconds=join_s))
+            store, _, _ = next(rendezvous)
+            return store
+        except (RuntimeError, ValueError) as error:  # DistStoreError, a missing variable
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise MicrotuneError(
+                f"training process {self.rank} of {self.size} found no other process at "
+                f"{where} within {join_s} s ({_first_sentence(error)}); outside torchrun or "
+                f"accelerate launch, unset {' '.join(LAUNCH_VARIABLES)} (stale launcher "
+                "variables), else start every rank or raise MICROTUNE_DIST_JOIN_TIMEOUT_S"
+            ) from None
 
     def stop(self) -> None:
         if dist.is_initialized():

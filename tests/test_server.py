@@ -273,3 +273,29 @@ def test_generate_serves_a_causal_lm_task(tmp_path):
     assert 'microtune_request_seconds_count{task="echo"} 2.0' in metrics
     assert answer.json()["outputs"] == microtune.load(folder).generate(prompts, max_new_tokens=5)
     assert too_many.status_code == 422 and wrong.status_code == 422
+
+
+def test_a_queued_request_is_answered_by_its_own_task_or_refused(root):
+    """Deleted and another artifact hot-loaded under the same name while the request waits in
+    the batcher: a 409, never the other task's labels (the request is bound to its task)."""
+    engine = load_many({"y": root / "slash"})
+    body = {"task": "y", "inputs": ["fun"]}
+    with live(engine, artifact_root=str(root), max_wait_ms=1500) as (client, _):
+        results = []
+        thread = threading.Thread(
+            target=lambda: results.append(client.post("/v1/predict", json=body))
+        )
+        thread.start()
+        time.sleep(0.4)  # the request waits in the batcher for more rows
+        assert client.delete("/v1/tasks/y").status_code == 200
+        assert client.post("/v1/tasks", json={"path": "lora", "name": "y"}).status_code == 201
+        thread.join(30)
+        again = client.post("/v1/predict", json=body)
+    assert results[0].status_code == 409, results[0].text
+    assert "replaced" in results[0].json()["error"]
+    assert again.status_code == 200  # a request admitted after the reload runs on the new task
+    with pytest.raises(microtune.MicrotuneError, match="replaced"):
+        stale = engine.encode("y", ["fun"])
+        engine.remove("y")
+        engine.add(root / "bitfit", "y")
+        engine.run([stale])

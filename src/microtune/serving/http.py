@@ -181,14 +181,26 @@ class Batcher:
         return batch
 
     def _run(self, requests: list[EncodedRequest]) -> list:
-        """Requests whose task was deleted while they waited get a 404; the rest run."""
-        live = [r for r in requests if r.task in self.engine.tasks]
+        """Requests whose task was deleted (404) or replaced under its name (409) while they
+        waited are refused, never answered by another task; the rest run."""
+        tasks = self.engine.tasks
+        live = [r for r in requests if tasks.get(r.task) is r.resident]
         outputs = iter(self.engine.present(live, self.engine.run(live)) if live else [])
-        gone = "task '{}' was deleted while the request waited"
         return [
-            next(outputs) if r.task in self.engine.tasks else HTTPError(404, gone.format(r.task))
+            next(outputs) if tasks.get(r.task) is r.resident else refused(r, tasks)
             for r in requests
         ]
+
+
+def refused(request: EncodedRequest, tasks: dict) -> HTTPError:
+    """The answer to a request whose task went while it waited: 404 deleted, 409 replaced."""
+    if request.task not in tasks:
+        return HTTPError(404, f"task '{request.task}' was deleted while the request waited")
+    return HTTPError(
+        409,
+        f"task '{request.task}' was replaced (deleted and loaded again) while the request "
+        "waited; send it again",
+    )
 
 
 def create_app(engine: MultiTaskModel, config: ServeConfig) -> FastAPI:

@@ -299,3 +299,18 @@ def test_a_queued_request_is_answered_by_its_own_task_or_refused(root):
         engine.remove("y")
         engine.add(root / "bitfit", "y")
         engine.run([stale])
+
+
+def test_a_request_of_many_inputs_runs_in_batches_of_the_batch_size(engine, root):
+    texts = [f"{TEXTS[i % 3]} {i}" for i in range(10)]
+    with live(engine, max_batch_size=4, max_inputs=10) as (client, _):
+        answer = client.post("/v1/predict", json={"task": "slash", "inputs": texts})
+        metrics = client.get("/metrics").text
+    assert answer.status_code == 200, answer.text
+    want = microtune.load(root / "slash").predict(texts)
+    got = answer.json()["outputs"]
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert all(abs(g["score"] - w["score"]) < 1e-5 for g, w in zip(got, want, strict=True))
+    # Three forward passes (4 + 4 + 2 rows), none over --max-batch-size.
+    assert "microtune_batch_rows_count 3.0" in metrics
+    assert 'microtune_batch_rows_bucket{le="4.0"} 3.0' in metrics

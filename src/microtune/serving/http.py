@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,7 @@ class Batcher:
         self.admitted = 0  # requests waiting or running (predict and generate)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="microtune-engine")
         self.task: asyncio.Task | None = None
+        self.held: Pending | None = None  # taken but over the last batch's size: runs next
 
     @contextlib.contextmanager
     def admit(self) -> Any:
@@ -134,10 +135,16 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
 
     async def predict(self, request: EncodedRequest) -> list:
+        """One admitted request, its rows cut into pieces of at most `max_batch_size` (so no
+        request, however many inputs, runs as one giant forward pass); outputs in order."""
         with self.admit():
-            future = asyncio.get_running_loop().create_future()
-            await self.queue.put(Pending(request, future))
-            return await future
+            loop = asyncio.get_running_loop()
+            futures = []
+            for piece in pieces(request, self.config.max_batch_size):
+                futures.append(loop.create_future())
+                await self.queue.put(Pending(piece, futures[-1]))
+            outputs = await asyncio.gather(*futures)
+        return [record for output in outputs for record in output]
 
     async def run_forever(self) -> None:
         while True:
@@ -159,7 +166,7 @@ class Batcher:
 
     async def _collect(self) -> list[Pending]:
         """The first waiting request, then more until the batch is full or the wait is over."""
-        batch = [await self.queue.get()]
+        batch, self.held = [self.held or await self.queue.get()], None
         rows = batch[0].rows
         deadline = time.monotonic() + self.config.max_wait_ms / 1000
         while rows < self.config.max_batch_size:
@@ -174,7 +181,7 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             if rows + item.rows > self.config.max_batch_size:
-                self.queue.put_nowait(item)  # next batch (FIFO order kept by the wait below)
+                self.held = item  # first in the next batch (FIFO order kept)
                 break
             batch.append(item)
             rows += item.rows
@@ -190,6 +197,22 @@ class Batcher:
             next(outputs) if tasks.get(r.task) is r.resident else refused(r, tasks)
             for r in requests
         ]
+
+
+def pieces(request: EncodedRequest, size: int) -> list[EncodedRequest]:
+    """The request cut into requests of at most `size` rows (rows, examples and labels align)."""
+    count = len(request.rows)
+    if count <= size or not len(request.examples) == len(request.labels) == count:
+        return [request]
+    return [
+        replace(
+            request,
+            examples=request.examples[i : i + size],
+            rows=request.rows[i : i + size],
+            labels=request.labels[i : i + size],
+        )
+        for i in range(0, count, size)
+    ]
 
 
 def refused(request: EncodedRequest, tasks: dict) -> HTTPError:

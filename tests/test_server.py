@@ -314,3 +314,23 @@ def test_a_request_of_many_inputs_runs_in_batches_of_the_batch_size(engine, root
     # Three forward passes (4 + 4 + 2 rows), none over --max-batch-size.
     assert "microtune_batch_rows_count 3.0" in metrics
     assert 'microtune_batch_rows_bucket{le="4.0"} 3.0' in metrics
+
+
+def test_fields_the_server_does_not_honour_are_refused_by_name(engine):
+    refused = {
+        "/v1/generate": [
+            ({"task": "slash", "prompts": ["a"], "max_new_tokens": True}, '"max_new_tokens"'),
+            ({"task": "slash", "prompts": ["a"], "temperature": 0.7}, '"temperature"'),
+            ({"task": "slash", "prompts": ["a"], "stream": True}, '"stream"'),
+        ],
+        "/v1/predict": [({"task": "slash", "inputs": ["fun"], "top_k": 3}, '"top_k"')],
+        "/v1/tasks": [({"path": "slash", "name": "x", "force": True}, '"force"')],
+    }
+    with live(engine) as (client, _):
+        for path, cases in refused.items():
+            for body, named in cases:
+                response = client.post(path, json=body)
+                assert response.status_code == 422, (body, response.text)
+                assert named in response.json()["error"], (body, response.text)
+        ok = client.post("/v1/predict", json={"task": "slash", "inputs": ["fun"]})
+        assert ok.status_code == 200

@@ -3,7 +3,8 @@
 Endpoints: `POST /v1/predict` {"task", "inputs"}, `POST /v1/generate` {"task", "prompts",
 "max_new_tokens"}, `GET /v1/tasks`, `POST /v1/tasks` {"name", "path"} (hot-load, only under
 `--artifact-root`), `DELETE /v1/tasks/{name}`, `GET /health` (live), `GET /ready` (tasks
-loaded), `GET /metrics` (Prometheus text).
+loaded), `GET /metrics` (Prometheus text). A field an endpoint does not honour (`temperature`,
+`stream`) is refused with 422 naming it, never ignored.
 
 Requests are checked and tokenised on arrival (a bad one is a JSON 4xx at once), then wait in a
 bounded queue; one batcher takes up to `max_batch_size` rows of any tasks, waiting at most
@@ -365,6 +366,19 @@ def field_of(body: dict[str, Any], name: str, kind: type, what: str) -> Any:
     return value
 
 
+def only_fields(body: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The body, if it holds no field but `names`: a field the server does not honour
+    (`temperature`, `stream`, a typo) is refused with 422 naming it, never silently ignored."""
+    extra = next((key for key in body if key not in names), None)
+    if extra is not None:
+        raise HTTPError(
+            422,
+            f"{json.dumps(extra)[:80]} is not a field this endpoint honours (its fields: "
+            f"{', '.join(names)}); remove it",
+        )
+    return body
+
+
 def add_routes(app: FastAPI) -> None:
     """Probes, metrics and the task list; then the inference and task routes."""
     engine: MultiTaskModel = app.state.engine
@@ -407,7 +421,7 @@ def add_inference_routes(app: FastAPI) -> None:
 
     @app.post("/v1/predict")
     async def predict(request: Request):
-        body = await read_json(request, limit)
+        body = only_fields(await read_json(request, limit), "task", "inputs")
         name = field_of(body, "task", str, "a task name")
         inputs = body.get("inputs")
         if not isinstance(inputs, list) or not 1 <= len(inputs) <= config.max_inputs:
@@ -424,7 +438,7 @@ def add_inference_routes(app: FastAPI) -> None:
 
     @app.post("/v1/generate")
     async def generate(request: Request):
-        body = await read_json(request, limit)
+        body = only_fields(await read_json(request, limit), "task", "prompts", "max_new_tokens")
         name = field_of(body, "task", str, "a task name")
         prompts = body.get("prompts")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -432,7 +446,7 @@ def add_inference_routes(app: FastAPI) -> None:
         if not 1 <= len(prompts) <= config.max_inputs:
             raise HTTPError(422, f'"prompts" must hold 1 to {config.max_inputs} texts')
         tokens = body.get("max_new_tokens", 64)
-        if not isinstance(tokens, int) or not 1 <= tokens <= config.max_new_tokens:
+        if type(tokens) is not int or not 1 <= tokens <= config.max_new_tokens:  # no bool
             raise HTTPError(422, f'"max_new_tokens" must be 1 to {config.max_new_tokens}')
         task_named(engine, name).tuned.task_model.task_type.check_generates()
         batcher: Batcher = app.state.batcher
@@ -450,7 +464,7 @@ def add_task_routes(app: FastAPI) -> None:
 
     @app.post("/v1/tasks")
     async def load_task(request: Request):
-        body = await read_json(request, limit)
+        body = only_fields(await read_json(request, limit), "name", "path")
         path = field_of(body, "path", str, "an artifact folder under --artifact-root")
         folder = inside_root(config.artifact_root, path)
         name = body.get("name", folder.name)

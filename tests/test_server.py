@@ -267,10 +267,10 @@ def test_generate_serves_a_causal_lm_task(tmp_path):
         wrong = client.post("/v1/predict", json={"task": "echo", "inputs": ["the film"]})
         metrics = client.get("/metrics").text
     assert answer.status_code == 200
-    # Generation is counted and timed like prediction (the 422 of /v1/predict too).
+    # Generation is counted and timed like prediction (the 422s of both routes too).
     assert 'microtune_requests_total{status="200",task="echo"} 1.0' in metrics
-    assert 'microtune_requests_total{status="422",task="echo"} 1.0' in metrics
-    assert 'microtune_request_seconds_count{task="echo"} 2.0' in metrics
+    assert 'microtune_requests_total{status="422",task="echo"} 2.0' in metrics
+    assert 'microtune_request_seconds_count{task="echo"} 3.0' in metrics
     assert answer.json()["outputs"] == microtune.load(folder).generate(prompts, max_new_tokens=5)
     assert too_many.status_code == 422 and wrong.status_code == 422
 
@@ -334,3 +334,25 @@ def test_fields_the_server_does_not_honour_are_refused_by_name(engine):
                 assert named in response.json()["error"], (body, response.text)
         ok = client.post("/v1/predict", json={"task": "slash", "inputs": ["fun"]})
         assert ok.status_code == 200
+
+
+def test_4xx_answers_are_counted_and_a_deleted_tasks_series_go(root):
+    engine = load_many({"slash": root / "slash"})
+    with live(engine, artifact_root=str(root), max_body_kb=1) as (client, _):
+        statuses = [
+            client.post("/v1/predict", json={"task": "slash", "inputs": [7]}).status_code,
+            client.post("/v1/predict", json={"task": "nope", "inputs": ["a"]}).status_code,
+            client.post("/v1/predict", content=b'{"task": ').status_code,
+            client.post("/v1/predict", json={"task": "slash", "inputs": ["a" * 2000]}).status_code,
+        ]
+        assert statuses == [422, 404, 400, 413]
+        assert client.post("/v1/tasks", json={"path": "bitfit", "name": "gone"}).status_code == 201
+        assert client.post("/v1/predict", json={"task": "gone", "inputs": ["a"]}).status_code == 200
+        before = client.get("/metrics").text
+        assert client.delete("/v1/tasks/gone").status_code == 200
+        after = client.get("/metrics").text
+    assert 'microtune_requests_total{status="422",task="slash"} 1.0' in before
+    for status in ("404", "400", "413"):  # no task name of a stranger's becomes a series
+        assert f'microtune_requests_total{{status="{status}",task="unknown"}} 1.0' in before
+    assert 'task="gone"' in before and 'task="gone"' not in after
+    assert 'microtune_requests_total{status="422",task="slash"} 1.0' in after

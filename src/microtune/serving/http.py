@@ -47,6 +47,7 @@ from microtune.errors import MicrotuneError
 from microtune.serving.config import ServeConfig
 from microtune.serving.multitask import EncodedRequest, MultiTaskModel
 
+INFERENCE_PATHS = ("/v1/predict", "/v1/generate")  # counted by task and status in /metrics
 OPEN_PATHS = ("/health",)  # the only endpoint without the API key (liveness probes)
 log = logging.getLogger("microtune.serving.http")
 
@@ -84,6 +85,20 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.base_bytes = Gauge("microtune_base_bytes", "bytes of the shared base", registry=r)
+        self.seen: dict[str, set[str]] = {}  # the statuses counted per task (to forget them)
+
+    def count(self, task: str, status: str, started: float) -> None:
+        self.requests.labels(task, status).inc()
+        self.latency.labels(task).observe(time.perf_counter() - started)
+        self.seen.setdefault(task, set()).add(status)
+
+    def forget(self, task: str) -> None:
+        """A deleted task's series go (its requests since: under "unknown")."""
+        for status in self.seen.pop(task, ()):
+            with contextlib.suppress(KeyError):
+                self.requests.remove(task, status)
+        with contextlib.suppress(KeyError):
+            self.latency.remove(task)
 
     def resident(self, engine: MultiTaskModel) -> None:
         self.tasks.set(len(engine.tasks))
@@ -246,6 +261,7 @@ def create_app(engine: MultiTaskModel, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="microtune", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
     add_guards(app, config)
+    add_counting(app, engine, metrics)  # outside the guards: their 401 and 413 are counted
     add_routes(app)
     return app
 
@@ -263,22 +279,23 @@ def failures_as_500() -> Iterator[None]:
         raise HTTPError(500, f"internal error ({type(error).__name__}); see the log") from None
 
 
-@contextlib.contextmanager
-def recorded(metrics: Metrics, task: str) -> Iterator[None]:
-    """Count the request under its task and final status (a 4xx or 5xx too), and time it."""
-    started, status = time.perf_counter(), "500"
-    try:
-        yield
-        status = "200"
-    except HTTPError as error:
-        status = str(error.status)
-        raise
-    except MicrotuneError:
-        status = "422"
-        raise
-    finally:
-        metrics.requests.labels(task, status).inc()
-        metrics.latency.labels(task).observe(time.perf_counter() - started)
+def add_counting(app: FastAPI, engine: MultiTaskModel, metrics: Metrics) -> None:
+    """Count and time every inference request under its final status, whatever answered it
+    (the route, the API key or body guard, a crash), labelled with its task while that task is
+    loaded, else "unknown" (so a stranger's task names never become series)."""
+
+    @app.middleware("http")
+    async def counted(request: Request, call_next):
+        if request.url.path not in INFERENCE_PATHS:
+            return await call_next(request)
+        started, status = time.perf_counter(), 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            task = getattr(request.state, "task", None)
+            metrics.count(task if task in engine.tasks else "unknown", str(status), started)
 
 
 def valid_input(item: Any) -> bool:
@@ -416,13 +433,12 @@ def add_inference_routes(app: FastAPI) -> None:
     """POST /v1/predict (through the batcher) and POST /v1/generate."""
     engine: MultiTaskModel = app.state.engine
     config: ServeConfig = app.state.config
-    metrics: Metrics = app.state.metrics
     limit = config.max_body_kb * 1024
 
     @app.post("/v1/predict")
     async def predict(request: Request):
         body = only_fields(await read_json(request, limit), "task", "inputs")
-        name = field_of(body, "task", str, "a task name")
+        name = request.state.task = field_of(body, "task", str, "a task name")
         inputs = body.get("inputs")
         if not isinstance(inputs, list) or not 1 <= len(inputs) <= config.max_inputs:
             raise HTTPError(422, f'"inputs" must be a list of 1 to {config.max_inputs} inputs')
@@ -430,16 +446,15 @@ def add_inference_routes(app: FastAPI) -> None:
         if wrong is not None:
             raise HTTPError(422, f"input {wrong} is not a text, a list of texts or an object")
         task_named(engine, name)
-        with recorded(metrics, name):
-            encoded = await asyncio.to_thread(engine.encode, name, inputs)  # loop stays free
-            with failures_as_500():
-                results = await app.state.batcher.predict(encoded)
+        encoded = await asyncio.to_thread(engine.encode, name, inputs)  # loop stays free
+        with failures_as_500():
+            results = await app.state.batcher.predict(encoded)
         return {"task": name, "outputs": results}
 
     @app.post("/v1/generate")
     async def generate(request: Request):
         body = only_fields(await read_json(request, limit), "task", "prompts", "max_new_tokens")
-        name = field_of(body, "task", str, "a task name")
+        name = request.state.task = field_of(body, "task", str, "a task name")
         prompts = body.get("prompts")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise HTTPError(422, '"prompts" must be a list of texts')
@@ -450,7 +465,7 @@ def add_inference_routes(app: FastAPI) -> None:
             raise HTTPError(422, f'"max_new_tokens" must be 1 to {config.max_new_tokens}')
         task_named(engine, name).tuned.task_model.task_type.check_generates()
         batcher: Batcher = app.state.batcher
-        with recorded(metrics, name), batcher.admit(), failures_as_500():
+        with batcher.admit(), failures_as_500():
             results = await batcher.call(engine.generate, name, prompts, tokens)
         return {"task": name, "outputs": results}
 
@@ -482,6 +497,7 @@ def add_task_routes(app: FastAPI) -> None:
         task_named(engine, name)
         await app.state.batcher.call(engine.remove, name)
         metrics.resident(engine)
+        metrics.forget(name)
         return {"deleted": name}
 
 

@@ -32,7 +32,7 @@ import ctypes.util
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -419,7 +419,7 @@ _LIBC = _glibc()
 
 
 def load_many(
-    artifacts: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+    artifacts: Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike],
     model: str | None = None,
     device: str = "cpu",
     max_copy_bytes: int = 0,
@@ -427,17 +427,24 @@ def load_many(
     """Load task artifacts onto one base model for mixed-task batches.
 
     Args:
-        artifacts: folders (task names: the folder names) or {name: folder}.
+        artifacts: folders, as a list or any iterable (task names: the folder names), or
+            {name: folder}; one path alone is refused (pass a list of one).
         model: the base model, if not where the first artifact says (fingerprints checked).
         device: cpu, cuda, cuda:1 or auto.
         max_copy_bytes: memory for methods that cannot join a mixed batch (each needs its own
             copy of the base); 0 (default) refuses them.
     """
+    if isinstance(artifacts, str | bytes | os.PathLike):
+        raise MicrotuneError(
+            f"load_many takes a list of artifact folders (or {{name: folder}}), not one path; "
+            f"pass [{os.fsdecode(artifacts)!r}], or use microtune.load for one task"
+        )
     if isinstance(artifacts, Mapping):
         named = dict(artifacts)
     else:
-        named = {Path(a).resolve().name: a for a in artifacts}
-        if len(named) != len(artifacts):
+        folders = list(artifacts)  # a generator too
+        named = {Path(a).resolve().name: a for a in folders}
+        if len(named) != len(folders):
             raise MicrotuneError("two artifacts share a folder name; pass {name: folder}")
     if not named:
         raise MicrotuneError("load_many needs at least one artifact")

@@ -298,3 +298,13 @@ def test_causal_lm_tasks_generate_their_own_continuations(tmp_path):
         assert answers[name] == microtune.load(folder).generate(prompts, max_new_tokens=6), name
     with pytest.raises(MicrotuneError):
         engine.predict([("slash", ["the film"])])  # a causal LM generates instead
+
+
+def test_load_many_takes_any_iterable_of_folders_but_not_one_path(artifacts):
+    folders = [artifacts["slash"], artifacts["lora-4"]]
+    engine = load_many(folder for folder in folders)  # a generator
+    assert set(engine.tasks) == {"slash", "lora-4"}
+    for one in (str(folders[0]), folders[0]):
+        with pytest.raises(MicrotuneError, match="not one path") as refused:
+            load_many(one)
+        assert "\n" not in str(refused.value) and "pass [" in str(refused.value)

@@ -267,9 +267,92 @@ def test_generate_serves_a_causal_lm_task(tmp_path):
         wrong = client.post("/v1/predict", json={"task": "echo", "inputs": ["the film"]})
         metrics = client.get("/metrics").text
     assert answer.status_code == 200
-    # Generation is counted and timed like prediction (the 422 of /v1/predict too).
+    # Generation is counted and timed like prediction (the 422s of both routes too).
     assert 'microtune_requests_total{status="200",task="echo"} 1.0' in metrics
-    assert 'microtune_requests_total{status="422",task="echo"} 1.0' in metrics
-    assert 'microtune_request_seconds_count{task="echo"} 2.0' in metrics
+    assert 'microtune_requests_total{status="422",task="echo"} 2.0' in metrics
+    assert 'microtune_request_seconds_count{task="echo"} 3.0' in metrics
     assert answer.json()["outputs"] == microtune.load(folder).generate(prompts, max_new_tokens=5)
     assert too_many.status_code == 422 and wrong.status_code == 422
+
+
+def test_a_queued_request_is_answered_by_its_own_task_or_refused(root):
+    """Deleted and another artifact hot-loaded under the same name while the request waits in
+    the batcher: a 409, never the other task's labels (the request is bound to its task)."""
+    engine = load_many({"y": root / "slash"})
+    body = {"task": "y", "inputs": ["fun"]}
+    with live(engine, artifact_root=str(root), max_wait_ms=1500) as (client, _):
+        results = []
+        thread = threading.Thread(
+            target=lambda: results.append(client.post("/v1/predict", json=body))
+        )
+        thread.start()
+        time.sleep(0.4)  # the request waits in the batcher for more rows
+        assert client.delete("/v1/tasks/y").status_code == 200
+        assert client.post("/v1/tasks", json={"path": "lora", "name": "y"}).status_code == 201
+        thread.join(30)
+        again = client.post("/v1/predict", json=body)
+    assert results[0].status_code == 409, results[0].text
+    assert "replaced" in results[0].json()["error"]
+    assert again.status_code == 200  # a request admitted after the reload runs on the new task
+    with pytest.raises(microtune.MicrotuneError, match="replaced"):
+        stale = engine.encode("y", ["fun"])
+        engine.remove("y")
+        engine.add(root / "bitfit", "y")
+        engine.run([stale])
+
+
+def test_a_request_of_many_inputs_runs_in_batches_of_the_batch_size(engine, root):
+    texts = [f"{TEXTS[i % 3]} {i}" for i in range(10)]
+    with live(engine, max_batch_size=4, max_inputs=10) as (client, _):
+        answer = client.post("/v1/predict", json={"task": "slash", "inputs": texts})
+        metrics = client.get("/metrics").text
+    assert answer.status_code == 200, answer.text
+    want = microtune.load(root / "slash").predict(texts)
+    got = answer.json()["outputs"]
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert all(abs(g["score"] - w["score"]) < 1e-5 for g, w in zip(got, want, strict=True))
+    # Three forward passes (4 + 4 + 2 rows), none over --max-batch-size.
+    assert "microtune_batch_rows_count 3.0" in metrics
+    assert 'microtune_batch_rows_bucket{le="4.0"} 3.0' in metrics
+
+
+def test_fields_the_server_does_not_honour_are_refused_by_name(engine):
+    refused = {
+        "/v1/generate": [
+            ({"task": "slash", "prompts": ["a"], "max_new_tokens": True}, '"max_new_tokens"'),
+            ({"task": "slash", "prompts": ["a"], "temperature": 0.7}, '"temperature"'),
+            ({"task": "slash", "prompts": ["a"], "stream": True}, '"stream"'),
+        ],
+        "/v1/predict": [({"task": "slash", "inputs": ["fun"], "top_k": 3}, '"top_k"')],
+        "/v1/tasks": [({"path": "slash", "name": "x", "force": True}, '"force"')],
+    }
+    with live(engine) as (client, _):
+        for path, cases in refused.items():
+            for body, named in cases:
+                response = client.post(path, json=body)
+                assert response.status_code == 422, (body, response.text)
+                assert named in response.json()["error"], (body, response.text)
+        ok = client.post("/v1/predict", json={"task": "slash", "inputs": ["fun"]})
+        assert ok.status_code == 200
+
+
+def test_4xx_answers_are_counted_and_a_deleted_tasks_series_go(root):
+    engine = load_many({"slash": root / "slash"})
+    with live(engine, artifact_root=str(root), max_body_kb=1) as (client, _):
+        statuses = [
+            client.post("/v1/predict", json={"task": "slash", "inputs": [7]}).status_code,
+            client.post("/v1/predict", json={"task": "nope", "inputs": ["a"]}).status_code,
+            client.post("/v1/predict", content=b'{"task": ').status_code,
+            client.post("/v1/predict", json={"task": "slash", "inputs": ["a" * 2000]}).status_code,
+        ]
+        assert statuses == [422, 404, 400, 413]
+        assert client.post("/v1/tasks", json={"path": "bitfit", "name": "gone"}).status_code == 201
+        assert client.post("/v1/predict", json={"task": "gone", "inputs": ["a"]}).status_code == 200
+        before = client.get("/metrics").text
+        assert client.delete("/v1/tasks/gone").status_code == 200
+        after = client.get("/metrics").text
+    assert 'microtune_requests_total{status="422",task="slash"} 1.0' in before
+    for status in ("404", "400", "413"):  # no task name of a stranger's becomes a series
+        assert f'microtune_requests_total{{status="{status}",task="unknown"}} 1.0' in before
+    assert 'task="gone"' in before and 'task="gone"' not in after
+    assert 'microtune_requests_total{status="422",task="slash"} 1.0' in after

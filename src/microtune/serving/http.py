@@ -3,7 +3,8 @@
 Endpoints: `POST /v1/predict` {"task", "inputs"}, `POST /v1/generate` {"task", "prompts",
 "max_new_tokens"}, `GET /v1/tasks`, `POST /v1/tasks` {"name", "path"} (hot-load, only under
 `--artifact-root`), `DELETE /v1/tasks/{name}`, `GET /health` (live), `GET /ready` (tasks
-loaded), `GET /metrics` (Prometheus text).
+loaded), `GET /metrics` (Prometheus text). A field an endpoint does not honour (`temperature`,
+`stream`) is refused with 422 naming it, never ignored.
 
 Requests are checked and tokenised on arrival (a bad one is a JSON 4xx at once), then wait in a
 bounded queue; one batcher takes up to `max_batch_size` rows of any tasks, waiting at most
@@ -25,7 +26,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from microtune.errors import MicrotuneError
 from microtune.serving.config import ServeConfig
 from microtune.serving.multitask import EncodedRequest, MultiTaskModel
 
+INFERENCE_PATHS = ("/v1/predict", "/v1/generate")  # counted by task and status in /metrics
 OPEN_PATHS = ("/health",)  # the only endpoint without the API key (liveness probes)
 log = logging.getLogger("microtune.serving.http")
 
@@ -83,6 +85,20 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.base_bytes = Gauge("microtune_base_bytes", "bytes of the shared base", registry=r)
+        self.seen: dict[str, set[str]] = {}  # the statuses counted per task (to forget them)
+
+    def count(self, task: str, status: str, started: float) -> None:
+        self.requests.labels(task, status).inc()
+        self.latency.labels(task).observe(time.perf_counter() - started)
+        self.seen.setdefault(task, set()).add(status)
+
+    def forget(self, task: str) -> None:
+        """A deleted task's series go (its requests since: under "unknown")."""
+        for status in self.seen.pop(task, ()):
+            with contextlib.suppress(KeyError):
+                self.requests.remove(task, status)
+        with contextlib.suppress(KeyError):
+            self.latency.remove(task)
 
     def resident(self, engine: MultiTaskModel) -> None:
         self.tasks.set(len(engine.tasks))
@@ -111,6 +127,7 @@ class Batcher:
         self.admitted = 0  # requests waiting or running (predict and generate)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="microtune-engine")
         self.task: asyncio.Task | None = None
+        self.held: Pending | None = None  # taken but over the last batch's size: runs next
 
     @contextlib.contextmanager
     def admit(self) -> Any:
@@ -134,10 +151,16 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
 
     async def predict(self, request: EncodedRequest) -> list:
+        """One admitted request, its rows cut into pieces of at most `max_batch_size` (so no
+        request, however many inputs, runs as one giant forward pass); outputs in order."""
         with self.admit():
-            future = asyncio.get_running_loop().create_future()
-            await self.queue.put(Pending(request, future))
-            return await future
+            loop = asyncio.get_running_loop()
+            futures = []
+            for piece in pieces(request, self.config.max_batch_size):
+                futures.append(loop.create_future())
+                await self.queue.put(Pending(piece, futures[-1]))
+            outputs = await asyncio.gather(*futures)
+        return [record for output in outputs for record in output]
 
     async def run_forever(self) -> None:
         while True:
@@ -159,7 +182,7 @@ class Batcher:
 
     async def _collect(self) -> list[Pending]:
         """The first waiting request, then more until the batch is full or the wait is over."""
-        batch = [await self.queue.get()]
+        batch, self.held = [self.held or await self.queue.get()], None
         rows = batch[0].rows
         deadline = time.monotonic() + self.config.max_wait_ms / 1000
         while rows < self.config.max_batch_size:
@@ -174,21 +197,49 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             if rows + item.rows > self.config.max_batch_size:
-                self.queue.put_nowait(item)  # next batch (FIFO order kept by the wait below)
+                self.held = item  # first in the next batch (FIFO order kept)
                 break
             batch.append(item)
             rows += item.rows
         return batch
 
     def _run(self, requests: list[EncodedRequest]) -> list:
-        """Requests whose task was deleted while they waited get a 404; the rest run."""
-        live = [r for r in requests if r.task in self.engine.tasks]
+        """Requests whose task was deleted (404) or replaced under its name (409) while they
+        waited are refused, never answered by another task; the rest run."""
+        tasks = self.engine.tasks
+        live = [r for r in requests if tasks.get(r.task) is r.resident]
         outputs = iter(self.engine.present(live, self.engine.run(live)) if live else [])
-        gone = "task '{}' was deleted while the request waited"
         return [
-            next(outputs) if r.task in self.engine.tasks else HTTPError(404, gone.format(r.task))
+            next(outputs) if tasks.get(r.task) is r.resident else refused(r, tasks)
             for r in requests
         ]
+
+
+def pieces(request: EncodedRequest, size: int) -> list[EncodedRequest]:
+    """The request cut into requests of at most `size` rows (rows, examples and labels align)."""
+    count = len(request.rows)
+    if count <= size or not len(request.examples) == len(request.labels) == count:
+        return [request]
+    return [
+        replace(
+            request,
+            examples=request.examples[i : i + size],
+            rows=request.rows[i : i + size],
+            labels=request.labels[i : i + size],
+        )
+        for i in range(0, count, size)
+    ]
+
+
+def refused(request: EncodedRequest, tasks: dict) -> HTTPError:
+    """The answer to a request whose task went while it waited: 404 deleted, 409 replaced."""
+    if request.task not in tasks:
+        return HTTPError(404, f"task '{request.task}' was deleted while the request waited")
+    return HTTPError(
+        409,
+        f"task '{request.task}' was replaced (deleted and loaded again) while the request "
+        "waited; send it again",
+    )
 
 
 def create_app(engine: MultiTaskModel, config: ServeConfig) -> FastAPI:
@@ -210,6 +261,7 @@ def create_app(engine: MultiTaskModel, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="microtune", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
     add_guards(app, config)
+    add_counting(app, engine, metrics)  # outside the guards: their 401 and 413 are counted
     add_routes(app)
     return app
 
@@ -227,22 +279,23 @@ def failures_as_500() -> Iterator[None]:
         raise HTTPError(500, f"internal error ({type(error).__name__}); see the log") from None
 
 
-@contextlib.contextmanager
-def recorded(metrics: Metrics, task: str) -> Iterator[None]:
-    """Count the request under its task and final status (a 4xx or 5xx too), and time it."""
-    started, status = time.perf_counter(), "500"
-    try:
-        yield
-        status = "200"
-    except HTTPError as error:
-        status = str(error.status)
-        raise
-    except MicrotuneError:
-        status = "422"
-        raise
-    finally:
-        metrics.requests.labels(task, status).inc()
-        metrics.latency.labels(task).observe(time.perf_counter() - started)
+def add_counting(app: FastAPI, engine: MultiTaskModel, metrics: Metrics) -> None:
+    """Count and time every inference request under its final status, whatever answered it
+    (the route, the API key or body guard, a crash), labelled with its task while that task is
+    loaded, else "unknown" (so a stranger's task names never become series)."""
+
+    @app.middleware("http")
+    async def counted(request: Request, call_next):
+        if request.url.path not in INFERENCE_PATHS:
+            return await call_next(request)
+        started, status = time.perf_counter(), 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            task = getattr(request.state, "task", None)
+            metrics.count(task if task in engine.tasks else "unknown", str(status), started)
 
 
 def valid_input(item: Any) -> bool:
@@ -330,6 +383,19 @@ def field_of(body: dict[str, Any], name: str, kind: type, what: str) -> Any:
     return value
 
 
+def only_fields(body: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The body, if it holds no field but `names`: a field the server does not honour
+    (`temperature`, `stream`, a typo) is refused with 422 naming it, never silently ignored."""
+    extra = next((key for key in body if key not in names), None)
+    if extra is not None:
+        raise HTTPError(
+            422,
+            f"{json.dumps(extra)[:80]} is not a field this endpoint honours (its fields: "
+            f"{', '.join(names)}); remove it",
+        )
+    return body
+
+
 def add_routes(app: FastAPI) -> None:
     """Probes, metrics and the task list; then the inference and task routes."""
     engine: MultiTaskModel = app.state.engine
@@ -367,13 +433,12 @@ def add_inference_routes(app: FastAPI) -> None:
     """POST /v1/predict (through the batcher) and POST /v1/generate."""
     engine: MultiTaskModel = app.state.engine
     config: ServeConfig = app.state.config
-    metrics: Metrics = app.state.metrics
     limit = config.max_body_kb * 1024
 
     @app.post("/v1/predict")
     async def predict(request: Request):
-        body = await read_json(request, limit)
-        name = field_of(body, "task", str, "a task name")
+        body = only_fields(await read_json(request, limit), "task", "inputs")
+        name = request.state.task = field_of(body, "task", str, "a task name")
         inputs = body.get("inputs")
         if not isinstance(inputs, list) or not 1 <= len(inputs) <= config.max_inputs:
             raise HTTPError(422, f'"inputs" must be a list of 1 to {config.max_inputs} inputs')
@@ -381,27 +446,26 @@ def add_inference_routes(app: FastAPI) -> None:
         if wrong is not None:
             raise HTTPError(422, f"input {wrong} is not a text, a list of texts or an object")
         task_named(engine, name)
-        with recorded(metrics, name):
-            encoded = await asyncio.to_thread(engine.encode, name, inputs)  # loop stays free
-            with failures_as_500():
-                results = await app.state.batcher.predict(encoded)
+        encoded = await asyncio.to_thread(engine.encode, name, inputs)  # loop stays free
+        with failures_as_500():
+            results = await app.state.batcher.predict(encoded)
         return {"task": name, "outputs": results}
 
     @app.post("/v1/generate")
     async def generate(request: Request):
-        body = await read_json(request, limit)
-        name = field_of(body, "task", str, "a task name")
+        body = only_fields(await read_json(request, limit), "task", "prompts", "max_new_tokens")
+        name = request.state.task = field_of(body, "task", str, "a task name")
         prompts = body.get("prompts")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise HTTPError(422, '"prompts" must be a list of texts')
         if not 1 <= len(prompts) <= config.max_inputs:
             raise HTTPError(422, f'"prompts" must hold 1 to {config.max_inputs} texts')
         tokens = body.get("max_new_tokens", 64)
-        if not isinstance(tokens, int) or not 1 <= tokens <= config.max_new_tokens:
+        if type(tokens) is not int or not 1 <= tokens <= config.max_new_tokens:  # no bool
             raise HTTPError(422, f'"max_new_tokens" must be 1 to {config.max_new_tokens}')
         task_named(engine, name).tuned.task_model.task_type.check_generates()
         batcher: Batcher = app.state.batcher
-        with recorded(metrics, name), batcher.admit(), failures_as_500():
+        with batcher.admit(), failures_as_500():
             results = await batcher.call(engine.generate, name, prompts, tokens)
         return {"task": name, "outputs": results}
 
@@ -415,7 +479,7 @@ def add_task_routes(app: FastAPI) -> None:
 
     @app.post("/v1/tasks")
     async def load_task(request: Request):
-        body = await read_json(request, limit)
+        body = only_fields(await read_json(request, limit), "name", "path")
         path = field_of(body, "path", str, "an artifact folder under --artifact-root")
         folder = inside_root(config.artifact_root, path)
         name = body.get("name", folder.name)
@@ -433,6 +497,7 @@ def add_task_routes(app: FastAPI) -> None:
         task_named(engine, name)
         await app.state.batcher.call(engine.remove, name)
         metrics.resident(engine)
+        metrics.forget(name)
         return {"deleted": name}
 
 

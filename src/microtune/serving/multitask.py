@@ -32,7 +32,7 @@ import ctypes.util
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,12 +94,36 @@ class ResidentTask:
 @dataclass
 class EncodedRequest:
     """One request's inputs checked and tokenised for its task (so a bad input fails before
-    it joins a batch)."""
+    it joins a batch), bound to the exact task it was admitted for (`resident`): if that task is
+    deleted, reloaded or replaced under the same name before the request runs, it is refused
+    (`admitted_task`), never answered by another task."""
 
     task: str
     examples: list[Example]
     rows: list[Encoded]
     labels: list[Any]
+    resident: ResidentTask
+
+
+def admitted_task(tasks: Mapping[str, ResidentTask], request: EncodedRequest) -> ResidentTask:
+    """The task `request` was admitted for, if it is still the one loaded under its name."""
+    task = tasks.get(request.task)
+    if task is not request.resident:
+        what = "deleted" if task is None else "replaced (deleted and loaded again)"
+        raise MicrotuneError(
+            f"task '{request.task}' was {what} while the request waited; send it again"
+        )
+    return task
+
+
+def present_outputs(encoded: Sequence[EncodedRequest], outputs: Sequence) -> list[list]:
+    """Each request's outputs as its own task's `predict` records (label names, scores)."""
+    results = []
+    for request, output in zip(encoded, outputs, strict=True):
+        tuned = request.resident.tuned
+        present = tuned.task_model.task_type.present
+        results.append(present(output, tuned.label_names, request.examples, request.labels))
+    return results
 
 
 class SwapGroups:
@@ -279,7 +303,8 @@ class MultiTaskModel:
 
     def encode(self, name: str, inputs: Input | Sequence[Input]) -> EncodedRequest:
         """Check and tokenise one request's inputs for its task (one-line errors)."""
-        tuned = self.task(name).tuned
+        task = self.task(name)
+        tuned = task.tuned
         tuned.task_model.task_type.check_predicts()
         examples = tuned.examples(inputs)
         if not examples:
@@ -288,7 +313,7 @@ class MultiTaskModel:
             rows, labels = tuned.task_model.encode(
                 tuned.tokenizer, examples, tuned.config["max_length"]
             )
-        return EncodedRequest(name, examples, rows, labels)
+        return EncodedRequest(name, examples, rows, labels, task)
 
     def predict(self, requests: Sequence[tuple[str, Input | Sequence[Input]]]) -> list[list]:
         """(task, inputs) requests → one list of `TunedModel.predict` records per request,
@@ -302,14 +327,7 @@ class MultiTaskModel:
 
     def present(self, encoded: Sequence[EncodedRequest], outputs: Sequence) -> list[list]:
         """Each request's outputs as its task's `predict` records (label names, scores)."""
-        results = []
-        for request, output in zip(encoded, outputs, strict=True):
-            tuned = self.tasks[request.task].tuned if request.task in self.tasks else None
-            if tuned is None:
-                raise MicrotuneError(f"task '{request.task}' was deleted while queued")
-            present = tuned.task_model.task_type.present
-            results.append(present(output, tuned.label_names, request.examples, request.labels))
-        return results
+        return present_outputs(encoded, outputs)
 
     @torch.no_grad()
     def run(self, encoded: Sequence[EncodedRequest]) -> list:
@@ -319,7 +337,7 @@ class MultiTaskModel:
         with self.lock:
             rows: list[tuple[int, int, ResidentTask, Encoded]] = []  # (request, index, task, row)
             for r, request in enumerate(encoded):
-                task = self.task(request.task)
+                task = admitted_task(self.tasks, request)
                 rows += [(r, i, task, row) for i, row in enumerate(request.rows)]
             groups: dict[str, list] = {}
             for item in rows:
@@ -332,7 +350,7 @@ class MultiTaskModel:
         outputs: list = []
         for r, request in enumerate(encoded):
             per_row = [found[(r, i)] for i in range(len(request.rows))]
-            per_token = self.tasks[request.task].tuned.per_token
+            per_token = request.resident.tuned.per_token
             outputs.append(per_row if per_token else np.stack(per_row))
         return outputs
 
@@ -401,7 +419,7 @@ _LIBC = _glibc()
 
 
 def load_many(
-    artifacts: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+    artifacts: Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike],
     model: str | None = None,
     device: str = "cpu",
     max_copy_bytes: int = 0,
@@ -409,17 +427,24 @@ def load_many(
     """Load task artifacts onto one base model for mixed-task batches.
 
     Args:
-        artifacts: folders (task names: the folder names) or {name: folder}.
+        artifacts: folders, as a list or any iterable (task names: the folder names), or
+            {name: folder}; one path alone is refused (pass a list of one).
         model: the base model, if not where the first artifact says (fingerprints checked).
         device: cpu, cuda, cuda:1 or auto.
         max_copy_bytes: memory for methods that cannot join a mixed batch (each needs its own
             copy of the base); 0 (default) refuses them.
     """
+    if isinstance(artifacts, str | bytes | os.PathLike):
+        raise MicrotuneError(
+            f"load_many takes a list of artifact folders (or {{name: folder}}), not one path; "
+            f"pass [{os.fsdecode(artifacts)!r}], or use microtune.load for one task"
+        )
     if isinstance(artifacts, Mapping):
         named = dict(artifacts)
     else:
-        named = {Path(a).resolve().name: a for a in artifacts}
-        if len(named) != len(artifacts):
+        folders = list(artifacts)  # a generator too
+        named = {Path(a).resolve().name: a for a in folders}
+        if len(named) != len(folders):
             raise MicrotuneError("two artifacts share a folder name; pass {name: folder}")
     if not named:
         raise MicrotuneError("load_many needs at least one artifact")
@@ -436,6 +461,7 @@ __all__ = [
     "EncodedRequest",
     "MultiTaskModel",
     "ResidentTask",
+    "admitted_task",
     "join_kind",
     "load_many",
 ]

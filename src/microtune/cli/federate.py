@@ -81,6 +81,18 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--server-lr", type=float, default=0.1, help="FedAdam's server rate eta")
     group.add_argument(
+        "--lora-frozen-a",
+        action="store_true",
+        help="LoRA: keep every A at its seeded start, send only B (then averaging is exact)",
+    )
+    group.add_argument("--workers", type=int, default=1, help="parties trained at once (CPUs)")
+    _add_round_options(parser)
+    _add_client_dp_options(parser)
+
+
+def _add_round_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("rounds that go wrong")
+    group.add_argument(
         "--min-replies", type=int, default=1, help="fewer valid replies: the round is skipped"
     )
     group.add_argument(
@@ -92,13 +104,6 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
         help="go on when a round aggregates no update (none of --min-replies valid replies "
         "within --round-timeout); without it such a round stops the federation with an error",
     )
-    group.add_argument(
-        "--lora-frozen-a",
-        action="store_true",
-        help="LoRA: keep every A at its seeded start, send only B (then averaging is exact)",
-    )
-    group.add_argument("--workers", type=int, default=1, help="parties trained at once (CPUs)")
-    _add_client_dp_options(parser)
 
 
 def _add_client_dp_options(parser: argparse.ArgumentParser) -> None:

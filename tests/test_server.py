@@ -356,3 +356,31 @@ def test_4xx_answers_are_counted_and_a_deleted_tasks_series_go(root):
         assert f'microtune_requests_total{{status="{status}",task="unknown"}} 1.0' in before
     assert 'task="gone"' in before and 'task="gone"' not in after
     assert 'microtune_requests_total{status="422",task="slash"} 1.0' in after
+
+
+def test_a_file_linked_out_of_the_root_or_folder_is_never_read(root, tmp_path):
+    """The folder is inside the root, but its tensor file is a link to one outside it."""
+    linked = root / "linked"
+    linked.mkdir()
+    shutil.copy(root / "bitfit" / "microtune.json", linked)
+    outside = tmp_path / "adapter.safetensors"
+    shutil.copy(root / "bitfit" / "adapter.safetensors", outside)
+    (linked / "adapter.safetensors").symlink_to(outside)
+    engine = load_many({"slash": root / "slash"})
+    try:
+        with live(engine, artifact_root=str(root)) as (client, _):
+            refused = client.post("/v1/tasks", json={"path": "linked"})
+            assert refused.status_code == 403, refused.text
+            error = refused.json()["error"]
+            assert "links outside" in error and "\n" not in error
+            assert client.get("/v1/tasks").json()["tasks"][0]["name"] == "slash"
+        with pytest.raises(microtune.MicrotuneError, match="links outside"):
+            load_many([linked])
+        export = tmp_path / "export"
+        export.mkdir()
+        (export / "microtune_export.json").write_text('{"format": "bert"}')
+        (export / "config.json").symlink_to(outside)
+        with pytest.raises(microtune.MicrotuneError, match="links outside"):
+            microtune.load(export)
+    finally:
+        shutil.rmtree(linked)

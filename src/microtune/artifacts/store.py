@@ -37,6 +37,7 @@ from microtune.common.files import (
     CONFIG_FILE,
     EXPORT_FILE,
     TENSORS_FILE,
+    check_inside,
     file_sha256,
     write_json,
     write_tensors,
@@ -276,7 +277,10 @@ def load_artifact(
 
 
 def read_export_record(folder: str | os.PathLike) -> dict[str, Any]:
-    """The folder's `microtune_export.json`, or a one-line refusal naming what to pass."""
+    """The folder's `microtune_export.json`, or a one-line refusal naming what to pass (also
+    when a file of the folder is a link out of it: every file it loads is read from inside)."""
+    if Path(folder).is_dir():
+        check_inside(folder)
     path = Path(folder) / EXPORT_FILE
     try:
         info = json.loads(path.read_text(encoding="utf-8"))

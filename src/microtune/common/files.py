@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from microtune.errors import MicrotuneError
+
 if TYPE_CHECKING:
     import torch
 
@@ -78,3 +80,24 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def check_inside(folder: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """`folder`, resolved, once every entry under it (walked without following links)
+    resolves inside `root`: a file linked out of it is never read. `root` defaults to the
+    folder itself, or for a hub cache snapshot (`…/snapshots/REV`) to its repo folder, whose
+    `blobs/` its links point to."""
+    folder = Path(folder).resolve()
+    if root is None:
+        hub_cache = folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir()
+        root = folder.parent.parent if hub_cache else folder
+    root = Path(root).resolve()
+    for parent, names, files in os.walk(folder):
+        for name in names + files:
+            entry = Path(parent) / name
+            if not entry.resolve().is_relative_to(root):
+                raise MicrotuneError(
+                    f"{entry} links outside {root} (to {entry.resolve()}); copy the file into "
+                    "the folder instead of linking it"
+                )
+    return folder

@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from microtune.common.files import CONFIG_FILE, METRICS_FILE, README_FILE, TENSORS_FILE
+from microtune.common.files import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    README_FILE,
+    TENSORS_FILE,
+    check_inside,
+)
 from microtune.errors import MicrotuneError
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -60,6 +66,7 @@ def resolve_artifact(path_or_id: str | os.PathLike) -> Path:
     """
     path = Path(path_or_id)
     if path.is_dir():
+        check_inside(path)  # no file of the folder is a link out of it
         return path
     name = str(path_or_id)
     hub_id = None if path.exists() or isinstance(path_or_id, Path) else parse_hub_id(name)

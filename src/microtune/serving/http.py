@@ -43,6 +43,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as RoutingError
 
+from microtune.common.files import check_inside
 from microtune.errors import MicrotuneError
 from microtune.serving.config import ServeConfig
 from microtune.serving.multitask import EncodedRequest, MultiTaskModel
@@ -503,7 +504,7 @@ def add_task_routes(app: FastAPI) -> None:
 
 def inside_root(root: str | None, path: str) -> Path:
     """The artifact folder `path` (relative to the root, or absolute) if it really is inside
-    the root: no '..', no symlink out of it."""
+    the root: no '..', no symlink out of it, nor of any file under it."""
     if root is None:
         raise HTTPError(403, "hot-loading is off; start the server with --artifact-root DIR")
     if ".." in Path(path).parts:
@@ -514,6 +515,10 @@ def inside_root(root: str | None, path: str) -> Path:
         raise HTTPError(403, f"'{path}' is not inside the artifact root {base}")
     if not folder.is_dir():
         raise HTTPError(404, f"no artifact folder '{path}' under the artifact root")
+    try:
+        check_inside(folder, base)  # every file read, not only the folder
+    except MicrotuneError as error:
+        raise HTTPError(403, f"'{path}' is not inside the artifact root {base}: {error}") from None
     return folder
 
 

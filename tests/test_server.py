@@ -1,9 +1,13 @@
 """`microtune serve`: a real uvicorn server on an ephemeral loopback port, a real httpx client."""
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +20,7 @@ from microtune import api
 from microtune.backbone.options import ModelOptions
 from microtune.cli.serve import artifact_folders
 from microtune.serving.config import ServeConfig
-from microtune.serving.http import create_app
+from microtune.serving.http import bind, create_app
 from microtune.serving.multitask import load_many
 from microtune.tasks.spec import DataSource
 from microtune.training.config import TrainConfig
@@ -384,3 +388,23 @@ def test_a_file_linked_out_of_the_root_or_folder_is_never_read(root, tmp_path):
             microtune.load(export)
     finally:
         shutil.rmtree(linked)
+
+
+def test_the_serving_line_comes_once_the_port_accepts_and_brackets_an_ipv6_host(root):
+    sock = bind(ServeConfig(host="::1", port=0))
+    try:  # bound and listening: a client that connects at once is queued, not refused
+        socket.create_connection(sock.getsockname()[:2], timeout=5).close()
+    finally:
+        sock.close()
+    command = [sys.executable, "-m", "microtune", "serve", "--artifacts", str(root / "slash")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(
+        [*command, "--host", "::1", "--port", "0"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        url = json.loads(process.stdout.readline())["serving"]
+        assert url.startswith("http://[::1]:"), url
+        assert httpx.get(f"{url}/health", timeout=20).status_code == 200  # no wait, no retry
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)

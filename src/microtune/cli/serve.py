@@ -66,7 +66,7 @@ def check_artifact_root(root: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from microtune.serving.http import bind, serve
+    from microtune.serving.http import bind, serve, url_of
     from microtune.serving.multitask import load_many
 
     given = {
@@ -83,6 +83,5 @@ def run(args: argparse.Namespace) -> None:
         max_copy_bytes=config.max_copy_mb * 2**20,
     )
     sock = bind(config)
-    host, port = sock.getsockname()[:2]
-    print(json.dumps({"serving": f"http://{host}:{port}", "tasks": len(engine.tasks)}), flush=True)
+    print(json.dumps({"serving": url_of(sock), "tasks": len(engine.tasks)}), flush=True)
     serve(engine, config, sock)

@@ -536,12 +536,14 @@ def describe(task) -> dict[str, Any]:
 
 
 def bind(config: ServeConfig) -> socket.socket:
-    """The listening socket (bound here, so port 0 gets a free port the caller can print)."""
+    """The listening socket (bound here, so port 0 gets a free port the caller can print), in
+    listening state: a client that connects once `url_of` is printed is queued, not refused."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
+        sock.listen(2048)  # uvicorn's default backlog
     except OSError as error:
         sock.close()
         raise MicrotuneError(
@@ -549,6 +551,12 @@ def bind(config: ServeConfig) -> socket.socket:
             "--port or --host"
         ) from None
     return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """The base URL of a bound socket: an IPv6 host in brackets (http://[::1]:8000)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def serve(engine: MultiTaskModel, config: ServeConfig, sock: socket.socket) -> None:
@@ -561,4 +569,13 @@ def serve(engine: MultiTaskModel, config: ServeConfig, sock: socket.socket) -> N
     server.run(sockets=[sock])
 
 
-__all__ = ["Batcher", "HTTPError", "Metrics", "bind", "create_app", "inside_root", "serve"]
+__all__ = [
+    "Batcher",
+    "HTTPError",
+    "Metrics",
+    "bind",
+    "create_app",
+    "inside_root",
+    "serve",
+    "url_of",
+]

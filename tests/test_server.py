@@ -408,3 +408,21 @@ def test_the_serving_line_comes_once_the_port_accepts_and_brackets_an_ipv6_host(
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
+
+
+def test_a_client_gone_mid_body_leaves_no_traceback_in_the_log(engine, capfd):
+    with live(engine) as (client, _):
+        port = client.base_url.port
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                raw.sendall(
+                    b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                    b'\r\nContent-Length: 1000\r\n\r\n{"task": "slash", "inp'
+                )
+                time.sleep(0.2)  # the server is reading the body when the client goes
+        time.sleep(0.5)
+        assert (
+            client.post("/v1/predict", json={"task": "slash", "inputs": ["a"]}).status_code == 200
+        )
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err[-2000:]

@@ -42,6 +42,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.exceptions import HTTPException as RoutingError
+from starlette.requests import ClientDisconnect
 
 from microtune.common.files import check_inside
 from microtune.errors import MicrotuneError
@@ -356,10 +357,14 @@ def add_guards(app: FastAPI, config: ServeConfig) -> None:
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object (chunked bodies counted too): 413, 400 or 422 otherwise."""
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPError(413, f"request body over {limit // 1024} KiB")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPError(413, f"request body over {limit // 1024} KiB")
+    except ClientDisconnect:  # nobody to answer: one quiet line, never a traceback
+        log.info("a client disconnected before its request body ended")
+        raise HTTPError(400, "the client disconnected before the request body ended") from None
     try:
         value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

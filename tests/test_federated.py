@@ -335,6 +335,44 @@ def test_sample_level_dp_on_a_party_accounts_across_rounds(tiny_model_dirs, toy_
     assert 0 < spent[0] < spent[1] < spent[2] <= 8.0 * 1.001
 
 
+def test_sample_level_dp_records_sigma_delta_and_epsilon_spent_and_info_shows_it(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    """Two parties' replies through the screen into the artifact: what each spent, not only
+    the target; `info` shows it."""
+    spec = spec_for(
+        tiny_model_dirs,
+        toy_files,
+        tmp_path,
+        method="slash",
+        method_options={"d": 8},
+        clients=2,
+        clients_per_round=2,
+        train_config=TrainConfig(max_steps=2, batch_size=8, progress=False),
+        sample_dp=DPConfig(epsilon=8.0, batch=8, noise_seed=0),
+    )
+    server = FederationServer(spec, tmp_path)
+    config = ConfigRecord({"server-round": 1} | dict(server.train_config()))
+    sent = RecordDict({"arrays": server.start_state(), "config": config})
+    app, replies = client_app(spec), []
+    for party in (0, 1):
+        context = Context(1, party + 1, {"partition-id": party}, RecordDict(), {})
+        replies.append(app(Message(sent, dst_node_id=party + 1, message_type="train"), context))
+    screen = Screen(flower_strategy(spec, None), server, min_replies=2)
+    screen.round = {"sampled": 2}
+    aggregate, _ = screen.aggregate_train(1, replies)
+    server.evaluate_round(1, aggregate, screen)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())["federated"]["sample_dp"]
+    assert record["epsilon"] == 8.0 and set(record["parties"]) == {"0", "1"}
+    assert record["sigma"] > 0 and 0 < record["delta"] < 1
+    assert 0 < record["epsilon_spent"] <= 8.0 * 1.001
+    spent = [r.content["metrics"]["sample-epsilon"] for r in replies]
+    assert record["epsilon_spent"] == pytest.approx(max(spent))
+    shown = api.artifact_summary(tmp_path)["privacy"]
+    assert shown["level"] == "sample (federated)"
+    assert shown["epsilon_spent"] == record["epsilon_spent"] and shown["sigma"] == record["sigma"]
+
+
 def test_logit_adjustment_shifts_a_partys_logits_by_its_own_label_prior(
     tiny_model_dirs, toy_files, tmp_path
 ):

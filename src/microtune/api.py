@@ -458,6 +458,9 @@ def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
         "library_version": config["library_version"],
     }
     summary.update(stored)
+    privacy = privacy_record(config)
+    if privacy is not None:
+        summary["privacy"] = privacy
     # Trained numbers as recorded at save time; older artifacts stored exactly what trained.
     summary["trainable_parameters"] = config.get("parameters", {}).get(
         "trained", stored["stored_parameters"]
@@ -474,6 +477,18 @@ def artifact_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:
             )
         summary["metrics"] = metrics.get("metrics")
     return summary
+
+
+def privacy_record(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The artifact's DP record: a DP-SGD run's "privacy", or a federation's client-level or
+    sample-level DP (target, σ, δ and ε spent); None for a run without DP."""
+    if config.get("privacy"):
+        return config["privacy"]
+    federated = config.get("federated") or {}
+    for level in ("client", "sample"):
+        if federated.get(f"{level}_dp"):
+            return {"level": f"{level} (federated)", **federated[f"{level}_dp"]}
+    return None
 
 
 def stored_tensor_summary(artifact_dir: str | os.PathLike) -> dict[str, Any]:

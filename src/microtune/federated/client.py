@@ -112,6 +112,11 @@ class LocalParty:
         return tau * (counts / counts.sum()).log()
 
     @property
+    def whose(self) -> dict[str, float]:
+        """Which party a reply's DP numbers are of (the server records each party's)."""
+        return {"partition": float(self.partition)}
+
+    @property
     def delta(self) -> float:
         dp = self.spec.sample_dp
         return dp.delta if dp is not None and dp.delta is not None else 1 / (2 * len(self.rows))
@@ -177,6 +182,7 @@ class LocalParty:
             metrics["sample-epsilon"] = epsilon_spent(
                 self.sigma, q, total, self.delta, dp.accountant
             )
+            metrics |= {"sample-sigma": self.sigma, "sample-delta": self.delta, **self.whose}
         return metrics
 
 

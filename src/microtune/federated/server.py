@@ -116,6 +116,8 @@ class Screen(Strategy):
         notes["failed"] += ["timed out"] * (self.round.get("sampled", 0) - len(replies))
         for reply in replies:
             node = reply.metadata.src_node_id
+            if not reply.has_error() and "metrics" in reply.content:  # it ran its steps
+                self.server.note_party_dp(reply.content["metrics"])
             if reply.has_error():
                 notes["failed"].append(f"node {node}: {_one_line(reply.error.reason)}")
             elif REFUSAL in reply.content:
@@ -181,6 +183,7 @@ class FederationServer:
         self.sigma = self._client_sigma()
         self.done = 0
         self.trained = False  # whether any round aggregated an update (the state is trained)
+        self.party_dp: dict[int, dict[str, float]] = {}  # sample-level DP, as each party spent
         self.log: list[dict[str, Any]] = []
         self.bar = progress_bar(spec.rounds, "rounds", "round", spec.train_config.progress)
 
@@ -197,6 +200,26 @@ class FederationServer:
         if dp is None:
             return None
         return epsilon_spent(self.sigma, self.spec.sample_rate, rounds, dp.delta, dp.accountant)
+
+    def note_party_dp(self, metrics: Any) -> None:
+        """A party's sample-level DP as its reply reports it: σ, δ and the ε spent so far."""
+        if "sample-epsilon" in metrics:
+            self.party_dp[int(metrics["partition"])] = {
+                "sigma": float(metrics["sample-sigma"]),
+                "delta": float(metrics["sample-delta"]),
+                "epsilon_spent": float(metrics["sample-epsilon"]),
+            }
+
+    def sample_dp_spent(self) -> dict[str, Any]:
+        """What sample-level DP spent: the smallest σ, the largest δ and ε of any party
+        (each party's budget is its own), and every party's."""
+        parties = [self.party_dp[k] for k in sorted(self.party_dp)]
+        return {
+            "sigma": min((p["sigma"] for p in parties), default=None),
+            "delta": max((p["delta"] for p in parties), default=None),
+            "epsilon_spent": max((p["epsilon_spent"] for p in parties), default=None),
+            "parties": {str(k): self.party_dp[k] for k in sorted(self.party_dp)},
+        }
 
     def budget_spent_by_next_round(self) -> bool:
         dp = self.spec.client_dp
@@ -314,6 +337,8 @@ class FederationServer:
                 "sample_rate": self.spec.sample_rate,
                 "epsilon_spent": self.epsilon(self.done),
             }
+        if self.spec.sample_dp is not None:
+            record["sample_dp"] = {**record["sample_dp"], **self.sample_dp_spent()}
         return record
 
     def save(self) -> None:
@@ -360,6 +385,8 @@ class FederationServer:
         }
         if "epsilon" in last:
             report["epsilon"] = last["epsilon"]
+        elif self.party_dp:
+            report["epsilon"] = report["federated"]["sample_dp"]["epsilon_spent"]
         write_json(self.folder / METRICS_FILE, report)
         return report
 

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.trainer_utils import validate_quantization_for_training
 
 from microtune.artifacts.store import load_artifact, save_artifact
 from microtune.backbone.load import fingerprint, load_backbone
@@ -57,8 +58,9 @@ def causal_dirs(tmp_path_factory):
     return {t: make_causal_model(t, root / t, tie) for t, tie in MODELS.items()}
 
 
-def task_model(folder, method: str = "slash", options=None, perturb: float = 0.0):
-    backbone, tokenizer = load_backbone(str(folder), auto_class=CAUSAL.auto_class)
+def task_model(folder, method: str = "slash", options=None, perturb: float = 0.0, loaded=None):
+    """`loaded`: the (model, tokenizer) of `folder`, when the test loaded it already."""
+    backbone, tokenizer = loaded or load_backbone(str(folder), auto_class=CAUSAL.auto_class)
     torch.manual_seed(1)  # SLaSh's random start z: fixed, not left to the test order
     model = TaskModel(
         backbone, HeadConfig(1, "tokens"), build_method(method, options), task_type=CAUSAL
@@ -338,7 +340,10 @@ def test_bad_data_and_a_method_that_trains_nothing_are_one_line_errors(
 
 @pytest.mark.slow
 def test_packaged_smollm2_loads_as_a_causal_lm_and_merges_to_the_same_greedy_tokens():
-    model, tokenizer = task_model("smollm2", "slash", perturb=0.5)
+    loaded = load_backbone("smollm2", auto_class=CAUSAL.auto_class)
+    # Dequantised: a plain model that transformers' Trainer (TRL's SFTTrainer) takes for training
+    validate_quantization_for_training(loaded[0])
+    model, tokenizer = task_model("smollm2", "slash", perturb=0.5, loaded=loaded)
     assert type(model.backbone).__name__ == "LlamaModel" and model.count_trainable()["head"] == 0
     prompts = [tokenizer("Review: a gripping film\nSentiment:").input_ids]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -29,6 +29,7 @@ import microtune
 import microtune.peft as mpeft
 from microtune.errors import MicrotuneError
 from microtune.peft import registry
+from microtune.tasks.types.causal import greedy_generate
 from tests.conftest import TINY_CONFIGS, WORDS, decoder_tokenizer, make_tiny_model
 
 # Small options so that a few steps move each method visibly on the tiny BERT.
@@ -310,6 +311,40 @@ def test_to_artifact_refuses_a_lora_folder(bert, tmp_path):
     get_peft_model(base_model(bert), config).save_pretrained(tmp_path / "lora")
     with pytest.raises(MicrotuneError, match="holds a peft LORA adapter, not a microtune method"):
         mpeft.to_artifact(tmp_path / "lora", tmp_path / "artifact")
+
+
+def test_a_causal_lm_adapter_converts_to_a_causal_lm_artifact_with_equal_greedy_tokens(
+    tmp_path,
+):
+    config = TINY_CONFIGS["llama"]()
+    config.tie_word_embeddings = True  # the LM head is the saved embedding, not a random one
+    config.initializer_range = 0.2  # logits far enough apart that greedy picks are robust
+    decoder = make_tiny_model(
+        "llama", tmp_path / "llama", config=config, tokenizer=decoder_tokenizer()
+    )
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(decoder),
+        mpeft.SlashConfig(task_type="CAUSAL_LM", d=16),
+    )
+    with torch.no_grad():  # a trained-looking z
+        model.base_model.microtune_slash.default.z.add_(torch.randn(16) * 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    report = mpeft.to_artifact(tmp_path / "adapter", tmp_path / "artifact", max_length=32)
+    assert report["parameters"]["method"] == 16
+    tuned = microtune.load(tmp_path / "artifact")
+    assert tuned.config["task"]["type"] == "causal-lm"
+    assert tuned.config["task"]["text_columns"] == ["prompt", "response"]
+    prompts = [tuned.tokenizer(p).input_ids for p in ("the film is", "a very dull plot , not")]
+    model.eval().generation_config.eos_token_id = None  # six tokens each, EOS or not
+    model.generation_config.pad_token_id = tuned.tokenizer.pad_token_id
+    for ids in prompts:
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+        expected = out[0, len(ids) :].tolist()
+        [got] = greedy_generate(tuned.task_model, [ids], 6, None, tuned.tokenizer.pad_token_id)
+        assert got == expected
+    # microtune generate (the CLI's path): the same tokens as text, up to EOS
+    [answer] = tuned.generate("the film is", max_new_tokens=6)
+    assert isinstance(answer["response"], str)
 
 
 def test_a_second_adapter_and_switching_off_are_refused(bert):

@@ -136,6 +136,7 @@ def load_backbone(
     if gguf:
         # The weights are dequantised: a plain model that merge and export can save as it is.
         backbone.hf_quantizer = None
+        backbone.is_quantized = False  # transformers' Trainer refuses a model still marked so
         if hasattr(backbone.config, "quantization_config"):
             del backbone.config.quantization_config
     # Fail early, with the list of supported types (on the base inside a task model class).

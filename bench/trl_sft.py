@@ -20,27 +20,23 @@ or --output).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 from datasets import Dataset
+from serve_load import live_server  # bench/ is on the path: the same in-process server
 from trl import SFTConfig, SFTTrainer
 
 from microtune.backbone.load import load_backbone
 from microtune.peft import SlashConfig, to_artifact
 from microtune.serving.config import ServeConfig
-from microtune.serving.http import create_app
 from microtune.serving.multitask import load_many
 from microtune.serving.tuned import load
 from microtune.tasks.types.causal import greedy_generate
@@ -137,24 +133,6 @@ def cli_generate(artifact: Path, prompt: str, max_new_tokens: int) -> str:
     if done.returncode:
         raise SystemExit(f"microtune generate failed: {done.stderr.strip()[-500:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["response"]
-
-
-@contextlib.contextmanager
-def live_server(engine, config: ServeConfig):
-    """`microtune serve`'s app on a free loopback port in this process (bench/serve_load.py)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def served(artifact: Path, prompt: str, max_new_tokens: int) -> dict:

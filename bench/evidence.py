@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from microtune.bench.config import load_config, read_lrs
-from microtune.bench.runner import CELLS, RUNS, run_bench
-from microtune.bench.tune import tune
+from microtune.bench.runner import CARVED, CELLS, RUNS, run_bench
+from microtune.bench.tune import carve, tune
 
 HERE = Path(__file__).resolve().parents[1]
 CONFIG = HERE / "bench" / "configs" / "evidence.toml"
@@ -80,6 +80,8 @@ def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, kept
     if lrs.is_file() and wanted <= set(read_lrs(str(lrs))):
         return
     kept.mkdir(parents=True, exist_ok=True)
+    # Carve first: the bench refuses a folder that holds records but is not yet a bench folder.
+    carve(config, (scratch / CARVED).parent)
     (scratch / CELLS).mkdir(parents=True, exist_ok=True)
     for record in kept.glob("*.json"):  # a new checkout: resume from the committed records
         if not (scratch / CELLS / record.name).exists():

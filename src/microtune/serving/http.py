@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import socket
 import time
@@ -42,24 +41,31 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.exceptions import HTTPException as RoutingError
-from starlette.requests import ClientDisconnect
 
 from microtune.common.files import check_inside
 from microtune.errors import MicrotuneError
 from microtune.serving.config import ServeConfig
+from microtune.serving.decoding import DecodeObserver, Decoder, Generation, Watch
 from microtune.serving.multitask import EncodedRequest, MultiTaskModel
+from microtune.serving.openai_routes import SCHEMAS, add_openai_routes, all_done
+from microtune.serving.wire import (
+    Admission,
+    HTTPError,
+    error_response,
+    field_of,
+    only_fields,
+    read_json,
+)
+from microtune.version import __version__
 
-INFERENCE_PATHS = ("/v1/predict", "/v1/generate")  # counted by task and status in /metrics
-OPEN_PATHS = ("/health",)  # the only endpoint without the API key (liveness probes)
+INFERENCE_PATHS = (
+    "/v1/predict",
+    "/v1/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
+)  # counted by task and status in /metrics
+OPEN_PATHS = ("/health", "/docs", "/openapi.json")  # no API key: liveness, the API's description
 log = logging.getLogger("microtune.serving.http")
-
-
-class HTTPError(Exception):
-    """An answer with a status and a one-line JSON error (never a stack trace)."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 class Metrics:
@@ -88,6 +94,20 @@ class Metrics:
         )  # fmt: skip
         self.base_bytes = Gauge("microtune_base_bytes", "bytes of the shared base", registry=r)
         self.seen: dict[str, set[str]] = {}  # the statuses counted per task (to forget them)
+        self.tokens = Counter("microtune_generated_tokens", "tokens decoded", registry=r)
+        self.step_rows = Histogram(
+            "microtune_decode_step_rows",
+            "rows per decoding step (rows of every task share a step)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.first_token = Histogram(
+            "microtune_time_to_first_token_seconds", "from admission to the first token", registry=r
+        )
+
+    def observer(self) -> DecodeObserver:
+        """What the decoder reports, into these series."""
+        return DecodeObserver(self.step_rows.observe, self.tokens.inc, self.first_token.observe)
 
     def count(self, task: str, status: str, started: float) -> None:
         self.requests.labels(task, status).inc()
@@ -126,27 +146,14 @@ class Batcher:
     def __init__(self, engine: MultiTaskModel, config: ServeConfig, metrics: Metrics):
         self.engine, self.config, self.metrics = engine, config, metrics
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
-        self.admitted = 0  # requests waiting or running (predict and generate)
+        self.admission = Admission(config.max_queue, config.retry_after_s, metrics.queue_depth.set)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="microtune-engine")
         self.task: asyncio.Task | None = None
         self.held: Pending | None = None  # taken but over the last batch's size: runs next
 
-    @contextlib.contextmanager
-    def admit(self) -> Any:
+    def admit(self) -> contextlib.AbstractContextManager[None]:
         """A place in the bounded queue, or 503 with Retry-After."""
-        if self.admitted >= self.config.max_queue:
-            raise HTTPError(
-                503,
-                f"the queue is full ({self.config.max_queue} requests); retry later",
-                {"Retry-After": str(self.config.retry_after_s)},
-            )
-        self.admitted += 1
-        self.metrics.queue_depth.set(self.admitted)
-        try:
-            yield
-        finally:
-            self.admitted -= 1
-            self.metrics.queue_depth.set(self.admitted)
+        return self.admission.held()
 
     async def call(self, function: Callable, *args: Any) -> Any:
         """Run on the worker thread (serialised with the batches)."""
@@ -254,18 +261,37 @@ def create_app(engine: MultiTaskModel, config: ServeConfig) -> FastAPI:
         batcher = app.state.batcher = Batcher(engine, config, metrics)
         batcher.task = asyncio.create_task(batcher.run_forever())
         yield
-        # uvicorn has drained the in-flight requests by now; stop the loop and the worker.
+        # uvicorn has drained the in-flight requests by now (a SIGTERM ended every row that
+        # was decoding, `serve`); stop the decoder, the loop and the worker.
+        app.state.decoder.close()
         batcher.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await batcher.task
         batcher.worker.shutdown(wait=True)
 
-    app = FastAPI(title="microtune", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="microtune", version=__version__, lifespan=lifespan, redoc_url=None)
     app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
+    app.state.decoder = Decoder(engine, config.max_batch_size, metrics.observer())
     add_guards(app, config)
     add_counting(app, engine, metrics)  # outside the guards: their 401 and 413 are counted
     add_routes(app)
+    add_openai_routes(app)
+    describe_bodies(app)
     return app
+
+
+def describe_bodies(app: FastAPI) -> None:
+    """/openapi.json with the request bodies the routes read themselves (`request_schema`)."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        schema = plain()  # FastAPI's, built once and kept
+        if fresh:
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(SCHEMAS)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -313,10 +339,6 @@ def valid_input(item: Any) -> bool:
     return False
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None):
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 def add_guards(app: FastAPI, config: ServeConfig) -> None:
     """API key (constant time) and body size before any route; JSON for every error."""
     limit = config.max_body_kb * 1024
@@ -330,76 +352,30 @@ def add_guards(app: FastAPI, config: ServeConfig) -> None:
                 given = bearer[7:].strip()
             if not hmac.compare_digest(given.encode(), config.api_key.encode()):
                 return error_response(
-                    401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"
+                    request,
+                    401,
+                    "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
                 )
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return error_response(413, f"request body over {config.max_body_kb} KiB")
+            return error_response(request, 413, f"request body over {config.max_body_kb} KiB")
         return await call_next(request)
 
     @app.exception_handler(Exception)
     async def crash(request: Request, error: Exception):
-        return error_response(500, f"internal error ({type(error).__name__}); see the log")
+        return error_response(request, 500, f"internal error ({type(error).__name__}); see the log")
 
     @app.exception_handler(RoutingError)  # unknown path, wrong method: the same JSON shape
     async def routing_error(request: Request, error: RoutingError):
-        return error_response(error.status_code, str(error.detail), error.headers)
+        return error_response(request, error.status_code, str(error.detail), error.headers)
 
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, error: HTTPError):
-        return error_response(error.status, error.message, error.headers)
+        return error_response(request, error.status, error.message, error.headers, error.code)
 
     @app.exception_handler(MicrotuneError)
     async def bad_input(request: Request, error: MicrotuneError):
-        return error_response(422, str(error))
-
-
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object (chunked bodies counted too): 413, 400 or 422 otherwise."""
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPError(413, f"request body over {limit // 1024} KiB")
-    except ClientDisconnect:  # nobody to answer: one quiet line, never a traceback
-        log.info("a client disconnected before its request body ended")
-        raise HTTPError(400, "the client disconnected before the request body ended") from None
-    try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HTTPError(400, f"malformed JSON ({error})") from None
-    except RecursionError:  # the parser recurses once per level: "[[[[...]]]]"
-        raise HTTPError(400, "malformed JSON (nested too deeply)") from None
-    if not isinstance(value, dict):
-        raise HTTPError(422, "the body must be a JSON object")
-    try:  # "\udc80" escapes decode to lone surrogates, which no tokenizer takes
-        json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise HTTPError(
-            400, "the body holds a lone surrogate (\\uD800-\\uDFFF): not UTF-8 text"
-        ) from None
-    return value
-
-
-def field_of(body: dict[str, Any], name: str, kind: type, what: str) -> Any:
-    value = body.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise HTTPError(422, f'"{name}" must be {what}')
-    return value
-
-
-def only_fields(body: dict[str, Any], *names: str) -> dict[str, Any]:
-    """The body, if it holds no field but `names`: a field the server does not honour
-    (`temperature`, `stream`, a typo) is refused with 422 naming it, never silently ignored."""
-    extra = next((key for key in body if key not in names), None)
-    if extra is not None:
-        raise HTTPError(
-            422,
-            f"{json.dumps(extra)[:80]} is not a field this endpoint honours (its fields: "
-            f"{', '.join(names)}); remove it",
-        )
-    return body
+        return error_response(request, 422, str(error))
 
 
 def add_routes(app: FastAPI) -> None:
@@ -469,11 +445,37 @@ def add_inference_routes(app: FastAPI) -> None:
         tokens = body.get("max_new_tokens", 64)
         if type(tokens) is not int or not 1 <= tokens <= config.max_new_tokens:  # no bool
             raise HTTPError(422, f'"max_new_tokens" must be 1 to {config.max_new_tokens}')
-        task_named(engine, name).tuned.task_model.task_type.check_generates()
+        task = task_named(engine, name)
+        task.tuned.task_model.task_type.check_generates()
         batcher: Batcher = app.state.batcher
         with batcher.admit(), failures_as_500():
-            results = await batcher.call(engine.generate, name, prompts, tokens)
+            if task.kind == "copy" and task.tuned.task_model.method is not None:
+                results = await batcher.call(engine.generate, name, prompts, tokens)
+            else:  # decoded with every other request's rows, continuously batched
+                results = await decoded(request, task, prompts, tokens)
         return {"task": name, "outputs": results}
+
+
+def prompt_ids(engine: MultiTaskModel, task, prompts: list[str]) -> list[list[int]]:
+    with engine.tokenizer_lock:
+        encode = task.tuned.task_model.task_type.encode_prompts
+        return encode(engine.base.tokenizer, prompts, task.tuned.config["max_length"])
+
+
+async def decoded(request: Request, task, prompts: list[str], tokens: int) -> list[dict]:
+    """Greedy continuations through the decoder, as `microtune generate` gives them (prompts
+    encoded and cut as it does; `CausalLM.generate`)."""
+    engine: MultiTaskModel = request.app.state.engine
+    decoder: Decoder = request.app.state.decoder
+    ids = await asyncio.to_thread(prompt_ids, engine, task, prompts)
+    positions = getattr(engine.base.model.config, "max_position_embeddings", None) or 1 << 30
+    watch = Watch()
+    rows = [Generation(task, p, min(tokens, positions - len(p)), notify=watch.notify) for p in ids]
+    live = [row for row in rows if row.max_tokens > 0]  # no room left: nothing to continue
+    for row in live:
+        decoder.submit(row)
+    await all_done(request, decoder, live, watch)
+    return [{"prompt": p, "response": row.text} for p, row in zip(prompts, rows, strict=True)]
 
 
 def add_task_routes(app: FastAPI) -> None:
@@ -564,14 +566,25 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGINT/SIGTERM also ends every decoding row at once (each
+    answered: a 503, or its stream's error event), so the drain waits for one decoding step and
+    the classification batches in flight, never for the longest generation."""
+
+    def __init__(self, config: uvicorn.Config, decoder: Decoder):
+        super().__init__(config)
+        self.decoder = decoder
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.decoder.close("the server is shutting down; send the request again", wait=False)
+        super().handle_exit(sig, frame)
+
+
 def serve(engine: MultiTaskModel, config: ServeConfig, sock: socket.socket) -> None:
     """Run the server on `sock` until SIGINT/SIGTERM (uvicorn drains in-flight requests)."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(engine, config), log_level="warning", timeout_graceful_shutdown=30
-        )
-    )
-    server.run(sockets=[sock])
+    app = create_app(engine, config)
+    settings = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
+    DrainingServer(settings, app.state.decoder).run(sockets=[sock])
 
 
 __all__ = [

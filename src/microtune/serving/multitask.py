@@ -210,7 +210,14 @@ class MultiTaskModel:
         finally:
             for parameter in self.base.model.parameters():
                 parameter.requires_grad_(False)
-        task.resident_bytes += tensor_bytes(list(task_model.head.parameters()))
+        # A causal LM's head is the base's own LM head: the base's bytes, not the task's; its
+        # method is gone (above), so nothing substitutes the embedding the head watches.
+        stop_watching = getattr(task_model.head, "stop_watching", None)
+        if stop_watching is not None:
+            stop_watching()
+        shared = {id(p) for p in self.base.model.parameters()}
+        own = [p for p in task_model.head.parameters() if id(p) not in shared]
+        task.resident_bytes += tensor_bytes(own)
         if head_family(task_model)[0] == "rows":
             self._take_head(task, task_model, config)
         return task
@@ -288,12 +295,17 @@ class MultiTaskModel:
         """Within: the base computes with the task's update for rows of these task slots (for a
         "bias" or "lora" task any mix of such tasks' slots; one slot: for batches of any size)."""
         if task.kind in SHARED:
-            return self.rows.rows_of(slots, self._next_slot)
+            return self.rows.rows_of(slots, self.next_slot)
         if task.swap is not None:
             return swapped_in(task.swap)
         return contextlib.nullcontext()
 
     # -- serving --------------------------------------------------------------------------
+
+    @property
+    def next_slot(self) -> int:
+        """Every loaded task's slot is below it (the row tables' size)."""
+        return self._next_slot
 
     def task(self, name: str) -> ResidentTask:
         task = self.tasks.get(name)

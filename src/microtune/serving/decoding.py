@@ -261,9 +261,15 @@ class Decoder:
     """The decoding thread of a multi-task model: continuous batching over lanes of rows."""
 
     def __init__(
-        self, engine: MultiTaskModel, max_rows: int, observer: DecodeObserver | None = None
+        self,
+        engine: MultiTaskModel,
+        max_rows: int,
+        observer: DecodeObserver | None = None,
+        continuous: bool = True,
     ):
-        self.engine, self.max_rows = engine, max_rows
+        """`continuous=False`: rows join only an empty batch (static batching, for comparison:
+        bench/serve_generate.py)."""
+        self.engine, self.max_rows, self.continuous = engine, max_rows, continuous
         self.observer = observer or DecodeObserver()
         self.lanes: dict[Any, Lane] = {}
         self.waiting: deque[Generation] = deque()
@@ -326,7 +332,7 @@ class Decoder:
         self._end_all(self.closing or "stopped")
 
     def _take_waiting(self) -> list[Generation]:
-        room = self.max_rows - self.rows()
+        room = self.max_rows - self.rows() if self.continuous or not self.rows() else 0
         joining = []
         while self.waiting and len(joining) < room:
             generation = self.waiting.popleft()

@@ -41,10 +41,24 @@ def one_error(message: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-Input = Annotated[
-    str | list[str] | dict[str, str | list[str]],
-    one_error("must be a text, a list of texts (a pair, a token task's words) or {column: text}"),
-]
+def each_input(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """The inputs checked, a wrong one named by its index ("input 2 is not ..."), in one line
+    where a union would list a complaint per kind of input."""
+    try:
+        return handler(value)
+    except ValidationError as error:
+        where = error.errors()[0]["loc"]
+        if not where or not isinstance(where[0], int):  # the list itself: not one, or empty
+            raise
+        raise PydanticCustomError(
+            "invalid_input",
+            "input {index} is not a text, a list of texts (a pair, a token task's words) or "
+            "{column: text or texts}",
+            {"index": where[0]},
+        ) from None
+
+
+Input = str | list[str] | dict[str, str | list[str]]
 TaskName = Annotated[
     str,
     Field(min_length=1, max_length=200, pattern="^[^/]*$"),
@@ -54,7 +68,7 @@ TaskName = Annotated[
 
 class PredictRequest(RequestBody):
     task: str = Field(description="a task name (GET /v1/tasks lists them)")
-    inputs: list[Input] = Field(
+    inputs: Annotated[list[Input], WrapValidator(each_input)] = Field(
         min_length=1,
         description="1 to --max-inputs inputs, each a text, a list of texts (a sentence pair, "
         "or a token task's words) or {column: text or texts} with the task's columns",

@@ -96,13 +96,15 @@ class EncodedRequest:
     """One request's inputs checked and tokenised for its task (so a bad input fails before
     it joins a batch), bound to the exact task it was admitted for (`resident`): if that task is
     deleted, reloaded or replaced under the same name before the request runs, it is refused
-    (`admitted_task`), never answered by another task."""
+    (`admitted_task`), never answered by another task. `top_k`: each input's answer is its k
+    most probable labels, best first (`TaskType.rank`), instead of the best one."""
 
     task: str
     examples: list[Example]
     rows: list[Encoded]
     labels: list[Any]
     resident: ResidentTask
+    top_k: int | None = None
 
 
 def admitted_task(tasks: Mapping[str, ResidentTask], request: EncodedRequest) -> ResidentTask:
@@ -117,12 +119,18 @@ def admitted_task(tasks: Mapping[str, ResidentTask], request: EncodedRequest) ->
 
 
 def present_outputs(encoded: Sequence[EncodedRequest], outputs: Sequence) -> list[list]:
-    """Each request's outputs as its own task's `predict` records (label names, scores)."""
+    """Each request's outputs as its own task's `predict` records (label names, scores), or
+    its inputs' `top_k` best labels."""
     results = []
     for request, output in zip(encoded, outputs, strict=True):
         tuned = request.resident.tuned
-        present = tuned.task_model.task_type.present
-        results.append(present(output, tuned.label_names, request.examples, request.labels))
+        task_type = tuned.task_model.task_type
+        if request.top_k is not None:
+            results.append(task_type.rank(output, tuned.label_names, request.top_k))
+        else:
+            results.append(
+                task_type.present(output, tuned.label_names, request.examples, request.labels)
+            )
     return results
 
 

@@ -1,7 +1,7 @@
 """What every route of the server shares: JSON errors in two shapes, the request body read
 within its limit and checked against a typed model, and admission to the bounded queue.
 
-Torch-free; the routes (`serving.http`, `serving.openai_routes`) sit above it.
+Torch-free; the routes (`serving.routes`, `serving.openai_routes`) sit above it.
 """
 
 from __future__ import annotations
@@ -87,43 +87,30 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return value
 
 
-def field_of(body: dict[str, Any], name: str, kind: type, what: str) -> Any:
-    value = body.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise HTTPError(422, f'"{name}" must be {what}')
-    return value
-
-
-def only_fields(body: dict[str, Any], *names: str) -> dict[str, Any]:
-    """The body, if it holds no field but `names`: a field the server does not honour
-    (`temperature`, `stream`, a typo) is refused with 422 naming it, never silently ignored."""
-    extra = next((key for key in body if key not in names), None)
-    if extra is not None:
-        raise HTTPError(
-            422,
-            f"{json.dumps(extra)[:80]} is not a field this endpoint honours (its fields: "
-            f"{', '.join(names)}); remove it",
-        )
-    return body
-
-
-def one_line(error: ValidationError) -> str:
-    """pydantic's first complaint as one line that names the field."""
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "the body"
+def one_line(error: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """pydantic's complaint as one line that names the field; an unknown field first (a typo
+    would otherwise read as the missing field it misspells), with the fields `model` honours."""
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    where = json.dumps(".".join(str(part) for part in first["loc"]) or "the body")[:80]
     if first["type"] == "extra_forbidden":
-        return f'"{where}" is not a field this endpoint honours; remove it'
-    return f'"{where}": {first["msg"]}'
+        fields = f" (its fields: {', '.join(model.model_fields)})" if model else ""
+        return f"{where} is not a field this endpoint honours{fields}; remove it"
+    return f"{where}: {first['msg']}"
 
 
-async def parse_body(request: Request, limit: int, model: type[Model], status: int = 422) -> Model:
-    """The body read within `limit` and checked against its typed model: a wrong or unknown
-    field is refused (`status`) in one line naming it, never ignored."""
-    body = await read_json(request, limit)
+def checked(body: dict[str, Any], model: type[Model], status: int = 422) -> Model:
+    """A body checked against its typed model: a wrong or unknown field is refused (`status`)
+    in one line naming it, never ignored."""
     try:
         return model.model_validate(body)
     except ValidationError as error:
-        raise HTTPError(status, one_line(error)) from None
+        raise HTTPError(status, one_line(error, model)) from None
+
+
+async def parse_body(request: Request, limit: int, model: type[Model], status: int = 422) -> Model:
+    """The body read within `limit` and checked against its typed model (`checked`)."""
+    return checked(await read_json(request, limit), model, status)
 
 
 class Admission:

@@ -47,6 +47,7 @@ from microtune.model import HeadConfig, TaskModel  # noqa: E402
 from microtune.serving.config import ServeConfig  # noqa: E402
 from microtune.serving.decoding import Decoder, Generation  # noqa: E402
 from microtune.serving.multitask import load_many  # noqa: E402
+from microtune.tasks.examples import task_record  # noqa: E402
 from microtune.tasks.spec import get_task  # noqa: E402
 from microtune.tasks.types import get_task_type  # noqa: E402
 
@@ -69,18 +70,8 @@ def source_artifact(root: Path, method: str) -> Path:
         for tensor in model.trainable_state().values():
             tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.02)
     task = CAUSAL.fit_rows(get_task("causal-lm"), [{"prompt": "a", "response": "b"}], None)
-    record = {
-        "name": task.name,
-        "type": task.type,
-        "num_labels": 1,
-        "metrics": list(task.metrics),
-        "text_columns": list(task.text_columns),
-        "label_column": "",
-        "label_names": [],
-        "dev_split": "validation",
-    }
     save_artifact(folder, model, method_name=method, base_model=MODEL,
-                  base_fingerprint=base_fingerprint, task=record, max_length=512,
+                  base_fingerprint=base_fingerprint, task=task_record(task), max_length=512,
                   tokenizer=tokenizer)  # fmt: skip
     return folder
 

@@ -22,6 +22,7 @@ from microtune.artifacts.store import save_artifact
 from microtune.backbone.load import fingerprint, load_backbone
 from microtune.serving.decoding import Decoder, Generation, Sampling
 from microtune.serving.multitask import load_many
+from microtune.tasks import examples
 from microtune.tasks.spec import get_task
 from microtune.tasks.types.causal import greedy_generate
 
@@ -46,16 +47,7 @@ TEMPLATE = (
 
 def task_record() -> dict:
     task = CAUSAL.fit_rows(get_task("causal-lm"), [{"prompt": "a", "response": "b"}], None)
-    return {
-        "name": task.name,
-        "type": task.type,
-        "num_labels": 1,
-        "metrics": list(task.metrics),
-        "text_columns": list(task.text_columns),
-        "label_column": "",
-        "label_names": [],
-        "dev_split": "validation",
-    }
+    return examples.task_record(task)
 
 
 @pytest.fixture(scope="module")

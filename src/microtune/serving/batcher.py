@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from microtune.errors import MicrotuneError
 from microtune.serving.config import ServeConfig
 from microtune.serving.decoding import DecodeObserver
-from microtune.serving.multitask import EncodedRequest, MultiTaskModel
+from microtune.serving.multitask import EncodedRequest, MultiTaskModel, present_outputs
 from microtune.serving.wire import Admission, HTTPError
 
 log = logging.getLogger("microtune.serving.http")
@@ -179,7 +179,7 @@ class Batcher:
         waited are refused, never answered by another task; the rest run."""
         tasks = self.engine.tasks
         live = [r for r in requests if tasks.get(r.task) is r.resident]
-        outputs = iter(self.engine.present(live, self.engine.run(live)) if live else [])
+        outputs = iter(present_outputs(live, self.engine.run(live)) if live else [])
         return [
             next(outputs) if tasks.get(r.task) is r.resident else refused(r, tasks)
             for r in requests

@@ -26,13 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from fastapi import Request
 from torch import nn
 from transformers import DynamicCache, TopPLogitsWarper
 
 from microtune.errors import MicrotuneError
 from microtune.serving.multitask import SHARED, MultiTaskModel, ResidentTask
+from microtune.serving.wire import HTTPError
 
 log = logging.getLogger("microtune.serve")
+STATUS_OF_ERROR = {"deleted": 409, "shutting": 503}  # why a row ended -> its HTTP status; else 500
 
 
 @dataclass(frozen=True)
@@ -447,12 +450,41 @@ def lane_parts(engine: MultiTaskModel, task: ResidentTask | None):
     return task_model.backbone, task_model.head, lambda slots: engine.applied(task, slots)
 
 
+def error_of(generation: Generation) -> HTTPError:
+    reason = generation.error or "stopped"
+    status = next((s for key, s in STATUS_OF_ERROR.items() if key in reason), 500)
+    return HTTPError(status, reason)
+
+
+async def all_done(
+    request: Request, decoder: Decoder, rows: list[Generation], watch: Watch
+) -> None:
+    """Wait until every row is done; a client that went away cancels them (they leave the
+    batch at the next step); a row that ended without finishing is the request's error."""
+    try:
+        while not all(row.done for row in rows):
+            try:
+                await asyncio.wait_for(watch.queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    break
+    finally:
+        for row in rows:
+            if not row.done:
+                decoder.cancel(row)
+    failed = next((row for row in rows if row.error), None)
+    if failed is not None:
+        raise error_of(failed)
+
+
 __all__ = [
     "DecodeObserver",
     "Decoder",
     "Generation",
     "Sampling",
     "Watch",
+    "all_done",
+    "error_of",
     "check_decodable",
     "causal_parts",
 ]

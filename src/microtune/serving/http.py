@@ -28,9 +28,9 @@ from microtune.serving.batcher import Batcher, Metrics
 from microtune.serving.config import ServeConfig
 from microtune.serving.decoding import Decoder
 from microtune.serving.multitask import MultiTaskModel
-from microtune.serving.openai_routes import SCHEMAS, add_openai_routes
+from microtune.serving.openai_routes import add_openai_routes
 from microtune.serving.routes import add_routes
-from microtune.serving.wire import HTTPError, error_response
+from microtune.serving.wire import SCHEMAS, HTTPError, error_response
 from microtune.version import __version__
 
 INFERENCE_PATHS = (

@@ -339,15 +339,11 @@ class MultiTaskModel:
         """(task, inputs) requests → one list of `TunedModel.predict` records per request,
         all rows of every task in as few forward passes as the kinds allow."""
         encoded = [self.encode(name, inputs) for name, inputs in requests]
-        return self.present(encoded, self.run(encoded))
+        return present_outputs(encoded, self.run(encoded))
 
     def logits(self, requests: Sequence[tuple[str, Input | Sequence[Input]]]) -> list:
         """(task, inputs) requests → the outputs of each request's rows, as `TunedModel.logits`."""
         return self.run([self.encode(name, inputs) for name, inputs in requests])
-
-    def present(self, encoded: Sequence[EncodedRequest], outputs: Sequence) -> list[list]:
-        """Each request's outputs as its task's `predict` records (label names, scores)."""
-        return present_outputs(encoded, outputs)
 
     @torch.no_grad()
     def run(self, encoded: Sequence[EncodedRequest]) -> list:
@@ -394,10 +390,6 @@ class MultiTaskModel:
         task = self.task(name)
         with self.lock, self.tokenizer_lock, self.applied(task, [task.slot]):
             return task.tuned.generate(list(prompts), max_new_tokens)
-
-    def head_outputs(self, tasks: list[ResidentTask], hidden, pooled, inputs, positions):
-        """Each row's own head on its features (`HeadTables.head_outputs`)."""
-        return self.heads.head_outputs(tasks, hidden, pooled, inputs, positions)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes each task holds beyond the shared base (head, bias rows, factors, values)."""
@@ -484,4 +476,5 @@ __all__ = [
     "admitted_task",
     "join_kind",
     "load_many",
+    "present_outputs",
 ]

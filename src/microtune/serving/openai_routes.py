@@ -22,11 +22,17 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from starlette.background import BackgroundTask
 
 from microtune.errors import MicrotuneError
-from microtune.serving.decoding import Decoder, Generation, Sampling, Watch, causal_parts
+from microtune.serving.decoding import (
+    Decoder,
+    Generation,
+    Sampling,
+    Watch,
+    all_done,
+    causal_parts,
+    error_of,
+)
 from microtune.serving.multitask import MultiTaskModel, ResidentTask
-from microtune.serving.wire import HTTPError, error_body, parse_body
-
-STATUS_OF_ERROR = {"deleted": 409, "shutting": 503}  # else 500
+from microtune.serving.wire import HTTPError, error_body, parse_body, request_schema
 
 
 def not_bool(value: Any) -> Any:
@@ -198,33 +204,6 @@ def context_size(engine: MultiTaskModel, task: ResidentTask | None) -> int:
     return positions if task is None else min(positions, task.tuned.config["max_length"])
 
 
-def error_of(generation: Generation) -> HTTPError:
-    reason = generation.error or "stopped"
-    status = next((s for key, s in STATUS_OF_ERROR.items() if key in reason), 500)
-    return HTTPError(status, reason)
-
-
-async def all_done(
-    request: Request, decoder: Decoder, rows: list[Generation], watch: Watch
-) -> None:
-    """Wait until every row is done; a client that went away cancels them (they leave the
-    batch at the next step); a row that ended without finishing is the request's error."""
-    try:
-        while not all(row.done for row in rows):
-            try:
-                await asyncio.wait_for(watch.queue.get(), 0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    break
-    finally:
-        for row in rows:
-            if not row.done:
-                decoder.cancel(row)
-    failed = next((row for row in rows if row.error), None)
-    if failed is not None:
-        raise error_of(failed)
-
-
 class Reply:
     """One generation request in flight: its rows, and how its answer is shaped."""
 
@@ -392,18 +371,4 @@ def add_openai_routes(app: FastAPI) -> None:
         return await answer(request, body, [messages], chat=True)
 
 
-def request_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI description of a body the route reads itself (within the size limit); the
-    models it refers to go to `SCHEMAS`, which the app's OpenAPI document adds to its own."""
-    schema = model.model_json_schema(ref_template=REF)
-    SCHEMAS.update(schema.pop("$defs", {}))
-    SCHEMAS[model.__name__] = schema
-    ref = {"$ref": REF.format(model=model.__name__)}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
-
-
-REF = "#/components/schemas/{model}"
-SCHEMAS: dict[str, Any] = {}  # request bodies' models, by name: what the routes refer to
-
-
-__all__ = ["SCHEMAS", "add_openai_routes", "all_done", "model_list", "request_schema"]
+__all__ = ["add_openai_routes", "model_list"]

@@ -22,9 +22,8 @@ from microtune.common.files import check_inside
 from microtune.errors import MicrotuneError
 from microtune.serving.batcher import Batcher, Metrics, failures_as_500
 from microtune.serving.config import ServeConfig
-from microtune.serving.decoding import Decoder, Generation, Watch
+from microtune.serving.decoding import Decoder, Generation, Watch, all_done
 from microtune.serving.multitask import MultiTaskModel, ResidentTask
-from microtune.serving.openai_routes import all_done, request_schema
 from microtune.serving.schemas import (
     Deleted,
     GenerateRequest,
@@ -38,7 +37,7 @@ from microtune.serving.schemas import (
     TaskList,
     errors,
 )
-from microtune.serving.wire import HTTPError, Model, checked, read_json
+from microtune.serving.wire import HTTPError, Model, checked, read_json, request_schema
 
 INFERENCE_ERRORS = errors(400, 401, 404, 409, 413, 422, 500, 503)
 

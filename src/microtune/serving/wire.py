@@ -149,3 +149,17 @@ class Admission:
             yield
         finally:
             release()
+
+
+def request_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI description of a body the route reads itself (within the size limit); the
+    models it refers to go to `SCHEMAS`, which the app's OpenAPI document adds to its own."""
+    schema = model.model_json_schema(ref_template=REF)
+    SCHEMAS.update(schema.pop("$defs", {}))
+    SCHEMAS[model.__name__] = schema
+    ref = {"$ref": REF.format(model=model.__name__)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+REF = "#/components/schemas/{model}"
+SCHEMAS: dict[str, Any] = {}  # request bodies' models, by name: what the routes refer to

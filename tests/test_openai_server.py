@@ -8,8 +8,10 @@ artifact's `microtune generate`, whatever rows it shares its decoding steps with
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -382,3 +384,14 @@ def test_openapi_describes_the_routes_and_docs_are_served(server):
     assert "max_tokens" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert "ChatMessage" in schema["components"]["schemas"]
     assert http.get("/docs").status_code == 200
+
+
+def test_the_guides_openai_snippet_runs_against_a_live_server(tenants, expected, capsys):
+    guide = (Path(__file__).parents[1] / "docs" / "guides" / "many-tasks.md").read_text()
+    snippet = re.search(r"<!-- openai-snippet -->\n```python\n(.*?)```", guide, re.S).group(1)
+    with live(load_many({"echo": tenants[1]["slash"]})) as (http, _):
+        exec(snippet.replace("http://127.0.0.1:8000", str(http.base_url)), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert "echo" in printed[0] and str(tenants[0]) in printed[0]
+    greedy = microtune.load(tenants[1]["slash"]).generate(PROMPTS[:1], 8)[0]["response"]
+    assert printed[1].startswith(greedy)

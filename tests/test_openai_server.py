@@ -8,7 +8,11 @@ artifact's `microtune generate`, whatever rows it shares its decoding steps with
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -395,3 +399,74 @@ def test_the_guides_openai_snippet_runs_against_a_live_server(tenants, expected,
     assert "echo" in printed[0] and str(tenants[0]) in printed[0]
     greedy = microtune.load(tenants[1]["slash"]).generate(PROMPTS[:1], 8)[0]["response"]
     assert printed[1].startswith(greedy)
+
+
+def test_a_request_of_many_long_rows_leaves_room_for_a_short_one(engine):
+    """A request of 8 long rows on a batch of 4 (a slowed base): a 2-token request sent after
+    it is decoded while the long rows still run, not after them (no head-of-line blocking)."""
+    ids = engine.base.tokenizer(PROMPTS[0]).input_ids
+    decoder = Decoder(engine, 4)
+    decoder.eos = None
+    big = object()
+    long = [Generation(engine.tasks["slash"], ids, 40, request=big) for _ in range(8)]
+    short = Generation(engine.tasks["lora"], ids, 2)
+    slow = engine.body.register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    try:
+        for row in long:
+            decoder.submit(row)
+        while not long[0].tokens:
+            time.sleep(0.001)
+        decoder.submit(short)
+        wait_for([short])
+        assert sum(row.done for row in long) == 0  # the short one finished first
+        assert sum(bool(row.tokens) for row in long) == 3  # its share: 3 of the 4 rows
+        wait_for(long)
+    finally:
+        slow.remove()
+        decoder.close()
+
+
+SLOW_SERVE = """
+import runpy, sys, time
+from torch.nn.modules.module import register_module_forward_pre_hook
+# 20 ms a decoding step of the tiny GPT-2, so that a generation is still running at SIGTERM
+register_module_forward_pre_hook(
+    lambda module, args: time.sleep(0.02) if type(module).__name__ == "GPT2Model" else None
+)
+sys.argv = ["microtune", *sys.argv[1:]]
+runpy.run_module("microtune", run_name="__main__")
+"""
+
+
+def test_sigterm_ends_a_long_generation_at_once_with_a_clean_503(tenants, tmp_path):
+    """`microtune serve` (a real process, its base slowed) with a long /v1/completions in
+    flight: SIGTERM makes the server answer it 503 in one line and exit within seconds, with no
+    traceback, instead of waiting for the generation to end."""
+    folder = str(tenants[1]["slash"])
+    command = [sys.executable, "-c", SLOW_SERVE, "serve", "--artifacts", folder, "--port", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(
+        [*command, "--max-new-tokens", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    answers = []
+    try:
+        url = json.loads(process.stdout.readline())["serving"]
+        body = {"model": "slash", "prompt": PROMPTS[0], "max_tokens": 1000}
+        ask = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            )
+        )
+        ask.start()
+        time.sleep(0.5)  # 25 of its 59 steps done
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        ask.join(30)
+        # uvicorn re-raises the signal once it has shut down: the exit says "ended by SIGTERM"
+        assert process.wait(30) in (0, -signal.SIGTERM) and time.monotonic() - started < 5
+    finally:
+        process.kill()
+    assert answers[0].status_code == 503, answers[0].text
+    assert "shutting down" in answers[0].json()["error"]["message"]
+    assert "Traceback" not in process.stderr.read()

@@ -20,7 +20,7 @@ import inspect
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +61,7 @@ class Generation:
     stop: tuple[str, ...] = ()
     sampling: Sampling = Sampling()
     notify: Callable[[Generation], None] = lambda generation: None
+    request: object = None  # the rows of one request share it (the batch's fair shares)
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the decoded tokens, cut before a stop string
     finish_reason: str | None = None  # "stop" (EOS, a stop string) or "length"
@@ -335,14 +336,21 @@ class Decoder:
         self._end_all(self.closing or "stopped")
 
     def _take_waiting(self) -> list[Generation]:
+        """The waiting rows that join now: the requests with the fewest rows decoding first,
+        and none past its share of the batch, so that a request of many long rows leaves room
+        for the requests behind it (no head-of-line blocking by one request)."""
         room = self.max_rows - self.rows() if self.continuous or not self.rows() else 0
+        share = max(1, self.max_rows - self.max_rows // 4)
+        decoding = Counter(request_of(r) for lane in self.lanes.values() for r in lane.rows)
         joining = []
-        while self.waiting and len(joining) < room:
-            generation = self.waiting.popleft()
+        for generation in sorted(self.waiting, key=lambda g: decoding[request_of(g)]):
             if generation.cancelled:
                 generation.notify(generation)
-            else:
+            elif len(joining) < room and decoding[request_of(generation)] < share:
                 joining.append(generation)
+                decoding[request_of(generation)] += 1
+        taken = {id(g) for g in joining}
+        self.waiting = deque(g for g in self.waiting if id(g) not in taken and not g.cancelled)
         return joining
 
     def _join(self, joining: list[Generation]) -> None:
@@ -401,6 +409,11 @@ class Decoder:
             if not row.done:
                 row.error = reason
             row.notify(row)
+
+
+def request_of(generation: Generation) -> int:
+    """The request a row belongs to (a row without one is its own)."""
+    return id(generation.request if generation.request is not None else generation)
 
 
 def lane_key(task: ResidentTask | None) -> Any:

@@ -314,7 +314,7 @@ async def answer(request: Request, body: Sampled, prompts: list, chat: bool):
     watch, stops, context = Watch(), body.stops(), context_size(engine, task)
     rows = [
         Generation(task, p, min(max_tokens or cap, context - len(p)), stops, body.sampling(),
-                   watch.notify)
+                   watch.notify, watch)
         for p in ids
     ]  # fmt: skip
     reply = Reply(request, body, chat, rows)

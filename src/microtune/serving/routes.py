@@ -177,7 +177,10 @@ async def decoded(
     ids = await asyncio.to_thread(prompt_ids, engine, task, prompts)
     positions = getattr(engine.base.model.config, "max_position_embeddings", None) or 1 << 30
     watch = Watch()
-    rows = [Generation(task, p, min(tokens, positions - len(p)), notify=watch.notify) for p in ids]
+    rows = [
+        Generation(task, p, min(tokens, positions - len(p)), notify=watch.notify, request=watch)
+        for p in ids
+    ]
     live = [row for row in rows if row.max_tokens > 0]  # no room left: nothing to continue
     for row in live:
         decoder.submit(row)

@@ -6,6 +6,7 @@ their start, saved as real artifacts: fine for speed and memory, not for quality
 tests/test_openai_server.py's). Every number is measured in this one run, setups interleaved
 round by round, so they compare as ratios on whatever CPU runs it.
 
+    python bench/serve_generate.py exact      # every tenant's greedy text = its own generate
     python bench/serve_generate.py trace      # the server: tokens/s, TTFT, TBT per setup
     python bench/serve_generate.py batch      # one mixed batch: ours vs peft vs swapping
     python bench/serve_generate.py blocking   # p99 TTFT behind a long generation
@@ -39,6 +40,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import clones, live_server, resident_set  # noqa: E402
 
+import microtune  # noqa: E402
 from microtune.artifacts.store import load_artifact, save_artifact  # noqa: E402
 from microtune.backbone.load import fingerprint, load_backbone  # noqa: E402
 from microtune.export.peft import peft_config, peft_tensors  # noqa: E402
@@ -56,7 +58,7 @@ CAUSAL = get_task_type("causal-lm")
 WORDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "sst2" / "train.jsonl"
 
 
-def source_artifact(root: Path, method: str) -> Path:
+def source_artifact(root: Path, method: str, options: dict | None = None) -> Path:
     """One SmolLM2 artifact of `method`, its tensors moved off their start (seeded)."""
     folder = root / f"source-{method}"
     if (folder / "microtune.json").is_file():
@@ -64,7 +66,8 @@ def source_artifact(root: Path, method: str) -> Path:
     backbone, tokenizer = load_backbone(MODEL, "float32", CAUSAL.auto_class)
     base_fingerprint = fingerprint(backbone)
     torch.manual_seed(0)
-    model = TaskModel(backbone, HeadConfig(1, "tokens"), build_method(method), task_type=CAUSAL)
+    method_ = build_method(method, options)
+    model = TaskModel(backbone, HeadConfig(1, "tokens"), method_, task_type=CAUSAL)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for tensor in model.trainable_state().values():
@@ -243,6 +246,45 @@ def swapped_copy(merged_engine, sources: dict, batch) -> int:
     return tokens
 
 
+def exact_bench(args, root: Path) -> dict:
+    """SLaSh, BitFit, HiWi (bias) and LoRA tenants and the bare base in one decoder, every row
+    greedy: does each row's text equal its own artifact's `microtune generate`?"""
+    methods = {"slash": None, "bitfit": {"create_missing_biases": True}, "lora": None,
+               "hiwi": {"variant": "bias"}}  # fmt: skip
+    folders = {m: source_artifact(root, m, o) for m, o in methods.items()}
+    engine = load_many(folders)
+    tokenizer = engine.base.tokenizer
+    texts = [p for p, _ in prompts(args.rows, args.seed, tokenizer)]
+    rows = [(m, t, Generation(engine.tasks[m] if m else None, tokenizer(t).input_ids, 24))
+            for m in [*folders, None] for t in texts]  # fmt: skip
+    steps: list[int] = []
+    decoder = Decoder(engine, len(rows))
+    decoder.observer.step = steps.append
+    for *_, row in rows:
+        decoder.submit(row)
+    while not all(row.done for *_, row in rows):
+        time.sleep(0.01)
+    decoder.close()
+    own = {m: {r["prompt"]: r["response"] for r in microtune.load(f).generate(texts, 24)}
+           for m, f in folders.items()}  # fmt: skip
+    model, _ = load_backbone(MODEL, "float32", CAUSAL.auto_class)
+    own[None] = {t: base_greedy(model, tokenizer, t, 24) for t in texts}
+    same = {str(m): sum(row.text == own[m][t] for n, t, row in rows if n == m) for m in own}
+    return {"rows": len(rows), "rows_per_step_max": max(steps), "equal_rows": same,
+            "of": len(texts)}  # fmt: skip
+
+
+def base_greedy(model, tokenizer, text: str, tokens: int) -> str:
+    """transformers' own greedy `generate` of the bare base."""
+    ids = torch.tensor([tokenizer(text).input_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                         do_sample=False, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    new = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
 def merged_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The body tensors a LoRA task's merge changes, merged (what swapping writes in)."""
     model = load_artifact(folder)[0]
@@ -362,7 +404,7 @@ def memory_bench(args, root: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("trace", "batch", "blocking", "memory"))
+    parser.add_argument("what", choices=("exact", "trace", "batch", "blocking", "memory"))
     parser.add_argument("--root", default="/tmp/microtune-generate-bench", help="artifacts here")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--requests", type=int, default=32, help="requests per trace")
@@ -377,8 +419,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    bench = {"trace": trace_bench, "batch": batch_bench, "blocking": blocking_bench,
-             "memory": memory_bench}[args.what]  # fmt: skip
+    benches = {"exact": exact_bench, "trace": trace_bench, "batch": batch_bench,
+               "blocking": blocking_bench, "memory": memory_bench}  # fmt: skip
+    bench = benches[args.what]
     print(json.dumps(bench(args, root), indent=2))
 
 

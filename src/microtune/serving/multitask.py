@@ -118,6 +118,17 @@ def admitted_task(tasks: Mapping[str, ResidentTask], request: EncodedRequest) ->
     return task
 
 
+def request_pairs(requests: Any) -> list[tuple[str, Any]]:
+    """`predict`'s requests as (task name, inputs) pairs, or one line saying what they must be."""
+    pairs = list(requests) if isinstance(requests, list | tuple) else None
+    if pairs is None or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
+        raise MicrotuneError(
+            "requests must be a list of (task, inputs) pairs, e.g. [('sentiment', ['a text'])]; "
+            f"got {type(requests).__name__}"
+        )
+    return [(str(name), inputs) for name, inputs in pairs]
+
+
 def present_outputs(encoded: Sequence[EncodedRequest], outputs: Sequence) -> list[list]:
     """Each request's outputs as its own task's `predict` records (label names, scores), or
     its inputs' `top_k` best labels."""
@@ -326,6 +337,8 @@ class MultiTaskModel:
         task = self.task(name)
         tuned = task.tuned
         tuned.task_model.task_type.check_predicts()
+        if not isinstance(inputs, str | list | tuple | dict):
+            raise MicrotuneError(f"task '{name}': inputs must be a text or a list of inputs")
         examples = tuned.examples(inputs)
         if not examples:
             raise MicrotuneError("inputs is empty; give at least one input")
@@ -338,12 +351,12 @@ class MultiTaskModel:
     def predict(self, requests: Sequence[tuple[str, Input | Sequence[Input]]]) -> list[list]:
         """(task, inputs) requests → one list of `TunedModel.predict` records per request,
         all rows of every task in as few forward passes as the kinds allow."""
-        encoded = [self.encode(name, inputs) for name, inputs in requests]
+        encoded = [self.encode(name, inputs) for name, inputs in request_pairs(requests)]
         return present_outputs(encoded, self.run(encoded))
 
     def logits(self, requests: Sequence[tuple[str, Input | Sequence[Input]]]) -> list:
         """(task, inputs) requests → the outputs of each request's rows, as `TunedModel.logits`."""
-        return self.run([self.encode(name, inputs) for name, inputs in requests])
+        return self.run([self.encode(name, inputs) for name, inputs in request_pairs(requests)])
 
     @torch.no_grad()
     def run(self, encoded: Sequence[EncodedRequest]) -> list:
@@ -389,7 +402,7 @@ class MultiTaskModel:
         """Greedy continuations for a causal-lm task (its rows alone, its update applied)."""
         task = self.task(name)
         with self.lock, self.tokenizer_lock, self.applied(task, [task.slot]):
-            return task.tuned.generate(list(prompts), max_new_tokens)
+            return task.tuned.generate(prompts, max_new_tokens)  # one text: one prompt
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes each task holds beyond the shared base (head, bias rows, factors, values)."""

@@ -470,3 +470,22 @@ def test_sigterm_ends_a_long_generation_at_once_with_a_clean_503(tenants, tmp_pa
     assert answers[0].status_code == 503, answers[0].text
     assert "shutting down" in answers[0].json()["error"]["message"]
     assert "Traceback" not in process.stderr.read()
+
+
+def test_the_queue_bound_covers_the_openai_routes(engine):
+    """--max-queue 1 and a slowed base: a second request while the first decodes is a 503 in
+    OpenAI's shape with Retry-After (the openai client's own RateLimit/InternalServer error)."""
+    slow = engine.body.register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    body = {"model": "slash", "prompt": PROMPTS[0], "max_tokens": 40}
+    try:
+        with live(engine, max_queue=1) as (http, _):
+            first = threading.Thread(target=lambda: http.post("/v1/completions", json=body))
+            first.start()
+            time.sleep(0.3)
+            second = http.post("/v1/completions", json=body)
+            first.join(30)
+    finally:
+        slow.remove()
+    assert second.status_code == 503 and second.headers["retry-after"] == "1"
+    assert second.json()["error"]["type"] == "server_error"
+    assert "queue is full" in second.json()["error"]["message"]

@@ -107,14 +107,16 @@ async def trace(url: str, names: list[str], items, args, round_: int) -> dict:
         start = last = time.perf_counter()
         try:
             stream = await client.completions.create(
-                model=task, prompt=prompt, max_tokens=length, temperature=0, stream=True
-            )
+                model=task, prompt=prompt, max_tokens=length, temperature=0, stream=True,
+                stream_options={"include_usage": True},
+            )  # fmt: skip
             async for chunk in stream:
                 now = time.perf_counter()
                 if chunk.choices and chunk.choices[0].text:
-                    (between if tokens and last > start else first).append(now - last)
-                    tokens += 1
+                    (between if last > start else first).append(now - last)
                     last = now
+                if chunk.usage is not None:  # the last event: the tokens really decoded
+                    tokens += chunk.usage.completion_tokens
         except openai.OpenAIError:
             errors += 1
 
@@ -247,10 +249,14 @@ def swapped_copy(merged_engine, sources: dict, batch) -> int:
 
 
 def exact_bench(args, root: Path) -> dict:
-    """SLaSh, BitFit, HiWi (bias) and LoRA tenants and the bare base in one decoder, every row
+    """SLaSh, BitFit, LoRA and PaFi tenants and the bare base in one decoder, every row
     greedy: does each row's text equal its own artifact's `microtune generate`?"""
-    methods = {"slash": None, "bitfit": {"create_missing_biases": True}, "lora": None,
-               "hiwi": {"variant": "bias"}}  # fmt: skip
+    methods = {
+        "slash": None,
+        "bitfit": {"create_missing_biases": True},
+        "lora": None,
+        "pafi": None,
+    }  # fmt: skip  (HiWi bias needs FFN biases: Llama has none)
     folders = {m: source_artifact(root, m, o) for m, o in methods.items()}
     engine = load_many(folders)
     tokenizer = engine.base.tokenizer

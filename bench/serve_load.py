@@ -176,7 +176,7 @@ def peft_rows(engine, peft_model, rows: list, names: list[str], mixed: bool) -> 
         hidden = hidden.last_hidden_state
         for position, i in enumerate(group):
             task = engine.tasks[names[i]]
-            found[i] = engine.head_outputs([task], hidden, None, inputs, [position])[0]
+            found[i] = engine.heads.head_outputs([task], hidden, None, inputs, [position])[0]
     return found
 
 

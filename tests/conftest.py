@@ -233,6 +233,15 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+def error_lines(err: str) -> list[str]:
+    """stderr's lines without the status lines a command shows while it loads ("microtune:
+    loading base model …", `eval` and `predict`): a refusal is then one line."""
+    return [line for line in err.strip().splitlines() if not line.startswith(STATUS_LINE)]
+
+
+STATUS_LINE = "microtune: loading "
+
+
 def tiny_batch(tokenizer, pair: bool = False):
     texts = ["the film is good", "a very dull plot , not fun", "love it", "the worst movie"]
     seconds = ["it was great", "bad", "the story is fun and good", "hate"] if pair else None

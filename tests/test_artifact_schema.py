@@ -25,7 +25,7 @@ from microtune.model import HeadConfig, TaskModel
 from microtune.tasks.examples import task_record
 from microtune.tasks.spec import get_task
 
-from .conftest import tiny_batch
+from .conftest import error_lines, tiny_batch
 
 PRIVACY = {"epsilon": 7.9, "delta": 1e-5, "sigma": 1.1, "clip": 1.0, "steps": 3, "noise_seed": 5}
 
@@ -429,7 +429,8 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def assert_one_line_error(code, err, *fragments):
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("microtune: error: "), err
+    assert len(error_lines(err)) == 1 and err.endswith("\n"), err
+    assert error_lines(err)[0].startswith("microtune: error: "), err
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, err

@@ -13,14 +13,16 @@ from safetensors.torch import load_file
 from microtune.cli import build_parser, main
 from microtune.methods import METHODS
 
+from .conftest import error_lines
+
 
 def error_of(capsys, argv):
     code = main(argv)
-    err = capsys.readouterr().err.strip()
+    lines = error_lines(capsys.readouterr().err)
     assert code == 2
-    assert "\n" not in err and "Traceback" not in err
-    assert err.startswith("microtune: error: ")
-    return err
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert lines[0].startswith("microtune: error: ")
+    return lines[0]
 
 
 def test_train_help_documents_every_option():

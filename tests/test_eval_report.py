@@ -1,15 +1,19 @@
-"""`microtune eval`'s report: a progress bar over the evaluation's batches (at the end of
-training too), per-class numbers and the confusion matrix for classification, in the JSON and
-as a table."""
+"""`microtune eval`'s report: a status line while it loads (`predict` too), a progress bar
+over the evaluation's batches (at the end of training too), per-class numbers and the confusion
+matrix for classification, in the JSON and as a table."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from sklearn.metrics import classification_report, confusion_matrix
 
 import microtune
+from microtune import __main__ as entry_point
 from microtune import api
-from microtune.cli import main
+from microtune.cli import main, predict
+from microtune.cli.parser import parse
 from microtune.tasks.metrics import per_class_report
 from microtune.tasks.spec import DataSource
 from microtune.training.config import TrainConfig
@@ -99,6 +103,59 @@ def test_eval_shows_a_bar_over_its_batches_unless_no_progress(artifact, toy_file
     assert main(["eval", "--artifact", str(artifact), "--dev-file", dev, "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "evaluate" not in err and "confusion matrix" in err
+
+
+def base_model_line(artifact) -> str:
+    name = json.loads((artifact / "microtune.json").read_text())["base_model"]["name"]
+    return f"microtune: loading base model {name}…"
+
+
+def test_eval_says_what_it_loads_before_its_bar_and_keeps_stdout_json(artifact, toy_files, capsys):
+    dev = str(toy_files / "dev.jsonl")
+    assert main(["eval", "--artifact", str(artifact), "--dev-file", dev]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["accuracy"] is not None  # stdout is the JSON object alone
+    assert err.splitlines()[0] == base_model_line(artifact)  # first, then the bar
+    assert err.index("evaluate:") > len(base_model_line(artifact))
+    assert main(["eval", "--artifact", str(artifact), "--dev-file", dev, "--no-progress"]) == 0
+    assert "loading" not in capsys.readouterr().err
+
+
+def test_the_script_shows_the_line_once_before_its_heavy_imports(
+    artifact, toy_files, capsys, monkeypatch
+):
+    dev = str(toy_files / "dev.jsonl")
+    monkeypatch.setattr(
+        sys, "argv", ["microtune", "eval", "--artifact", str(artifact), "--dev-file", dev]
+    )
+    assert entry_point.entry() == 0
+    out, err = capsys.readouterr()
+    json.loads(out)
+    assert err.count("microtune: loading base model") == 1
+    # What entry() runs before importing torch and transformers needs neither of them.
+    code = (
+        "import sys; from microtune.cli.app import announce; from microtune.cli.parser import "
+        f"parse; announce(parse(['eval', '--artifact', {str(artifact)!r}])); "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    assert done.stderr.strip() == base_model_line(artifact)
+
+
+def test_predict_says_what_it_loads_on_stderr_only(artifact, tmp_path, capsys):
+    texts = tmp_path / "in.txt"
+    texts.write_text("a fine film\na dull one\n")
+    assert main(["predict", "--artifact", str(artifact), "--input", str(texts)]) == 0
+    out, err = capsys.readouterr()
+    assert [set(json.loads(line)) for line in out.splitlines()] == [{"label", "score"}] * 2
+    assert err.splitlines() == [base_model_line(artifact)]
+    assert main(["predict", "--artifact", str(tmp_path / "none"), "--input", str(texts)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"microtune: loading artifact {tmp_path / 'none'} and its base model…"
+    assert err[1].startswith("microtune: error:")
+    exported = parse(["predict", "--model-folder", "exports/sst2"])
+    assert predict.status(exported) == "loading export folder exports/sst2…"
 
 
 def test_the_end_of_training_evaluation_has_its_own_bar(

@@ -10,7 +10,8 @@ three outcomes:
 1. the exit code: 2 for a refusal, 130 for Ctrl-C, 0 for what must succeed;
 2. stderr: for a refusal exactly one line starting with "microtune: error:" (so no traceback
    and no "internal error"), for Ctrl-C one line starting with "microtune: interrupted", for a
-   success no error at all;
+   success no error at all; the status line `eval` and `predict` show while they load
+   ("microtune: loading base model …") may come first;
 3. the files: every file of the workspace and of the base model's folder is byte-identical
    afterwards and nothing new exists anywhere, except what a success writes into the --output
    it was given (where only microtune's own files may change) and the log a stopped run keeps.
@@ -45,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from microtune import cli
 from microtune.artifacts.store import config_sha256
 from microtune.common.manifest import seal_record
+from tests.conftest import error_lines
 from tests.test_causal_lm import make_causal_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1489,7 +1491,7 @@ def run_case(case: Case, ws: Workspace, capfd, monkeypatch) -> None:
     after = snapshot(ws.root, ws.base)
 
     # 1. the exit code; 2. stderr
-    lines = err.strip().splitlines()
+    lines = error_lines(err)
     assert code == case.code, (code, err[-3000:])
     if case.code == 2:
         assert len(lines) == 1 and lines[0].startswith("microtune: error:"), err[-3000:]

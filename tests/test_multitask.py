@@ -335,3 +335,14 @@ def test_load_many_takes_any_iterable_of_folders_but_not_one_path(artifacts):
         with pytest.raises(MicrotuneError, match="not one path") as refused:
             load_many(one)
         assert "\n" not in str(refused.value) and "pass [" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "requests",
+    ["slash", None, {"slash": ["a"]}, [("slash",)], [("slash", ["a"], 1)], [("slash", 5)]],
+)
+def test_a_malformed_request_is_one_line_not_a_raw_error(engine, requests):
+    for call in (engine.predict, engine.logits):
+        with pytest.raises(MicrotuneError, match="must be") as refused:
+            call(requests)
+        assert "\n" not in str(refused.value)

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,8 +26,9 @@ from microtune.serving.multitask import load_many
 from microtune.tasks.spec import DataSource
 from microtune.training.config import TrainConfig
 
+from .conftest import WORDS
 from .test_causal_lm import copy_rows, make_causal_model, write_jsonl
-from .test_multitask import train
+from .test_multitask import train, write_rows
 
 TASKS = {
     "slash": ("sst2", "slash", {}),
@@ -327,7 +329,7 @@ def test_fields_the_server_does_not_honour_are_refused_by_name(engine):
             ({"task": "slash", "prompts": ["a"], "temperature": 0.7}, '"temperature"'),
             ({"task": "slash", "prompts": ["a"], "stream": True}, '"stream"'),
         ],
-        "/v1/predict": [({"task": "slash", "inputs": ["fun"], "top_k": 3}, '"top_k"')],
+        "/v1/predict": [({"task": "slash", "inputs": ["fun"], "raw_scores": True}, '"raw_scores"')],
         "/v1/tasks": [({"path": "slash", "name": "x", "force": True}, '"force"')],
     }
     with live(engine) as (client, _):
@@ -426,3 +428,116 @@ def test_a_client_gone_mid_body_leaves_no_traceback_in_the_log(engine, capfd):
         )
     err = capfd.readouterr().err
     assert "Traceback" not in err and "ClientDisconnect" not in err, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory, tiny_model_dirs):
+    """A classification task of three labels, a regression and a token task, on one base."""
+    folder = tmp_path_factory.mktemp("ranked")
+    rng, rows = random.Random(3), []
+    for _ in range(64):
+        words = rng.sample(WORDS, 5)
+        count = sum(w in ("good", "great", "fun", "love", "best") for w in words)
+        rows.append({"text": " ".join(words), "label": ("none", "one", "many")[min(count, 2)]})
+    files = write_rows(folder / "data" / "topic", rows)
+    api.train(
+        "classification",
+        "slash",
+        folder / "topic",
+        model=ModelOptions(name=str(tiny_model_dirs["bert"]), device="cpu", max_length=32),
+        data=DataSource(train_file=files / "train.jsonl", dev_file=files / "dev.jsonl"),
+        train_config=TrainConfig(max_steps=8, batch_size=8, eval_every=0, progress=False,
+                                 learning_rate=0.05),
+    )  # fmt: skip
+    model_dir = tiny_model_dirs["bert"]
+    train(folder, model_dir, "stsb", "regression", "slash", {})
+    train(folder, model_dir, "ner", "token-classification", "slash", {})
+    return {name: folder / name for name in ("topic", "stsb", "ner")}
+
+
+def test_top_k_ranks_every_labels_score_best_first(ranked):
+    inputs = [*TEXTS, {"text": "love it , great fun"}]
+    model = microtune.load(ranked["topic"])
+    probabilities, names = model.logits(inputs).softmax(-1), model.label_names
+    assert len(names) == 3
+    with live(load_many(ranked)) as (client, _):
+        body = {"task": "topic", "inputs": inputs}
+        plain = client.post("/v1/predict", json=body).json()["outputs"]
+        ranks = {k: client.post("/v1/predict", json={**body, "top_k": k}) for k in (1, 2, None)}
+    for k, answer in ranks.items():
+        assert answer.status_code == 200, answer.text
+        for row, (labels, best) in enumerate(zip(answer.json()["outputs"], plain, strict=True)):
+            order = probabilities[row].argsort(descending=True)[: k or 3].tolist()
+            assert [x["label"] for x in labels] == [names[i] for i in order]  # best first
+            want = probabilities[row][order].tolist()
+            assert [x["score"] for x in labels] == pytest.approx(want, abs=1e-5)
+            assert labels[0] == best  # the first is the answer without top_k, exactly
+    assert sorted(x["label"] for x in ranks[None].json()["outputs"][0]) == sorted(names)
+
+
+def test_top_k_out_of_range_or_on_a_task_without_labels_is_a_422(ranked):
+    refused = [
+        ({"task": "topic", "top_k": 0}, '"top_k": Input should be greater than or equal to 1'),
+        ({"task": "topic", "top_k": 4}, '"top_k" must be 1 to 3'),
+        ({"task": "topic", "top_k": True}, '"top_k"'),
+        ({"task": "topic", "top_k": "all"}, '"top_k"'),
+        ({"task": "topic", "top_k": 1.5}, '"top_k"'),
+        ({"task": "stsb", "top_k": 1}, "a regression task has no labels to rank"),
+        ({"task": "ner", "top_k": None}, "a token-classification task has no labels to rank"),
+    ]
+    with live(load_many(ranked)) as (client, _):
+        for body, says in refused:
+            answer = client.post("/v1/predict", json={"inputs": [["love", "it"]], **body})
+            assert answer.status_code == 422, (body, answer.text)
+            assert says in answer.json()["error"] and "\n" not in answer.json()["error"], body
+        # Without top_k, a regression's and a token task's records are answered as they are.
+        for name, inputs in (("stsb", ["love it"]), ("ner", [["love", "it"]])):
+            answer = client.post("/v1/predict", json={"task": name, "inputs": inputs})
+            assert answer.status_code == 200, answer.text
+            (got,), (want,) = answer.json()["outputs"], microtune.load(ranked[name]).predict(inputs)
+            assert got.keys() == want.keys() and got.get("tags") == want.get("tags"), got
+            assert got.get("score", 0) == pytest.approx(want.get("score", 0), abs=1e-5)
+
+
+ROUTES = {  # (path, method): (request body, answer, its status)
+    ("/v1/predict", "post"): ("PredictRequest", "PredictResponse", "200"),
+    ("/v1/generate", "post"): ("GenerateRequest", "GenerateResponse", "200"),
+    ("/v1/tasks", "get"): (None, "TaskList", "200"),
+    ("/v1/tasks", "post"): ("LoadTaskRequest", "TaskInfo", "201"),
+    ("/v1/tasks/{name}", "delete"): (None, "Deleted", "200"),
+    ("/health", "get"): (None, "Health", "200"),
+    ("/ready", "get"): (None, "Ready", "200"),
+}
+
+
+def refs(value):
+    """Every "$ref" in a JSON document."""
+    if isinstance(value, dict):
+        yield from ([value["$ref"]] if "$ref" in value else [])
+        for item in value.values():
+            yield from refs(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from refs(item)
+
+
+def test_openapi_names_every_routes_request_and_answer_and_docs_show_them(engine):
+    with live(engine) as (client, _):
+        schema = client.get("/openapi.json").json()
+        docs = client.get("/docs")
+    models = schema["components"]["schemas"]
+    for (path, method), (request, answer, status) in ROUTES.items():
+        operation = schema["paths"][path][method]
+        if request is not None:
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            assert body["$ref"] == f"#/components/schemas/{request}", path
+            assert models[request]["additionalProperties"] is False  # unknown fields refused
+        content = operation["responses"][status]["content"]["application/json"]["schema"]
+        assert content["$ref"] == f"#/components/schemas/{answer}", path
+    assert {"task", "inputs", "top_k"} == set(models["PredictRequest"]["properties"])
+    assert schema["paths"]["/ready"]["get"]["responses"]["503"]["content"]["application/json"][
+        "schema"
+    ]["$ref"].endswith("/ErrorBody")
+    missing = {ref for ref in refs(schema) if ref.split("/")[-1] not in models}
+    assert not missing  # every model a route names is in the document
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()

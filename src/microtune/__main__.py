@@ -22,10 +22,12 @@ def entry() -> int:
     previous = signal.signal(signal.SIGINT, _interrupted_during_start_up)
     try:
         from microtune.cli import main
+        from microtune.cli.app import announce
         from microtune.cli.commands import COMMANDS
         from microtune.cli.parser import parse
 
         args = parse(sys.argv[1:])  # --help, --version and argparse's errors exit here
+        announce(args)  # before the imports below: they take seconds
         # The command's heavy modules, imported while the handler holds: a Ctrl-C inside their
         # (lazy, torch-touching) imports is swallowed like the one above.
         for module in COMMANDS[args.command].preload:

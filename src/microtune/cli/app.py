@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 
 from microtune.cli.commands import COMMANDS
 from microtune.cli.parser import parse
+from microtune.common.progress import status
 from microtune.errors import MicrotuneError
 
 INTERRUPTED = "microtune: interrupted; `train --resume` continues from the last checkpoint"
@@ -26,6 +27,14 @@ OS_FIXES = {
     errno.ENOTDIR: "a parent of this path is a file; choose another path",
     errno.EISDIR: "this path is a folder; name a file",
 }
+
+
+def announce(args: argparse.Namespace) -> None:
+    """The command's status line on stderr (`Command.status`), shown before its slow start."""
+    message_of = COMMANDS[args.command].status
+    message = message_of(args) if message_of else None
+    if message:
+        status(message)
 
 
 def dispatch(args: argparse.Namespace) -> Any:
@@ -83,14 +92,18 @@ def print_result(result: Any) -> None:
 
 
 def main(argv: list[str] | None = None, *, parsed: argparse.Namespace | None = None) -> int:
-    """Run the CLI (on `argv`, or on options `parsed` already); user errors exit 2 with one
-    line, Ctrl-C exits 130, nothing prints a traceback unless MICROTUNE_DEBUG=1 (an unexpected
-    one exits 1 and asks for a report)."""
+    """Run the CLI (on `argv`, or on options `parsed` already, whose status line `entry` has
+    shown before its imports); user errors exit 2 with one line, Ctrl-C exits 130, nothing
+    prints a traceback unless MICROTUNE_DEBUG=1 (an unexpected one exits 1 and asks for a
+    report)."""
     debug = os.environ.get("MICROTUNE_DEBUG", "") not in ("", "0")
     if not debug:
         warnings.formatwarning = _one_line_warning  # a warning is one line too
     try:
-        result = run(argv) if parsed is None else dispatch(parsed)
+        if parsed is None:
+            parsed = parse(argv)
+            announce(parsed)
+        result = dispatch(parsed)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130

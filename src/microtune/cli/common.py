@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
+from pathlib import Path
 
+from microtune.common.files import CONFIG_FILE
 from microtune.errors import MicrotuneError
 
 ARTIFACT_HELP = "artifact folder, or hub repo id owner/name[@revision] (fetched when online)"
@@ -19,6 +22,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:  # `in` would also hide 0
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def loading_message(artifact: str, model: str | None) -> str:
+    """What `eval` and `predict` say while they start: the base model they load (`--model`,
+    else the one the artifact's microtune.json names, read without the heavy stack and without
+    checks: the loader refuses a bad artifact in its own words, after this line)."""
+    name = model or recorded_base_model(artifact)
+    if name is None:  # a hub id not fetched yet, or no artifact there
+        return f"loading artifact {artifact} and its base model…"
+    return f"loading base model {name}…"
+
+
+def recorded_base_model(artifact: str) -> str | None:
+    """The base model's name in a local artifact's microtune.json, or None."""
+    try:
+        config = json.loads((Path(artifact) / CONFIG_FILE).read_text(encoding="utf-8"))
+        name = config["base_model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def comma_list(text: str) -> tuple[str, ...]:

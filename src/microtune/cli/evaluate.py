@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from microtune.cli.common import ARTIFACT_HELP, MODEL_HELP, add_data_options
+from microtune.cli.common import ARTIFACT_HELP, MODEL_HELP, add_data_options, loading_message
 from microtune.tasks.spec import TASKS, DataSource
 
 
@@ -24,6 +24,11 @@ def add(commands) -> None:
         "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
     )
     add_data_options(evaluate, training=False)
+
+
+def status(args: argparse.Namespace) -> str | None:
+    """The line shown while eval loads, before its bar (none with --no-progress)."""
+    return loading_message(args.artifact, args.model) if args.progress else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

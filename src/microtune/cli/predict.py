@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from microtune.cli.common import ARTIFACT_HELP, MODEL_HELP, comma_list, read_inputs
+from microtune.cli.common import (
+    ARTIFACT_HELP,
+    MODEL_HELP,
+    comma_list,
+    loading_message,
+    read_inputs,
+)
 from microtune.errors import MicrotuneError
 
 
@@ -41,6 +47,13 @@ def add(commands) -> None:
     )
     predict.add_argument("--model", help=MODEL_HELP)
     predict.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
+
+
+def status(args: argparse.Namespace) -> str:
+    """The line shown while predict loads (standard output holds only the predictions)."""
+    if args.model_folder:
+        return f"loading export folder {args.model_folder}…"
+    return loading_message(args.artifact, args.model)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

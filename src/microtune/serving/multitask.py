@@ -96,13 +96,15 @@ class EncodedRequest:
     """One request's inputs checked and tokenised for its task (so a bad input fails before
     it joins a batch), bound to the exact task it was admitted for (`resident`): if that task is
     deleted, reloaded or replaced under the same name before the request runs, it is refused
-    (`admitted_task`), never answered by another task."""
+    (`admitted_task`), never answered by another task. `top_k`: each input's answer is its k
+    most probable labels, best first (`TaskType.rank`), instead of the best one."""
 
     task: str
     examples: list[Example]
     rows: list[Encoded]
     labels: list[Any]
     resident: ResidentTask
+    top_k: int | None = None
 
 
 def admitted_task(tasks: Mapping[str, ResidentTask], request: EncodedRequest) -> ResidentTask:
@@ -116,13 +118,30 @@ def admitted_task(tasks: Mapping[str, ResidentTask], request: EncodedRequest) ->
     return task
 
 
+def request_pairs(requests: Any) -> list[tuple[str, Any]]:
+    """`predict`'s requests as (task name, inputs) pairs, or one line saying what they must be."""
+    pairs = list(requests) if isinstance(requests, list | tuple) else None
+    if pairs is None or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
+        raise MicrotuneError(
+            "requests must be a list of (task, inputs) pairs, e.g. [('sentiment', ['a text'])]; "
+            f"got {type(requests).__name__}"
+        )
+    return [(str(name), inputs) for name, inputs in pairs]
+
+
 def present_outputs(encoded: Sequence[EncodedRequest], outputs: Sequence) -> list[list]:
-    """Each request's outputs as its own task's `predict` records (label names, scores)."""
+    """Each request's outputs as its own task's `predict` records (label names, scores), or
+    its inputs' `top_k` best labels."""
     results = []
     for request, output in zip(encoded, outputs, strict=True):
         tuned = request.resident.tuned
-        present = tuned.task_model.task_type.present
-        results.append(present(output, tuned.label_names, request.examples, request.labels))
+        task_type = tuned.task_model.task_type
+        if request.top_k is not None:
+            results.append(task_type.rank(output, tuned.label_names, request.top_k))
+        else:
+            results.append(
+                task_type.present(output, tuned.label_names, request.examples, request.labels)
+            )
     return results
 
 
@@ -210,7 +229,14 @@ class MultiTaskModel:
         finally:
             for parameter in self.base.model.parameters():
                 parameter.requires_grad_(False)
-        task.resident_bytes += tensor_bytes(list(task_model.head.parameters()))
+        # A causal LM's head is the base's own LM head: the base's bytes, not the task's; its
+        # method is gone (above), so nothing substitutes the embedding the head watches.
+        stop_watching = getattr(task_model.head, "stop_watching", None)
+        if stop_watching is not None:
+            stop_watching()
+        shared = {id(p) for p in self.base.model.parameters()}
+        own = [p for p in task_model.head.parameters() if id(p) not in shared]
+        task.resident_bytes += tensor_bytes(own)
         if head_family(task_model)[0] == "rows":
             self._take_head(task, task_model, config)
         return task
@@ -288,12 +314,17 @@ class MultiTaskModel:
         """Within: the base computes with the task's update for rows of these task slots (for a
         "bias" or "lora" task any mix of such tasks' slots; one slot: for batches of any size)."""
         if task.kind in SHARED:
-            return self.rows.rows_of(slots, self._next_slot)
+            return self.rows.rows_of(slots, self.next_slot)
         if task.swap is not None:
             return swapped_in(task.swap)
         return contextlib.nullcontext()
 
     # -- serving --------------------------------------------------------------------------
+
+    @property
+    def next_slot(self) -> int:
+        """Every loaded task's slot is below it (the row tables' size)."""
+        return self._next_slot
 
     def task(self, name: str) -> ResidentTask:
         task = self.tasks.get(name)
@@ -306,6 +337,8 @@ class MultiTaskModel:
         task = self.task(name)
         tuned = task.tuned
         tuned.task_model.task_type.check_predicts()
+        if not isinstance(inputs, str | list | tuple | dict):
+            raise MicrotuneError(f"task '{name}': inputs must be a text or a list of inputs")
         examples = tuned.examples(inputs)
         if not examples:
             raise MicrotuneError("inputs is empty; give at least one input")
@@ -318,16 +351,12 @@ class MultiTaskModel:
     def predict(self, requests: Sequence[tuple[str, Input | Sequence[Input]]]) -> list[list]:
         """(task, inputs) requests → one list of `TunedModel.predict` records per request,
         all rows of every task in as few forward passes as the kinds allow."""
-        encoded = [self.encode(name, inputs) for name, inputs in requests]
-        return self.present(encoded, self.run(encoded))
+        encoded = [self.encode(name, inputs) for name, inputs in request_pairs(requests)]
+        return present_outputs(encoded, self.run(encoded))
 
     def logits(self, requests: Sequence[tuple[str, Input | Sequence[Input]]]) -> list:
         """(task, inputs) requests → the outputs of each request's rows, as `TunedModel.logits`."""
-        return self.run([self.encode(name, inputs) for name, inputs in requests])
-
-    def present(self, encoded: Sequence[EncodedRequest], outputs: Sequence) -> list[list]:
-        """Each request's outputs as its task's `predict` records (label names, scores)."""
-        return present_outputs(encoded, outputs)
+        return self.run([self.encode(name, inputs) for name, inputs in request_pairs(requests)])
 
     @torch.no_grad()
     def run(self, encoded: Sequence[EncodedRequest]) -> list:
@@ -373,11 +402,7 @@ class MultiTaskModel:
         """Greedy continuations for a causal-lm task (its rows alone, its update applied)."""
         task = self.task(name)
         with self.lock, self.tokenizer_lock, self.applied(task, [task.slot]):
-            return task.tuned.generate(list(prompts), max_new_tokens)
-
-    def head_outputs(self, tasks: list[ResidentTask], hidden, pooled, inputs, positions):
-        """Each row's own head on its features (`HeadTables.head_outputs`)."""
-        return self.heads.head_outputs(tasks, hidden, pooled, inputs, positions)
+            return task.tuned.generate(prompts, max_new_tokens)  # one text: one prompt
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes each task holds beyond the shared base (head, bias rows, factors, values)."""
@@ -464,4 +489,5 @@ __all__ = [
     "admitted_task",
     "join_kind",
     "load_many",
+    "present_outputs",
 ]

@@ -190,6 +190,19 @@ class TaskType(abc.ABC):
         """One JSON-able prediction per input (what `microtune predict` prints); `labels` are
         the encoded placeholders of the inputs (where per-token types read their words)."""
 
+    def check_ranks(self) -> None:
+        """Refuse `rank` before any work where the type has no one distribution over labels
+        per input (only classification has)."""
+        raise MicrotuneError(f"a {self.name} task has no labels to rank (classification has)")
+
+    def rank(
+        self, outputs: Outputs, label_names: Sequence[str], k: int
+    ) -> list[list[dict[str, Any]]]:
+        """Per input, its `k` most probable labels, {"label", "score"} each, best first (the
+        server's `top_k`)."""
+        self.check_ranks()
+        raise NotImplementedError(f"{type(self).__name__}.rank")
+
     def check_predicts(self) -> None:  # noqa: B027 (a hook: most types predict)
         """Refuse `predict` before any work where the type has no labels to present (a causal
         LM generates instead)."""

@@ -63,8 +63,17 @@ class LMHead(nn.Module):
         # The embedding's weight in the latest forward pass, where it is not `linear.weight`
         # (a plain dict: a substituted tensor must not register as a parameter).
         self._substituted: dict[str, torch.Tensor] = {}
+        self._watch = None
         if embedding is not None and getattr(embedding, "weight", None) is linear.weight:
-            embedding.register_forward_pre_hook(self._see_embedding)
+            self._watch = embedding.register_forward_pre_hook(self._see_embedding)
+
+    def stop_watching(self) -> None:
+        """Remove the hook on the shared embedding: for a head of a task that never substitutes
+        the embedding, served beside many others on one base (each hook would run in every pass
+        of the base, and hold this head, for as long as the base lives)."""
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
 
     def _see_embedding(self, module: nn.Module, args: Any) -> None:
         self._substituted.clear()
@@ -334,10 +343,9 @@ class CausalLM(TaskType):
     def check_generates(self) -> None:
         """It generates."""
 
-    def generate(self, task_model, tokenizer, prompts, max_new_tokens, batch_size, max_length):
-        """Greedy continuations: each prompt encoded as in training (with the tokenizer's special
-        tokens, cut to `max_length`), then up to `max_new_tokens` tokens until EOS. Merged or
-        not, the tokens are the same (`greedy_generate`)."""
+    def encode_prompts(self, tokenizer, prompts, max_length: int) -> list[list[int]]:
+        """Prompts as generation reads them (`generate`, the server's decoder): with the
+        tokenizer's special tokens, cut to `max_length`; an empty prompt refused."""
         encoded = tokenizer(list(prompts), add_special_tokens=True).input_ids
         encoded = [ids[:max_length] for ids in encoded]
         # An empty prompt: nothing to continue (and no token at all where no BOS is added)
@@ -345,6 +353,13 @@ class CausalLM(TaskType):
         empty = next((n for n, (p, ids) in pairs if not (p.strip() and ids)), None)
         if empty is not None:
             raise MicrotuneError(f"prompt {empty} is empty; give some text to continue")
+        return encoded
+
+    def generate(self, task_model, tokenizer, prompts, max_new_tokens, batch_size, max_length):
+        """Greedy continuations: each prompt encoded as in training (with the tokenizer's special
+        tokens, cut to `max_length`), then up to `max_new_tokens` tokens until EOS. Merged or
+        not, the tokens are the same (`greedy_generate`)."""
+        encoded = self.encode_prompts(tokenizer, prompts, max_length)
         answers = greedy_generate(
             task_model,
             encoded,

@@ -173,6 +173,17 @@ class SequenceClassification(SequenceTaskType):
             for i, s in zip(indices.tolist(), scores, strict=True)
         ]
 
+    def check_ranks(self) -> None:
+        """Its outputs are one distribution over the labels per input."""
+
+    def rank(self, outputs: Outputs, label_names, k: int):
+        probabilities = torch.from_numpy(outputs).softmax(-1)
+        scores, indices = probabilities.topk(min(k, probabilities.shape[-1]), dim=-1)
+        return [
+            [{"label": label_names[i], "score": s} for i, s in zip(row, row_scores, strict=True)]
+            for row, row_scores in zip(indices.tolist(), scores.tolist(), strict=True)
+        ]
+
 
 class Regression(SequenceTaskType):
     """One number per example (one head output), mean squared error."""

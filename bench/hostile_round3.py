@@ -54,6 +54,7 @@ def microtune(args: str | list[str], cwd: Path, env: dict | None = None) -> Outc
     except subprocess.TimeoutExpired:
         return "timeout", f"still running after {TIMEOUT} s (killed)", TIMEOUT
     err = done.stderr.decode(errors="replace").strip().splitlines()
+    err = [line for line in err if not line.startswith("microtune: loading ")]  # status lines
     out = done.stdout.decode(errors="replace").strip().splitlines()
     line = err[0] if err else f"(stdout: {len(out)} lines) {out[0][:80] if out else ''}"
     return str(done.returncode), line, time.perf_counter() - start
@@ -280,10 +281,13 @@ def row(bullet: str, code: str, line: str, seconds: float, same: bool) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running: a zombie is dead once its last thread has gone."""
     try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+        threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
+    return "\nState:\tZ" not in status or threads != [str(pid)]
 
 
 def torchrun_killed(sources: dict) -> tuple[str, str, str, float, bool]:

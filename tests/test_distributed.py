@@ -307,12 +307,14 @@ def _workers(launcher: subprocess.Popen) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper is dead)."""
+    """Running: a zombie waiting for its reaper is dead once its last thread has gone (the
+    leader turns zombie first, while the others still hold the process's files)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
+        threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
-    return "\nState:\tZ" not in status
+    return "\nState:\tZ" not in status or threads != [str(pid)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
@@ -352,7 +354,7 @@ def test_workers_die_with_a_killed_launcher_and_free_the_output(
         while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [pid for pid in workers if _alive(pid)], "workers outlived their launcher"
-        lock = FileLock(output / ".microtune.lock", timeout=0)
+        lock = FileLock(output / ".microtune.lock", timeout=10)
         lock.acquire()  # the folder is free: no orphan holds it
         lock.release()
         assert not (output / "adapter.safetensors").exists()

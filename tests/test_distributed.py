@@ -300,6 +300,73 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_bit_for_bit(runs, cap
     assert _losses(root / "killed") == _losses(root / "two")
 
 
+def _workers(launcher: subprocess.Popen) -> list[int]:
+    """The launcher's worker processes (its children), by PID."""
+    path = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running: a zombie waiting for its reaper is dead once its last thread has gone (the
+    leader turns zombie first, while the others still hold the process's files)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status or threads != [str(pid)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_workers_die_with_a_killed_launcher_and_free_the_output(
+    tiny_model_dirs, toy_files, tmp_path
+):
+    """SIGKILL to torchrun's whole process group (a closed terminal, a killed job): the workers,
+    each in a session of its own, die with it within seconds instead of training on unseen with
+    the output folder's lock held; nothing is published, and the folder is free again."""
+    from filelock import FileLock
+
+    output = tmp_path / "run"
+    args = _train_args(tiny_model_dirs["bert"], toy_files, output, 4)
+    args[args.index("--max-steps") + 1] = "1000000"  # far longer than the test waits
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    launcher += ["--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m", "microtune"]
+    process = subprocess.Popen(
+        [*launcher, *args],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as a shell job's
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (output / "checkpoint.safetensors").is_file():  # both ranks are training
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        workers = _workers(process)
+        assert len(workers) == 2
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if _alive(pid)], "workers outlived their launcher"
+        lock = FileLock(output / ".microtune.lock", timeout=10)
+        lock.acquire()  # the folder is free: no orphan holds it
+        lock.release()
+        assert not (output / "adapter.safetensors").exists()
+    finally:
+        for pid in workers:  # without the fix: the orphans, ended here
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def test_a_plain_run_with_stale_launcher_variables_stops_soon_saying_what_to_unset(
     tiny_model_dirs, toy_files, tmp_path
 ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 
@@ -226,6 +227,18 @@ def test_a_private_federation_resumes_only_with_its_planned_rounds(
     assert FederationServer(dataclasses.replace(spec, resume=True), tmp_path).start_state()
 
 
+class FlowerLog(logging.Handler):
+    """What Flower logs during a test (its own console handler writes to a stream pytest's
+    capture fixtures may not see)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_client_level_dp_from_the_command_line(tiny_model_dirs, toy_files, tmp_path, capsys):
     output = tmp_path / "dp"
     argv = ["federate", "--task", "sst2", "--method", "slash", "--d", "8", "--output", str(output)]
@@ -238,8 +251,15 @@ def test_client_level_dp_from_the_command_line(tiny_model_dirs, toy_files, tmp_p
     argv += ["--dev-file", str(toy_files / "dev.jsonl"), "--clients", "4", "--clients-per-round"]
     argv += ["2", "--rounds", "3", "--local-steps", "3", "--batch-size", "8", "--no-progress"]
     argv += ["--client-dp-epsilon", "8", "--client-dp-delta", "1e-3", "--workers", "2"]
-    assert main(argv) == 0
+    flower = FlowerLog()
+    logging.getLogger("flwr").addHandler(flower)
+    try:
+        assert main(argv) == 0
+    finally:
+        logging.getLogger("flwr").removeHandler(flower)
     capsys.readouterr()
+    # No deprecation notice for Flower's run_simulation (issue 32): users cannot act on it.
+    assert not [m for m in flower.messages if "deprecated" in m.lower()], flower.messages
     rounds = [json.loads(line) for line in (output / LOG_FILE).read_text().splitlines()]
     spent = [r["epsilon"] for r in rounds]
     assert spent == sorted(spent) and 0 < spent[0] < spent[-1] <= 8.0

@@ -1,4 +1,4 @@
-"""Hostile and careless input (issues 12 and 23): one table of cases, one uniform assertion.
+"""Hostile and careless input (issues 12, 23 and 32): one table of cases, one uniform assertion.
 
 Every case runs the real command line (`microtune.cli.main` in process; a subprocess where a
 signal is the point, or where a regression could hang in C code or eat the machine's memory:
@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from microtune import cli
 from microtune.artifacts.store import config_sha256
+from microtune.common.manifest import seal_record
 from tests.conftest import error_lines
 from tests.test_causal_lm import make_causal_model
 
@@ -68,9 +69,11 @@ KINDS = {
     "serve": "microtune serve misuse: artifacts, artifact root, port, option values",
     "federate": "microtune federate misuse: clients, rounds, alpha, method, task",
     "http": "the server's malformed and oversized requests (HTTP_CASES, one live server)",
+    "export": "export folders: tampered files and records, --overwrite beside the user's files",
 }
 # A launcher run whose rank dies (torchrun, SIGKILL of rank 1) is tests/test_distributed.py's
-# test_a_killed_rank_stops_the_other_and_the_run_resumes_bit_for_bit: it asserts the one line.
+# test_a_killed_rank_stops_the_other_and_the_run_resumes_bit_for_bit: it asserts the one line;
+# torchrun itself killed (its process group, -9) is its test_workers_die_with_a_killed_launcher...
 # Every case's time bound: a hang fails its case instead of stalling the suite (in process by
 # SIGALRM; a subprocess is killed).
 CASE_SECONDS = 120
@@ -278,6 +281,17 @@ def copy_in(source: str, relative: str = "out") -> Prepare:
 
 def rows(*items) -> str:
     return "".join(json.dumps(item) + "\n" for item in items)
+
+
+def sealed_export(relative: str = "out") -> Prepare:
+    """An earlier export's record in the folder, listing the files it holds (as an export
+    writes it: only then may --overwrite replace the folder)."""
+
+    def prepare(ws: Workspace) -> None:
+        record = seal_record({"format": "sentence-transformers"}, ws.root / relative)
+        (ws.root / relative / "microtune_export.json").write_text(json.dumps(record))
+
+    return prepare
 
 
 def user_folder(relative: str = "out") -> Prepare:
@@ -600,9 +614,7 @@ _FOLDER_CASES: list[Case] = [
     folder_case(
         "merge --overwrite a model, full disk",
         f"{MERGE} {{out}} --overwrite",
-        both(
-            write("out/model.safetensors", b"old weights"), write("out/microtune_export.json", "{}")
-        ),
+        both(write("out/model.safetensors", b"old weights"), sealed_export("out")),
         expect="No space left",
         patch="disk full",
     ),
@@ -1070,6 +1082,187 @@ def _serve_and_federate_cases() -> list[Case]:
     return cases
 
 
+# -- (i) issue 32: exports checked against their hashes, --overwrite, what landed in round 3 -----
+
+PREDICT_FOLDER = "predict --model-folder {{ws}}/{folder} --input {{data}}/inputs.txt"
+ONNX_AGAIN = "export --artifact {art} --data-dir {data} --check-examples 8 --format onnx"
+
+
+def edit_export(folder: str, change: Callable[[dict], None], reseal: bool = False) -> Prepare:
+    """Edit an export's record; `reseal`: recompute its hashes, as a user who knows them would
+    (what the loader itself must then refuse)."""
+
+    def prepare(ws: Workspace) -> None:
+        path = ws.root / folder / "microtune_export.json"
+        record = json.loads(path.read_text())
+        change(record)
+        if reseal:
+            body = {k: v for k, v in record.items() if k not in ("files", "record_sha256")}
+            record = seal_record(body, ws.root / folder)
+        path.write_text(json.dumps(record))
+
+    return prepare
+
+
+def weights_outside(folder: str) -> Prepare:
+    """The folder's model.onnx rewritten to read its weights from ../outside/w.bin."""
+    import onnx
+
+    def prepare(ws: Workspace) -> None:
+        graph = onnx.load(str(ws.root / folder / "model.onnx"))
+        (ws.root / "outside").mkdir()
+        outside = str(ws.root / "outside" / "model.onnx")
+        onnx.save_model(graph, outside, save_as_external_data=True, location="w.bin")
+        moved = onnx.load(outside, load_external_data=False)
+        for tensor in moved.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "../outside/w.bin"
+        onnx.save_model(moved, str(ws.root / folder / "model.onnx"))
+        (ws.root / "outside" / "model.onnx").unlink()
+
+    return prepare
+
+
+def appended(relative: str) -> Prepare:
+    def prepare(ws: Workspace) -> None:
+        with open(ws.root / relative, "ab") as handle:
+            handle.write(b" ")
+
+    return prepare
+
+
+def swap_labels(record: dict) -> None:
+    record["task"]["label_names"] = record["task"]["label_names"][::-1]
+
+
+def stale_launcher_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain run with a launcher's variables left in its environment (no rank 1 anywhere)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MICROTUNE_DIST_JOIN_TIMEOUT_S", "2")
+
+
+PATCHES["stale launcher variables"] = stale_launcher_variables
+NOTES = write("out/notes.txt", "the user's notes\n")
+GARBAGE = b"\x00garbage" * 64
+
+
+def another_tasks_graph(ws: Workspace) -> None:
+    shutil.copy(ws.sources["onnx-b"] / "model.onnx", ws.root / "onnx" / "model.onnx")
+
+
+# (what, the export folder damaged, the damage, the refusal's words)
+_TAMPERED: list[tuple[str, str, Prepare, str]] = [
+    ("another task's model.onnx", "onnx", another_tasks_graph, "is not the file the export"),
+    ("label names edited", "onnx", edit_export("onnx", swap_labels), "changed after the export"),
+    (
+        "label names edited, its hash deleted",
+        "onnx",
+        edit_export("onnx", lambda r: [swap_labels(r), r.pop("record_sha256")]),
+        "changed after the export",
+    ),
+    ("a garbage model.onnx", "onnx", write("onnx/model.onnx", GARBAGE), "is not the file"),
+    (
+        "a garbage model.onnx, hashes recomputed",
+        "onnx",
+        both(write("onnx/model.onnx", GARBAGE), edit_export("onnx", lambda r: None, True)),
+        "onnxruntime cannot load",
+    ),
+    (
+        "model.onnx's weights outside the folder, hashes recomputed",
+        "onnx",
+        both(weights_outside("onnx"), edit_export("onnx", lambda r: None, True)),
+        "onnxruntime cannot load",
+    ),
+    (
+        "a merged model's weights edited",
+        "merged",
+        appended("merged/0_Transformer/model.safetensors"),
+        "is not the file",
+    ),
+    (
+        "an adapter_config.json dropped beside a merged model",
+        "merged",
+        write("merged/adapter_config.json", "{}"),
+        "did not write",
+    ),
+]
+_MERGE_AGAIN = MERGE.removesuffix(" --output")
+_PEFT_AGAIN = EXPORT.replace(" --output", " --format peft")
+# (the command, its arguments, the earlier export in --output and its state, the refusal)
+_OVERWRITES: list[tuple[str, str, str, Prepare, str]] = [
+    ("export --format onnx", ONNX_AGAIN, "an ONNX export with the user's notes",
+     both(copy_in("onnx"), NOTES), "did not write"),
+    ("merge", _MERGE_AGAIN, "an ONNX export with the user's notes",
+     both(copy_in("onnx"), NOTES), "did not write"),
+    ("merge", _MERGE_AGAIN, "a merged export with the user's notes",
+     both(copy_in("merged"), NOTES), "did not write"),
+    ("export --format peft", _PEFT_AGAIN, "a merged export with the user's notes",
+     both(copy_in("merged"), NOTES), "did not write"),
+    ("merge", _MERGE_AGAIN, "an export whose list of files was deleted",
+     both(copy_in("merged"), edit_export("out", lambda r: r.pop("files"))), "lists no files"),
+]  # fmt: skip
+
+
+def _round_three_cases() -> list[Case]:
+    cases = [
+        Case("export", f"predict --model-folder: {name}", PREDICT_FOLDER.format(folder=folder),
+             both(copies(folder), damage), expect=expect)
+        for name, folder, damage, expect in _TAMPERED
+    ]  # fmt: skip
+    cases += [
+        Case("export", f"{command} --overwrite onto {onto}",
+             f"{argv} --output {{out}} --overwrite", prepare, expect=expect)
+        for command, argv, onto, prepare, expect in _OVERWRITES
+    ]  # fmt: skip
+    cases += [
+        Case(
+            "input",
+            "predict --input a CSV with a sentence,label header",
+            "predict --artifact {art} --input {ws}/my.csv",
+            write("my.csv", "sentence,label\nthe film is good,1\na dull plot,0\nfun,1\n"),
+            code=0,
+        ),
+        Case(
+            "concurrent",
+            "train with stale launcher variables (no rank 1)",
+            train(),
+            patch="stale launcher variables",
+            expect="found no other process",
+        ),
+        Case(
+            "federate",
+            "--client-dp-delta 0.5",
+            f"{FEDERATE} --client-dp-epsilon 8 --client-dp-delta 0.5",
+            expect="--client-dp-delta",
+        ),
+        Case(
+            "serve",
+            "a causal-lm artifact beside a classifier on the same base",
+            "serve --artifacts {ws}/gpt2-sst2 {causal} --port 0",
+            copies("gpt2-sst2", *CAUSAL),
+            expect="of its own",
+        ),
+        Case(
+            "serve",
+            "an artifact whose adapter.safetensors links out of it",
+            SERVE,
+            link(
+                "artifact/adapter.safetensors",
+                lambda ws: ws.sources["artifact"] / "adapter.safetensors",
+            ),
+            expect="links outside",
+        ),  # fmt: skip
+    ]
+    return cases
+
+
 CASES: list[Case] = [
     *_artifact_cases(),
     *(
@@ -1082,6 +1275,7 @@ CASES: list[Case] = [
     *_option_cases(),
     *_round_two_cases(),
     *_serve_and_federate_cases(),
+    *_round_three_cases(),
 ]
 
 # Cases the code does not pass yet (test id → the defect); each is a strict xfail, so fixing the
@@ -1360,6 +1554,17 @@ def sources(tmp_path_factory, tiny_model_dirs, toy_files) -> dict[str, Path]:
         patch.setattr(torch.optim.AdamW, "step", interrupt_at_third)
         assert cli.main(argv) == 130
 
+    # Exports of it (issue 32's tampered folders), and an ONNX export of another run.
+    found["artifact-b"] = root / "artifact-b"
+    assert cli.main(_output(ws.argv(train("--seed 1")), found["artifact-b"])) == 0
+    for name, argv in (
+        ("onnx", ONNX_AGAIN),
+        ("onnx-b", ONNX_AGAIN.replace("{art}", "{ws}/artifact-b")),
+        ("merged", MERGE.removesuffix(" --output")),
+    ):
+        found[name] = root / name
+        assert cli.main([*ws.argv(argv), "--output", str(found[name])]) == 0
+
     found["killed"] = root / "killed"
     argv = _output(ws.argv(train("--checkpoint-every 1", steps=4)), found["killed"])
     process = child(STALL_SCRIPT, *argv)
@@ -1379,6 +1584,10 @@ def sources(tmp_path_factory, tiny_model_dirs, toy_files) -> dict[str, Path]:
         CAUSAL_TRAIN.replace("long.jsonl", "pairs.jsonl").replace("{gpt2}", str(found["gpt2"]))
     )
     assert cli.main(_output(argv, found["causal"])) == 0
+    # A classifier on the same tiny GPT-2 (a causal-lm task cannot share its loaded base).
+    found["gpt2-sst2"] = root / "gpt2-sst2"
+    argv = ws.argv(train().replace("{base}", str(found["gpt2"])))
+    assert cli.main(_output(argv, found["gpt2-sst2"])) == 0
     return found
 
 
@@ -1533,6 +1742,12 @@ HTTP_CASES: list[HttpCase] = [
     _load("load: a name with /", 422, '"name"', path="again", name="a/b"),
     _load("load: an empty name", 422, '"name"', path="again", name=""),
     _load("load: a name taken", 409, "already loaded", path="again", name="sst2"),
+    # issue 32: fields the server does not honour, a bool as a count, a file linked out
+    _generate("generate: temperature", 422, "temperature", temperature=0.7),
+    _generate("generate: stream", 422, "stream", stream=True),
+    _generate("generate: max_new_tokens true", 422, "max_new_tokens", max_new_tokens=True),
+    _predict("predict: temperature", 422, "temperature", temperature=0.7),
+    _load("load: an adapter.safetensors linked out of the root", 403, "links", path="file-out"),
 ]
 
 
@@ -1549,6 +1764,9 @@ def live_server(sources, tmp_path_factory):
     broken = Path(shutil.copytree(sources["artifact"], root / "broken"))
     (broken / "microtune.json").write_text("{")
     (root / "link-out").symlink_to(sources["artifact"])
+    file_out = Path(shutil.copytree(sources["artifact"], root / "file-out"))
+    (file_out / "adapter.safetensors").unlink()
+    (file_out / "adapter.safetensors").symlink_to(sources["artifact"] / "adapter.safetensors")
     engine = load_many({"sst2": sources["artifact"]})
     settings = {"max_body_kb": HTTP_BODY_KB, "max_inputs": 4, "max_new_tokens": 8}
     with live(engine, artifact_root=str(root), **settings) as (client, server):

@@ -267,6 +267,33 @@ def test_an_artifact_of_another_base_is_refused(tmp_path, artifacts):
     assert list(engine.tasks) == ["slash"]
 
 
+def test_a_causal_lm_task_beside_classifiers_on_the_same_base_is_no_base_mismatch(tmp_path):
+    """A causal-lm artifact reads the whole causal LM (its LM head too), a classifier on the same
+    weights its body alone: on one loaded base they cannot share, in either order, and the
+    refusal says so (a server or load_many of its own) instead of a base-model mismatch whose
+    advice, --model, cannot help."""
+    base = make_causal_model("gpt2", tmp_path / "gpt2", tie=True)
+    classifier = train(tmp_path, base, "sst2", "sst2", "slash", {})
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", copy_rows(16, 1))
+    api.train(
+        "causal-lm",
+        "slash",
+        tmp_path / "gen",
+        model=ModelOptions(name=str(base), device="cpu", max_length=32),
+        data=DataSource(train_file=pairs, dev_file=pairs),
+        train_config=TrainConfig(max_steps=2, batch_size=8, eval_every=0, progress=False),
+    )
+    for first, second in ((classifier, tmp_path / "gen"), (tmp_path / "gen", classifier)):
+        engine = load_many([first])
+        with pytest.raises(MicrotuneError) as refused:
+            engine.add(second)
+        message = str(refused.value)
+        assert "mismatch" not in message and "--model with" not in message, message
+        assert "reads the base model through" in message and "of its own" in message, message
+        assert "\n" not in message and list(engine.tasks) == [first.name]
+        assert engine.tasks[first.name].tuned  # the loaded task still serves
+
+
 def test_causal_lm_tasks_generate_their_own_continuations(tmp_path):
     base = make_causal_model("gpt2", tmp_path / "gpt2", tie=True)
     train_file = write_jsonl(tmp_path / "train.jsonl", copy_rows(24, 1))

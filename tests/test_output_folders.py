@@ -15,7 +15,8 @@ import pytest
 
 from microtune import cli
 from microtune.artifacts import folders
-from microtune.common.files import CHECKPOINT_FILE
+from microtune.common.files import CHECKPOINT_FILE, EXPORT_FILE, write_json
+from microtune.common.manifest import seal_record
 from microtune.errors import MicrotuneError
 
 
@@ -37,6 +38,18 @@ def refused(argv: list[str], capsys, *expected: str) -> str:
     for text in expected:
         assert text in err, err
     return err
+
+
+def sealed_export(folder: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    """An earlier export's folder: these files and a record listing their hashes, as an export
+    writes it; returns the folder's snapshot."""
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    record = seal_record({"format": "sentence-transformers"}, folder)
+    write_json(folder / EXPORT_FILE, record)
+    return snapshot(folder)
 
 
 @pytest.fixture(scope="module")
@@ -306,15 +319,10 @@ def test_a_failed_merge_leaves_nothing_half_written(artifact, tmp_path, capsys, 
     refused(merge, capsys, "No space left on device")
     assert os.listdir(parent) == []  # no output folder, no staging folder, no lock
     # Replacing an existing model: the old one is kept whole.
-    (parent / "merged").mkdir()
-    (parent / "merged" / "model.safetensors").write_bytes(b"old weights")
-    (parent / "merged" / "microtune_export.json").write_bytes(b"{}")  # an earlier export
+    earlier = sealed_export(parent / "merged", {"model.safetensors": b"old weights"})
     refused([*merge, "--overwrite"], capsys, "No space left on device")
     assert os.listdir(parent) == ["merged"]
-    assert snapshot(parent / "merged") == {
-        "model.safetensors": b"old weights",
-        "microtune_export.json": b"{}",
-    }
+    assert snapshot(parent / "merged") == earlier
 
 
 def test_save_pretrained_follows_the_same_rules(artifact, user_folder, tmp_path):

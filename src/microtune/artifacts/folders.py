@@ -9,8 +9,8 @@ Every command that writes a folder goes through here, so the rules live in one p
   unfinished run's checkpoint unless --resume / --overwrite says what to do with them;
 - `model_folder` (merge, export, peft export, `TunedModel.save_pretrained`): always refuses the
   base model's folder and the artifact's (and any folder holding them), refuses a folder that
-  is not empty unless --overwrite and it is a folder microtune exported (never the user's own
-  files), and hands out a staging folder beside the output that is
+  is not empty unless --overwrite and it holds nothing but the files an export's record lists
+  (never the user's own files), and hands out a staging folder beside the output that is
   moved into place only once complete, so a failure (disk full) leaves nothing half-written.
 
 The lock is `filelock`'s: an OS lock (flock) that the kernel releases when its process dies, so
@@ -37,13 +37,14 @@ from microtune.common.files import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     EXPORT_FILE,
+    LOCK_FILE,
     LOG_FILE,
     METRICS_FILE,
     TENSORS_FILE,
 )
+from microtune.common.manifest import listed_files, unlisted_entries
 from microtune.errors import MicrotuneError
 
-LOCK_FILE = ".microtune.lock"
 # The files that make a folder a model folder for transformers, peft or microtune.
 MODEL_FILES = ("config.json", "pytorch_model.bin", "adapter_config.json")
 MODEL_SUFFIXES = (".safetensors",)
@@ -265,15 +266,9 @@ def check_model_folder(
     if not folder.is_dir():
         return folder
     others = sorted(set(os.listdir(folder)) - {LOCK_FILE})
-    if overwrite and others and not (folder / EXPORT_FILE).is_file():
-        # --overwrite replaces a folder as a whole: only one microtune exported (issue 23)
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise MicrotuneError(
-            f"--output {folder} holds files microtune did not write ({shown}); --overwrite only "
-            f"replaces a folder microtune exported (with {EXPORT_FILE}): choose a new or empty "
-            "folder"
-        )
     if overwrite:
+        if others:
+            _check_replaceable(folder, others)
         return folder
     models = _model_files(folder)
     if models:
@@ -288,6 +283,43 @@ def check_model_folder(
             "replaces only a folder microtune exported)"
         )
     return folder
+
+
+def _check_replaceable(folder: Path, entries: list[str]) -> None:
+    """--overwrite replaces a folder as a whole, so only one holding nothing but what an export
+    wrote there (the files its record lists, `common.manifest`): never the user's own files
+    (issue 23), beside an export or not (issue 32)."""
+    if not (folder / EXPORT_FILE).is_file():
+        foreign = entries
+    else:
+        record = _export_record(folder)
+        try:
+            files = listed_files(record, folder / EXPORT_FILE) if record is not None else None
+        except MicrotuneError:  # an edited list may name the user's files as microtune's
+            files = None
+        if files is None:
+            raise MicrotuneError(
+                f"--output {folder} holds an export whose {EXPORT_FILE} lists no files (written "
+                "before microtune listed them, or edited since), so --overwrite cannot tell its "
+                "files from yours: delete that folder yourself, or choose a new or empty folder"
+            )
+        foreign = unlisted_entries(folder, files)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise MicrotuneError(
+            f"--output {folder} holds files microtune did not write ({shown}); --overwrite only "
+            "replaces a folder holding nothing but an export's own files: move yours out, or "
+            "choose a new or empty folder"
+        )
+
+
+def _export_record(folder: Path) -> dict | None:
+    """The folder's export record as JSON, else None (unreadable: from no export we know)."""
+    with suppress(OSError, ValueError):
+        record = json.loads((folder / EXPORT_FILE).read_text(encoding="utf-8"))
+        if isinstance(record, dict):
+            return record
+    return None
 
 
 def base_model_folders(

@@ -186,6 +186,9 @@ class LoadedBase:
     fingerprint: str
     tokenizer_fingerprint: str
     name: str | None = None  # what was loaded (a refusal names it), when known
+    # The Auto class it was loaded with: the part of the base its tasks read (a causal LM's
+    # whole model, its LM head included; a classifier's body alone).
+    auto_class: str = "AutoModel"
 
 
 def load_base(
@@ -198,10 +201,9 @@ def load_base(
     covers dtypes) matches. `device`: moved there and put in eval mode."""
     config = artifact if isinstance(artifact, Mapping) else read_artifact_config(artifact)
     base = config["base_model"]
+    auto_class = task_type_of(config["task"]).auto_class
     backbone, tokenizer = load_backbone(
-        model_name or base["name"],
-        base.get("dtype", "float32"),
-        task_type_of(config["task"]).auto_class,
+        model_name or base["name"], base.get("dtype", "float32"), auto_class
     )
     if device is not None:
         backbone.to(device).eval()
@@ -211,7 +213,22 @@ def load_base(
         fingerprint(backbone),
         tokenizer_fingerprint(tokenizer),
         name=str(model_name or base["name"]),
+        auto_class=auto_class,
     )
+
+
+def check_same_reading(config: dict[str, Any], base: LoadedBase, directory) -> None:
+    """A base loaded for other task types reads another part of the model (a causal LM's LM
+    head, or a classifier's body alone), so its fingerprint differs from the artifact's even on
+    the same weights: say so, instead of a base-model mismatch that --model cannot fix."""
+    task_type = task_type_of(config["task"])
+    if task_type.auto_class != base.auto_class:
+        raise MicrotuneError(
+            f"{directory} is a {task_type.name} task, which reads the base model through "
+            f"{task_type.auto_class}, but the tasks already loaded read '{base.name}' through "
+            f"{base.auto_class}: one loaded base cannot serve both (no --model changes that); "
+            "serve this artifact from a server or load_many of its own"
+        )
 
 
 def check_base(
@@ -254,6 +271,7 @@ def load_artifact(
     stored = read_artifact_tensors(directory, config)
     check_sizes(config, sum(t.numel() for t in stored.values()), config_path)
     base = base_model if base_model is not None else load_base(config, model_name)
+    check_same_reading(config, base, directory)
     loaded = base.name or model_name  # a base passed in was loaded from its own name
     check_base(config["base_model"], loaded, base.fingerprint, base.tokenizer_fingerprint)
     backbone, tokenizer = base.model, base.tokenizer

@@ -29,6 +29,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 EXPORT_FILE = "microtune_export.json"
 HEAD_FILE = "head.safetensors"
 README_FILE = "README.md"  # the model card of an artifact on the hub
+LOCK_FILE = ".microtune.lock"  # held by the run or export writing the folder
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

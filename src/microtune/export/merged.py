@@ -28,6 +28,7 @@ from microtune.artifacts import folders
 from microtune.artifacts.store import load_artifact, read_artifact_config, read_export_record
 from microtune.backbone.load import fingerprint, load_backbone
 from microtune.common.files import EXPORT_FILE, HEAD_FILE, write_json, write_tensors
+from microtune.common.manifest import check_export_files, seal_record
 from microtune.errors import MicrotuneError
 from microtune.export.onnx import ONNX_FORMAT, load_onnx, write_onnx
 from microtune.export.sentence import (
@@ -172,10 +173,11 @@ def write_export_record(
     export_format: str,
     quantize: str | None = None,
 ) -> None:
-    """Write `export_record` into the folder: every export's, peft's included
-    (`read_export_record` reads it back)."""
+    """Write `export_record` into the folder, last: every export's, peft's included
+    (`read_export_record` reads it back), with the hash of every file the folder now holds
+    (`common.manifest`: checked before the folder loads, read by --overwrite)."""
     record = export_record(task_model, config, export_format, quantize)
-    write_json(Path(output_dir) / EXPORT_FILE, record)
+    write_json(Path(output_dir) / EXPORT_FILE, seal_record(record, output_dir))
 
 
 def label_names(config: dict[str, Any], record: dict[str, Any]) -> list[str]:
@@ -225,7 +227,8 @@ def load_exported(folder: str | os.PathLike, base_model: str | None = None):
 
     This is what a deployment does (the README shows the same few lines without microtune).
     A "peft+head" folder (`microtune.export.peft`) loads with peft over `base_model` (default:
-    the base model it names).
+    the base model it names). Every file is first checked against the hash the export recorded
+    (`common.manifest.check_export_files`): a replaced or edited file is refused in one line.
     """
     import transformers
     from safetensors.torch import load_file
@@ -233,6 +236,7 @@ def load_exported(folder: str | os.PathLike, base_model: str | None = None):
 
     folder = Path(folder)
     info = read_export_record(folder)
+    check_export_files(folder, info)
     stock = stock_classes()
     if info["format"] in stock:
         auto_class = getattr(transformers, stock[info["format"]])

@@ -198,8 +198,20 @@ def load_onnx(folder: str | os.PathLike):
     path = Path(folder) / ONNX_FILE
     if not path.is_file():
         raise MicrotuneError(f"{folder} has no {ONNX_FILE}; export it with --format onnx")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's errors (InvalidProtobuf, Fail) derive from it
+        raise MicrotuneError(
+            f"onnxruntime cannot load {path} ({str(error).strip().splitlines()[0][:200]}); "
+            "export the artifact again with --format onnx"
+        ) from None
     wanted = [node.name for node in session.get_inputs()]
+    unknown = sorted(set(wanted) - {"input_ids", "attention_mask", "token_type_ids"})
+    if unknown or "logits" not in [node.name for node in session.get_outputs()]:
+        raise MicrotuneError(
+            f"{path} is no microtune export's graph (it takes {', '.join(wanted)} and must take "
+            "a tokenizer's inputs and give logits); export the artifact again with --format onnx"
+        )
 
     def logits(**inputs: torch.Tensor) -> torch.Tensor:
         feeds = {name: np.asarray(inputs[name].cpu(), dtype=np.int64) for name in wanted}

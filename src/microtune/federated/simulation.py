@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from flwr.clientapp import ClientApp
@@ -16,6 +18,29 @@ from microtune.errors import MicrotuneError
 from microtune.federated.client import client_app
 from microtune.federated.server import server_app
 from microtune.federated.spec import FederationSpec
+
+
+class RunSimulationDeprecation(logging.Filter):
+    """Drops Flower's deprecation warning for `run_simulation` (four lines before every
+    federation) and nothing else. Flower 1.32 points to `flwr run`, which runs an app project
+    (pyproject.toml, apps named by module path) through a SuperLink; it has no other in-process
+    entry point that takes the ServerApp and ClientApp objects microtune builds (`start_simulation`
+    is the older, also deprecated one; `run_simulation_process` needs a SuperLink), so the warning
+    names nothing a user of `federate` could change."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def without_deprecation_notice() -> Iterator[None]:
+    """Flower's logger drops its `run_simulation` deprecation warning within the block."""
+    notice = RunSimulationDeprecation()
+    logging.getLogger("flwr").addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger("flwr").removeFilter(notice)
 
 
 def simulate(
@@ -45,14 +70,15 @@ def simulate(
     # Ray's workers read the one thread each is given; the server runs in this process.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPU: quiet Ray
-    run_simulation(
-        server_app(spec, errors),
-        client or client_app(spec),
-        num_supernodes=spec.clients,
-        backend_name="ray",
-        backend_config=backend,
-        verbose_logging=verbose,
-    )
+    with without_deprecation_notice():
+        run_simulation(
+            server_app(spec, errors),
+            client or client_app(spec),
+            num_supernodes=spec.clients,
+            backend_name="ray",
+            backend_config=backend,
+            verbose_logging=verbose,
+        )
     if errors:
         error = errors[0]
         if isinstance(error, MicrotuneError):

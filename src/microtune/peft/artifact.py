@@ -36,6 +36,7 @@ from microtune.artifacts.store import read_export_record, save_artifact
 from microtune.backbone.arch import arch_for
 from microtune.backbone.load import check_max_length, fingerprint, load_backbone
 from microtune.common.files import EXPORT_FILE, HEAD_FILE
+from microtune.common.manifest import check_export_files
 from microtune.errors import MicrotuneError
 from microtune.methods import build_method
 from microtune.methods.base import copy_matching
@@ -102,8 +103,10 @@ def exported_head(folder: Path, head: dict[str, torch.Tensor]) -> dict[str, Any]
     """The export record of a folder `microtune export --format peft` wrote (its head moved into
     `head`, as "head.linear.*"), else None; refuses a folder with no head at all."""
     if (folder / EXPORT_FILE).is_file() and (folder / HEAD_FILE).is_file():
+        record = read_export_record(folder)
+        check_export_files(folder, record)  # the head and adapter as the export wrote them
         head.update({"head.linear." + n: t for n, t in load_file(folder / HEAD_FILE).items()})
-        return read_export_record(folder)
+        return record
     if "head.linear.weight" not in head:
         raise MicrotuneError(
             f"{ADAPTER_WEIGHTS} holds no `classifier` head; train with task_type='SEQ_CLS' on "

@@ -5,16 +5,23 @@ Both launchers set the same environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MA
 nccl on GPUs). Everything the trainer exchanges goes through `World`: the all-reduce of the
 trainable tensors' gradients (one flat buffer per step), the broadcast of rank 0's decisions
 and tensors, and the gather of each rank's RNG state for checkpoints. A collective that fails
-because another process died becomes one `MicrotuneError` line, never a traceback or a hang.
+because another process died becomes one `MicrotuneError` line, never a traceback or a hang;
+a worker a launcher started dies with the launcher (`die_with_launcher`), never an orphan.
 
 A plain `python -m microtune` run is a world of one: every method returns at once, unchanged.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import functools
 import os
 import re
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +41,10 @@ DEFAULT_TIMEOUT_S = 1800
 # (stale launcher variables in a plain run's environment).
 DEFAULT_JOIN_TIMEOUT_S = 60
 LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Set by torchrun (and accelerate launch, which runs torchrun's machinery) in each worker's
+# environment: the worker's parent is then the launcher, and outliving it is never wanted.
+LAUNCHER_VARIABLE = "TORCHELASTIC_RUN_ID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _env_int(name: str, default: int) -> int:
@@ -86,6 +97,7 @@ class World:
         start (one process, or a group the caller already runs)."""
         if self.size == 1 or dist.is_initialized():
             return False
+        die_with_launcher()
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -190,6 +202,34 @@ class World:
                 "one of them stopped: see its output, fix the cause and rerun the same command "
                 "with --resume"
             ) from None
+
+
+@functools.cache  # once per process: a script may join and leave several groups
+def die_with_launcher() -> None:
+    """End this worker when the launcher that started it dies (torchrun killed with -9, its
+    process group killed): torchrun starts each worker in a session of its own, so nothing else
+    would stop it, and an orphan would keep the output folder's lock and finish the run where
+    nobody sees it. Linux: the kernel sends SIGTERM at the parent's death (PR_SET_PDEATHSIG);
+    elsewhere a daemon thread notices the parent change. A process no launcher started (a plain
+    run, ranks started by hand) is left alone."""
+    if LAUNCHER_VARIABLE not in os.environ:
+        return
+    launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+            if os.getppid() != launcher:  # it died before the request took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+    watch = threading.Thread(target=_end_with, args=(launcher,), daemon=True)
+    watch.start()
+
+
+def _end_with(launcher: int) -> None:
+    """Poll (a daemon thread) until the parent is no longer `launcher`, then end the process."""
+    while os.getppid() == launcher:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _first_sentence(error: Exception) -> str:

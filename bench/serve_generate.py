@@ -35,15 +35,13 @@ from pathlib import Path
 
 import openai
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import clones, live_server, resident_set  # noqa: E402
+from serve_load import build_peft, clones, live_server, resident_set  # noqa: E402
 
 import microtune  # noqa: E402
 from microtune.artifacts.store import load_artifact, save_artifact  # noqa: E402
 from microtune.backbone.load import fingerprint, load_backbone  # noqa: E402
-from microtune.export.peft import peft_config, peft_tensors  # noqa: E402
 from microtune.methods import build_method  # noqa: E402
 from microtune.model import HeadConfig, TaskModel  # noqa: E402
 from microtune.serving.config import ServeConfig  # noqa: E402
@@ -199,26 +197,6 @@ def decode_all(engine, rows: list[Generation], max_rows: int, continuous=True) -
     return time.perf_counter() - start
 
 
-def build_peft(folders: list[Path]):
-    """peft's model of the same LoRA tasks, one adapter each (named by folder)."""
-    own = load_artifact(folders[0])[0]
-    settings = peft_config(own.method, own.backbone, "base")
-    fields = LoraConfig.__dataclass_fields__
-    lora = LoraConfig(**{k: v for k, v in settings.items() if k in fields and k != "peft_type"})
-    own.method.detach()
-    model, _ = load_backbone(MODEL, "float32", CAUSAL.auto_class)
-    peft_model = None
-    for folder in folders:
-        method = load_artifact(folder)[0].method
-        method.detach()
-        if peft_model is None:
-            peft_model = get_peft_model(model, lora, adapter_name=folder.name)
-        else:
-            peft_model.add_adapter(folder.name, lora)
-        set_peft_model_state_dict(peft_model, peft_tensors(method), adapter_name=folder.name)
-    return peft_model.eval()
-
-
 @torch.no_grad()
 def peft_generate(peft_model, tokenizer, batch: list[tuple[str, list[int], int]]) -> int:
     """peft's mixed-adapter generation of the batch (left-padded, greedy); tokens made."""
@@ -315,7 +293,7 @@ def batch_bench(args, root: Path) -> dict:
     names = [lora[i % len(lora)].name for i in range(len(items))]
     batch = [(n, tokenizer(p).input_ids, k) for n, (p, k) in zip(names, items, strict=True)]
     sources = {folder.name: merged_weights(folder) for folder in lora}
-    peft_model = build_peft(lora)
+    peft_model = build_peft(lora, load_backbone(MODEL, "float32", CAUSAL.auto_class)[0]).eval()
     wanted = sum(k for *_, k in batch)
 
     def rows(engine, same: str | None = None) -> list[Generation]:

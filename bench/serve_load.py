@@ -135,22 +135,25 @@ def merged_forward(folder: Path, texts: list[str]):
     return run
 
 
-def build_peft(folders: list[Path]):
-    """One peft model with the LoRA tasks as adapters named by their folders."""
+def build_peft(folders: list[Path], model=None):
+    """One peft model with the LoRA tasks as adapters named by their folders, on `model` (a
+    whole `...ForCausalLM`, for `generate`) or else on the artifacts' own backbone."""
     shared = load_base(folders[0], None, torch.device("cpu"))  # read each artifact onto it
     first = load_artifact(folders[0], base_model=shared)[0]
     settings = peft_config(first.method, first.backbone, "base")
     fields = LoraConfig.__dataclass_fields__
     lora = LoraConfig(**{k: v for k, v in settings.items() if k in fields and k != "peft_type"})
-    own = load_artifact(folders[0])[0]  # peft's own copy of the base, without our hooks
-    own.method.detach()
-    body = own.backbone
+    if model is None:
+        own = load_artifact(folders[0])[0]  # peft's own copy of the base, without our hooks
+        own.method.detach()
+        model = own.backbone
+
     peft_model = None
     for folder in folders:
         method = load_artifact(folder, base_model=shared)[0].method
         method.detach()
         if peft_model is None:
-            peft_model = get_peft_model(body, lora, adapter_name=folder.name)
+            peft_model = get_peft_model(model, lora, adapter_name=folder.name)
         else:
             peft_model.add_adapter(folder.name, lora)
         set_peft_model_state_dict(peft_model, peft_tensors(method), adapter_name=folder.name)

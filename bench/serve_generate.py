@@ -180,7 +180,31 @@ def trace_bench(args, root: Path) -> dict:
     merged = result["a: one merged task"]["tokens_per_s"]
     for name in result:
         result[name]["vs_merged"] = round(result[name]["tokens_per_s"] / merged, 3)
+    if args.plot:
+        plot_trace(result, Path(args.plot))
     return result
+
+
+def plot_trace(result: dict, path: Path) -> None:
+    """Output tokens/s against resident SLaSh tenants, beside one merged task and 10 LoRA
+    tenants: the picture of the trace (docs/guides/many-tasks.md)."""
+    import matplotlib  # the bench extra; only this picture needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = [int(n.split()[1]) for n in result if n.startswith("b: ")]
+    rates = [result[f"b: {n} SLaSh tasks"]["tokens_per_s"] for n in counts]
+    figure, axes = plt.subplots(figsize=(6, 3.6))
+    axes.plot(counts, rates, "o-", label="SLaSh tenants, one shared decoder")
+    merged = result["a: one merged task"]["tokens_per_s"]
+    axes.axhline(merged, color="grey", linestyle="--", label="one merged task")
+    axes.plot([10], [result["c: 10 LoRA tasks"]["tokens_per_s"]], "s", label="10 LoRA tenants")
+    axes.set(xscale="log", xlabel="tenants resident", ylabel="output tokens / s",
+             title="microtune serve: SmolLM2-135M, the same trace", ylim=(0, None))  # fmt: skip
+    axes.legend(loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def decode_all(engine, rows: list[Generation], max_rows: int, continuous=True) -> float:
@@ -399,10 +423,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="repeats per setup, interleaved")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot", help="trace: draw tokens/s against tenants to this PNG")
+    parser.add_argument("--replot", help="trace: redraw --plot from this earlier JSON output")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
+    if args.replot:  # the picture of an earlier run, without running it again
+        plot_trace(json.loads(Path(args.replot).read_text()), Path(args.plot))
+        return
     benches = {"exact": exact_bench, "trace": trace_bench, "batch": batch_bench,
                "blocking": blocking_bench, "memory": memory_bench}  # fmt: skip
     bench = benches[args.what]

@@ -201,7 +201,8 @@ def plot_trace(result: dict, path: Path) -> None:
     axes.axhline(merged, color="grey", linestyle="--", label="one merged task")
     axes.plot([10], [result["c: 10 LoRA tasks"]["tokens_per_s"]], "s", label="10 LoRA tenants")
     axes.set(xscale="log", xlabel="tenants resident", ylabel="output tokens / s",
-             title="microtune serve: SmolLM2-135M, the same trace", ylim=(0, None))  # fmt: skip
+             title="microtune serve: SmolLM2-135M, the same trace",
+             ylim=(0, 1.2 * max([*rates, merged])))  # fmt: skip
     axes.legend(loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

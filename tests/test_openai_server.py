@@ -245,17 +245,19 @@ def test_a_stream_sends_the_same_text_in_events_ending_in_done(server, expected)
     assert first["choices"][0]["delta"]["role"] == "assistant"
 
 
-def test_two_tasks_requests_share_decoding_steps(server, engine):
-    """Two requests of two tasks at once (a slowed base, so that they overlap): the decoding
-    steps of both rows at once show in the rows-per-step histogram of /metrics."""
+def test_two_tasks_requests_share_decoding_steps(server, engine, expected):
+    """Two requests of two tasks at once (a slowed base, 0.05 s a step, so that they overlap):
+    the decoding steps of both rows at once show in the rows-per-step histogram of /metrics."""
     http, client = server
     before = step_histogram(http)
 
     def ask(model: str) -> None:
-        client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=12, temperature=0)
+        texts = expected[model]  # its longest greedy answer: no early EOS
+        prompt = PROMPTS[max(range(len(PROMPTS)), key=lambda i: len(texts[i].split()))]
+        client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
 
     threads = [threading.Thread(target=ask, args=(m,)) for m in ("slash", "lora")]
-    slow = engine.body.register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    slow = engine.body.register_forward_pre_hook(lambda *_: time.sleep(0.05))
     try:
         for thread in threads:
             thread.start()
@@ -279,20 +281,24 @@ def step_histogram(http: httpx.Client) -> dict[str, float]:
 
 
 def test_a_client_that_disconnects_frees_its_row(server, engine):
-    """A slowed base (50 ms a step): a stream of 40 tokens read for one event, then closed;
-    the row leaves the batch at the next step, so few of its 40 tokens are ever decoded."""
-    http, _ = server
-    body = {"model": "slash", "prompt": PROMPTS[0], "max_tokens": 40, "stream": True}
+    """A slowed base (50 ms a step): a stream read for one event, then closed; the row leaves
+    the batch at the next step, so far fewer of its tokens are decoded than the whole answer
+    has (measured first), in the time the whole answer would have taken."""
+    http, client = server
+    body = {"model": "slash", "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0}
+    whole = client.completions.create(**body).usage.completion_tokens
+    assert whole >= 10
     slow = engine.body.register_forward_pre_hook(lambda *_: time.sleep(0.05))
     try:
         before = tokens_decoded(http)
-        with http.stream("POST", "/v1/completions", json=body, headers=KEY) as response:
+        stream = {**body, "stream": True}
+        with http.stream("POST", "/v1/completions", json=stream, headers=KEY) as response:
             next(response.iter_lines())  # the first event: the row is decoding
-        time.sleep(1.0)  # 20 steps: the whole row, had it stayed
+        time.sleep(0.05 * whole + 1.0)  # the whole answer's steps, had the row stayed
         decoded = tokens_decoded(http) - before
     finally:
         slow.remove()
-    assert 1 <= decoded < 10
+    assert 1 <= decoded <= whole // 2
 
 
 def served_tokens(url: str) -> float:
@@ -486,11 +492,15 @@ def test_sigterm_ends_a_long_generation_at_once_with_a_clean_503(tenants, tmp_pa
     assert "Traceback" not in process.stderr.read()
 
 
-def test_the_queue_bound_covers_the_openai_routes(engine):
-    """--max-queue 1 and a slowed base: a second request while the first decodes is a 503 in
-    OpenAI's shape with Retry-After (the openai client's own RateLimit/InternalServer error)."""
-    slow = engine.body.register_forward_pre_hook(lambda *_: time.sleep(0.02))
-    body = {"model": "slash", "prompt": PROMPTS[0], "max_tokens": 40}
+def test_the_queue_bound_covers_the_openai_routes(engine, expected):
+    """--max-queue 1 and a slowed base (0.1 s a step): a second request while the first decodes
+    (its 12 tokens, no EOS among them) is a 503 in OpenAI's shape with Retry-After."""
+    method, prompt = max(
+        ((m, p) for m in ("slash", "lora") for p in PROMPTS),
+        key=lambda pair: len(expected[pair[0]][PROMPTS.index(pair[1])].split()),
+    )
+    slow = engine.body.register_forward_pre_hook(lambda *_: time.sleep(0.1))
+    body = {"model": method, "prompt": prompt, "max_tokens": 12, "temperature": 0}
     try:
         with live(engine, max_queue=1) as (http, _):
             first = threading.Thread(target=lambda: http.post("/v1/completions", json=body))

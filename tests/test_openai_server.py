@@ -455,11 +455,23 @@ runpy.run_module("microtune", run_name="__main__")
 """
 
 
+def long_greedy_answer(folders: dict) -> tuple[str, str]:
+    """A (task, prompt) whose greedy answer runs to the end of the task's 64 positions without
+    EOS (word-level tiny vocabulary: a word is a token), so that it is still decoding later."""
+    for method in ("slash", "lora", "bitfit"):
+        answers = microtune.load(folders[method]).generate(PROMPTS, 64)
+        for answer in answers:
+            if len(answer["response"].split()) >= 50:
+                return method, answer["prompt"]
+    raise AssertionError("no greedy answer of 50 tokens among the tiny tenants")
+
+
 def test_sigterm_ends_a_long_generation_at_once_with_a_clean_503(tenants, tmp_path):
     """`microtune serve` (a real process, its base slowed) with a long /v1/completions in
     flight: SIGTERM makes the server answer it 503 in one line and exit within seconds, with no
     traceback, instead of waiting for the generation to end."""
-    folder = str(tenants[1]["slash"])
+    method, prompt = long_greedy_answer(tenants[1])
+    folder = str(tenants[1][method])
     command = [sys.executable, "-c", SLOW_SERVE, "serve", "--artifacts", folder, "--port", "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(
@@ -469,7 +481,7 @@ def test_sigterm_ends_a_long_generation_at_once_with_a_clean_503(tenants, tmp_pa
     answers = []
     try:
         url = json.loads(process.stdout.readline())["serving"]
-        body = {"model": "slash", "prompt": PROMPTS[0], "max_tokens": 1000}
+        body = {"model": method, "prompt": prompt, "max_tokens": 1000, "temperature": 0}
         ask = threading.Thread(
             target=lambda: answers.append(
                 httpx.post(f"{url}/v1/completions", json=body, timeout=60)

@@ -160,6 +160,7 @@ class MethodEntry:
         lr_from: take the tuned rate of this other label instead of tuning one (an ablation
             keeps its parent's rate, so that only the ablated setting differs).
         seeds: this method's seeds (empty: the bench's), e.g. one seed for an ablation.
+        head_lr: the task head's own learning rate (None: the method's `lr`).
     """
 
     label: str
@@ -169,6 +170,7 @@ class MethodEntry:
     lr_grid: tuple[float, ...] = ()
     lr_from: str = ""
     seeds: tuple[int, ...] = ()
+    head_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class Cell:
             "method": self.entry.method,
             "options": self.entry.options,
             "lr": self.entry.lr,
+            "head_lr": self.entry.head_lr,
             "task": self.task,
             "seed": self.seed,
             "model": config.model,
@@ -279,10 +282,10 @@ class Cell:
     def cell_hash(self) -> str:
         """Hash of what decides this cell's training: a record with another is stale."""
         spec = self.spec()
-        return digest(
-            {k: spec[k] for k in ("method", "options", "lr", "task", "seed", "model")}
-            | {"protocol": spec["protocol"]}
-        )
+        # head_lr joins the hash only when set, so records from before it stay current.
+        keys = ("method", "options", "lr", "task", "seed", "model")
+        keys += ("head_lr",) if spec["head_lr"] is not None else ()
+        return digest({k: spec[k] for k in keys} | {"protocol": spec["protocol"]})
 
 
 def digest(record: Any) -> str:
@@ -491,8 +494,9 @@ def check_config(config: BenchConfig) -> None:
             method_class(entry.method).config_class.from_dict(dict(entry.options))
         except MicrotuneError as error:
             raise MicrotuneError(f"method {entry.label}: {error}") from None
-        if entry.lr is not None and not entry.lr > 0:
-            raise MicrotuneError(f"method {entry.label}: lr must be positive, got {entry.lr}")
+        for name, lr in (("lr", entry.lr), ("head_lr", entry.head_lr)):
+            if lr is not None and not lr > 0:
+                raise MicrotuneError(f"method {entry.label}: {name} must be positive, got {lr}")
 
 
 def quick_config_path() -> Path:

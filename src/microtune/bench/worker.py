@@ -95,6 +95,7 @@ def train_config(spec: dict[str, Any]) -> TrainConfig:
     protocol = spec["protocol"]
     return TrainConfig(
         learning_rate=spec["lr"],
+        head_learning_rate=spec.get("head_lr"),
         batch_size=protocol["batch_size"],
         grad_accum=protocol["grad_accum"],
         max_steps=protocol["max_steps"],
@@ -122,6 +123,8 @@ def train_command(spec: dict[str, Any]) -> str:
     )
     if spec["lr"] is not None:
         words += ["--lr", repr(spec["lr"])]
+    if spec.get("head_lr") is not None:
+        words += ["--head-lr", repr(spec["head_lr"])]
     for key in ("batch_size", "grad_accum", "max_length", "warmup_ratio", "weight_decay"):
         words += ["--" + key.replace("_", "-"), str(protocol[key])]
     if protocol["max_train_examples"]:
@@ -202,6 +205,7 @@ def cell_record(spec: dict[str, Any], report: dict[str, Any], watch: BenchCallba
         "options": spec["options"],
         "method_config": artifact["method_config"],
         "lr": watch.learning_rate,  # the method's default where the spec gives none
+        "head_lr": spec.get("head_lr"),
         "task": spec["task"],
         "seed": spec["seed"],
         "model": spec["model"],

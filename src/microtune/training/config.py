@@ -30,6 +30,15 @@ class TrainConfig:
             "cli_help": "peak learning rate (default: the method's, e.g. slash 2e-2)",
         },
     )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak learning rate of the task head's parameters (None: --lr's). A linear "
+            "head over pooled features wants a far smaller rate than SLaSh's z does.",
+            "flag": "--head-lr",
+            "cli_help": "peak learning rate of the task head (default: --lr's)",
+        },
+    )
     batch_size: int = field(
         default=32, metadata={"help": "examples per forward pass (micro-batch)."}
     )
@@ -113,9 +122,9 @@ class TrainConfig:
             raise MicrotuneError("--batch-size and --grad-accum must be at least 1")
         if self.eval_batch_size < 1:
             raise MicrotuneError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
-        lr = self.learning_rate
-        if lr is not None and not 0 < lr <= MAX_RATE:
-            raise MicrotuneError(f"--lr must be positive and at most {MAX_RATE:g}, got {lr}")
+        for flag, lr in (("--lr", self.learning_rate), ("--head-lr", self.head_learning_rate)):
+            if lr is not None and not 0 < lr <= MAX_RATE:
+                raise MicrotuneError(f"{flag} must be positive and at most {MAX_RATE:g}, got {lr}")
         if not 0 <= self.weight_decay <= MAX_RATE:
             raise MicrotuneError(
                 f"--weight-decay must be in [0, {MAX_RATE:g}] (0: none), got {self.weight_decay}"

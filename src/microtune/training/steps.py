@@ -22,6 +22,8 @@ from microtune.tasks.types import loss_for, loss_units_for
 from microtune.training.config import TrainConfig
 from microtune.training.distributed import SINGLE, World
 
+HEAD_PREFIX = "head."  # `TaskModel.head`'s parameters in `named_parameters()`
+
 
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
@@ -30,6 +32,16 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+def parameter_groups(parameters: dict[str, nn.Parameter], config: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups: one, or the task head's (`head.*`) apart at its own rate."""
+    if config.head_learning_rate is None:
+        return [{"params": list(parameters.values())}]
+    head = [p for name, p in parameters.items() if name.startswith(HEAD_PREFIX)]
+    rest = [p for name, p in parameters.items() if not name.startswith(HEAD_PREFIX)]
+    groups = [{"params": rest}] if rest else []
+    return groups + ([{"params": head, "lr": config.head_learning_rate}] if head else [])
 
 
 class Diverged(MicrotuneError):
@@ -85,7 +97,9 @@ class AdamWStep:
         self.parameters = parameters
         self.world = world
         self.optimizer = torch.optim.AdamW(
-            parameters.values(), lr=config.learning_rate, weight_decay=config.weight_decay
+            parameter_groups(parameters, config),
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
         )
         start, span = self.schedule_slice or (0, total_steps)
         factor = linear_schedule(int(config.warmup_ratio * span), span)

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from microtune.bench.config import CONFIG_FOLDER, cells, check_config, load_config
+from microtune.bench.config import CONFIG_FOLDER, Cell, cells, check_config, load_config
 from microtune.bench.report import claim_table, seed_means
 from microtune.bench.runner import CELLS, plan, read_records, run_bench
 from microtune.bench.timing import padded_fraction
@@ -230,6 +230,24 @@ def test_evidence_grid_runs_seed_by_seed_and_ablations_keep_their_parents_rate(t
             CONFIG_FOLDER / "evidence.toml",
             {"methods": [{"label": "pafi-random", "method": "pafi", "lr_from": "nope"}]},
         )
+
+
+def test_committed_evidence_records_stay_current_under_todays_code():
+    # Hours of CPU: a change to what enters a cell's hash would silently rerun every cell.
+    evidence = load_config(CONFIG_FOLDER / "evidence.toml", tuned=False)
+    hashes = {c.key: c.cell_hash() for c in cells(tuning_config(evidence, "data"))}
+    folder = CONFIG_FOLDER.parent / "results" / "evidence"
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("tune/*.json"))]
+    for path in sorted(folder.glob("cells/*.json")):
+        record = json.loads(path.read_text())
+        config = load_config(CONFIG_FOLDER / "evidence.toml", {"lrs": ""})
+        lr = {m.label: m for m in config.methods}[record["label"]]
+        hashes[record["cell"]] = Cell(
+            dataclasses.replace(lr, lr=record["lr"]), record["task"], record["seed"], config
+        ).cell_hash()
+        records.append(record)
+    assert records
+    assert [r["cell"] for r in records if r["cell_hash"] != hashes[r["cell"]]] == []
 
 
 def test_tune_carves_runs_and_writes_rates_into_a_new_folder_and_again(tmp_path, tiny_model_dirs):

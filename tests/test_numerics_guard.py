@@ -148,6 +148,7 @@ def test_the_step_checks_gradients_before_and_parameters_after_the_update(
         (["--epochs", "nan"], "--epochs must be positive and finite, got nan"),
         (["--lr", "inf"], "--lr must be positive and at most 1e+06, got inf"),
         (["--lr", "nan"], "--lr must be positive and at most 1e+06, got nan"),
+        (["--head-lr", "0"], "--head-lr must be positive and at most 1e+06, got 0.0"),
         (["--weight-decay", "-1"], "--weight-decay must be in [0, 1e+06] (0: none), got -1.0"),
         (["--weight-decay", "inf"], "--weight-decay must be in [0, 1e+06] (0: none), got inf"),
         (["--warmup-ratio", "nan"], "--warmup-ratio must be in [0, 1), got nan"),

@@ -75,6 +75,25 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path, toy_files, tiny_
     assert first["trainable_parameters"] == third["trainable_parameters"]
 
 
+def test_head_learning_rate_moves_only_the_head_at_its_own_rate(
+    tmp_path, toy_files, tiny_model_dirs
+):
+    # One step without warmup: Adam's first update moves every parameter with a gradient by
+    # its group's rate (times the gradient's sign), from the same seeded start in both runs.
+    bert = tiny_model_dirs["bert"]
+    one_step = dict(max_steps=1, warmup_ratio=0.0, checkpoint_every=0)
+    run(tmp_path, toy_files, bert, "same", **one_step)
+    run(tmp_path, toy_files, bert, "apart", head_learning_rate=0.001, **one_step)
+    same, apart = (load_file(tmp_path / n / "adapter.safetensors") for n in ("same", "apart"))
+    assert torch.equal(same["method.z"], apart["method.z"])  # z's update: --lr's, unchanged
+    heads = [k for k in same if k.startswith("head.")]
+    assert heads
+    for key in heads:
+        moved = (same[key] - apart[key]).abs()  # 0.05 - 0.001 where the gradient is nonzero
+        assert torch.allclose(moved[moved > 0], torch.tensor(0.049), rtol=1e-3), key
+        assert (moved > 0).float().mean() > 0.9
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, toy_files, tiny_model_dirs):
     bert = tiny_model_dirs["bert"]
     reference = run(tmp_path, toy_files, bert, "whole", eval_every=4)

@@ -3,14 +3,17 @@ each cell lands.
 
     nice -n 19 python bench/evidence.py [--jobs 2] [--results REPO] [--no-commit]
     python bench/evidence.py --measure-threads      # 2 cells at 1 thread vs 1 cell at 2
+    python bench/evidence.py --publish              # docs/evidence.md from the records
 
 Group by group (the claims' methods first, then the rest of the table), it tunes the group's
 learning rates with `microtune bench tune` on slices of the training sets (skipped when the
 rates file has them all), then runs every unfinished cell of the groups so far with the
 ordinary bench runner, seed by seed. Each finished cell's record, and its artifact when that is
-under 1 MB, is committed to REPO (default: this checkout) at once, so an interruption loses only
-the cells that were running; the same command resumes. Run it from a separate checkout of the
-code (a `git worktree`) to keep editing this one while it runs: REPO then names this one.
+under 1 MB, is committed to REPO (default: this checkout) at once, with the report rebuilt
+on every record so far (`microtune bench report`, published as docs/evidence.md and its
+plots), so an interruption loses only the cells that were running; the same command resumes.
+Run it from a separate checkout of the code (a `git worktree`) to keep editing this one while
+it runs: REPO then names this one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 from microtune.bench.config import load_config, read_lrs
+from microtune.bench.report import report
 from microtune.bench.runner import CARVED, CELLS, RUNS, run_bench
 from microtune.bench.tune import carve, tune
 
@@ -37,6 +41,28 @@ GROUPS = (
 )
 ARTIFACT_LIMIT = 1 << 20  # bytes: `full` (90 MB) stays out of git
 ARTIFACT_FILES = ("microtune.json", "adapter.safetensors", "metrics.json")
+PAGE = Path("docs") / "evidence.md"
+NOTHING_YET = """
+No cell of the grid has finished yet: the learning rates are being tuned first ({tuned} tuning
+records so far, in bench/results/evidence/tune/).
+"""
+PLOT_EVERY = 10  # cells between two refreshes of the page's plots
+IMAGES = Path("docs") / "img" / "evidence"
+TITLE = """# The evidence: five GLUE tasks, on a CPU
+
+The claims of the two papers microtune implements (issue #28), measured with the protocol of
+the [results page](results.md) on the packaged MiniLM: SST-2, CoLA, MRPC, RTE and STS-B, three
+seeds of the claims' methods and one of the rest, each learning rate tuned on a slice of the
+training set (never dev). This page is rebuilt from the cell records each time a cell lands:
+a grid still running shows the cells so far, and a method's task mean waits until it has run
+every task.
+
+<!-- not run: the grid is hours of CPU (its records are in bench/results/evidence/cells) -->
+```bash
+nice -n 19 python bench/evidence.py            # tune, run, commit each cell as it lands
+microtune bench report bench/results/evidence   # the report below
+```
+"""
 
 
 def git(repo: Path, *words: str) -> bool:
@@ -68,6 +94,31 @@ def keep_artifact(record: dict, output: Path) -> Path | None:
     for source in files:
         shutil.copy2(source, target / source.name)
     return target
+
+
+def publish(repo: Path, plots: bool = True) -> list[Path]:
+    """docs/evidence.md from `microtune bench report` over REPO's records, and its plots when
+    `plots` or when they are missing (each plot is ~80 KB: refreshed every PLOT_EVERY cells,
+    not each, to keep the history small); returns the docs files written."""
+    results = repo / RESULTS.relative_to(HERE)
+    page = repo / PAGE
+    if not list((results / CELLS).glob("*.json")):
+        tuned = len(list((results / "tune").glob("*.json")))
+        page.write_text(TITLE + NOTHING_YET.format(tuned=tuned), encoding="utf-8")
+        return [page]
+    written = report(results)
+    images = repo / IMAGES
+    images.mkdir(parents=True, exist_ok=True)
+    text = Path(written["report"]).read_text(encoding="utf-8")
+    text = text.replace(str(results), str(RESULTS.relative_to(HERE)))
+    text = TITLE + text.split("\n", 1)[1]  # our title instead of "# Bench: evidence"
+    copies = []
+    for plot in map(Path, written["plots"]):
+        if plots or not (images / plot.name).is_file():
+            copies.append(Path(shutil.copy2(plot, images / plot.name)))
+        text = text.replace(f"]({plot.name})", f"]({IMAGES.relative_to('docs') / plot.name})")
+    page.write_text(text, encoding="utf-8")
+    return [page, *copies]
 
 
 def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, kept: Path, repo):
@@ -121,6 +172,9 @@ def run_grid(repo: Path, jobs: int, commit_cells: bool) -> None:
             paths = [results / CELLS / f"{record['cell']}.json", results / "bench.json"]
             artifact = keep_artifact(record, results)
             paths += [artifact] if artifact else []
+            paths += publish(
+                repo, plots=len(list((results / CELLS).glob("*.json"))) % PLOT_EVERY == 0
+            )
             score = record["score"]
             shown = "n/a" if score is None else f"{score:.4f}"
             commit(repo, paths, f"Evidence: {record['cell']} {record['metric']} {shown}")
@@ -159,11 +213,14 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE, help="the checkout to commit to")
     parser.add_argument("--no-commit", action="store_true")
     parser.add_argument("--measure-threads", type=int, nargs="?", const=100, metavar="STEPS")
+    parser.add_argument("--publish", action="store_true", help="only rebuild docs/evidence.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(HERE)  # the config's data_dir is relative to the repository root
     if args.measure_threads:
         measure_threads(args.measure_threads)
+    elif args.publish:
+        print("\n".join(map(str, publish(args.results.resolve()))))
     else:
         run_grid(args.results.resolve(), args.jobs, not args.no_commit)
 

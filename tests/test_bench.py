@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -303,3 +307,19 @@ def test_claims_are_settled_seed_by_seed_on_the_mean_over_tasks():
     assert table[1].startswith("| a − b | -0.0500 (-0.1000–0.0000) | 0, 1 | ≥ -0.1 | yes |")
     assert "stored bytes ÷ 0.250 (goal ≤ 0.2) | no |" in table[2]  # the score is met, not bytes
     assert table[3] == "| later | not run yet | – | ≥ 1 | – |"
+
+
+def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
+    # bench/evidence.py --publish on a checkout holding records: the docs page and its plots.
+    results = CONFIG_FOLDER.parent / "results"
+    target = tmp_path / "bench" / "results" / "evidence"
+    shutil.copytree(results / "quick" / CELLS, target / CELLS)
+    shutil.copy2(results / "quick" / "bench.json", target / "bench.json")
+    script = CONFIG_FOLDER.parent / "evidence.py"
+    command = [sys.executable, str(script), "--publish", "--results", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True)
+    page = (tmp_path / "docs" / "evidence.md").read_text()
+    assert page.startswith("# The evidence: five GLUE tasks") and "| slash | 1,024 |" in page
+    assert "bench report bench/results/evidence`" in page and str(tmp_path) not in page
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", page)
+    assert images and all((tmp_path / "docs" / image).is_file() for image in images)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import random
 import statistics
@@ -43,7 +42,7 @@ import openai
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import build_peft, clones, live_server, resident_set  # noqa: E402
+from serve_load import build_peft, clones, grown_by_tasks, live_server  # noqa: E402
 
 import microtune  # noqa: E402
 from microtune.artifacts.store import load_artifact, save_artifact  # noqa: E402
@@ -397,14 +396,7 @@ def memory_bench(args, root: Path) -> dict:
     """Bytes per SLaSh tenant of the decoder (accounted and process growth) against as many
     merged copies of the base."""
     slash = clones(root, source_artifact(root, "slash"), "slash", max(args.tasks))
-    engine = load_many(slash[:1])
-    gc.collect()
-    before = resident_set()
-    for folder in slash[1:]:
-        engine.add(folder)
-    gc.collect()
-    grown = resident_set() - before
-    tasks = list(engine.tasks.values())[1:]
+    engine, grown, tasks = grown_by_tasks(slash)
     count = len(engine.tasks)
     return {
         "tenants": count,

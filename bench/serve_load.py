@@ -362,17 +362,22 @@ def resident_set() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def grown_by_tasks(folders: list[Path]):
+    """Load the first artifact, then add the rest: the engine, the process's growth in bytes
+    over the adds, and the added tasks."""
+    engine = load_many(folders[:1])
+    gc.collect()
+    before = resident_set()
+    for folder in folders[1:]:
+        engine.add(folder)
+    gc.collect()
+    return engine, resident_set() - before, list(engine.tasks.values())[1:]
+
+
 def memory_bench(args, root: Path) -> dict:
     """Process memory of N SLaSh tasks on one base, beside what the engine accounts."""
     slash = clones(root, trained(root, "slash", {}), "slash", max(args.tasks))
-    engine = load_many(slash[:1])
-    gc.collect()
-    before = resident_set()
-    for folder in slash[1:]:
-        engine.add(folder)
-    gc.collect()
-    grown = resident_set() - before
-    tasks = list(engine.tasks.values())[1:]
+    engine, grown, tasks = grown_by_tasks(slash)
     return {
         "tasks_added": len(tasks),
         "rss_growth_per_task": round(grown / len(tasks)),

@@ -35,6 +35,7 @@ from microtune.bench.tune import carve, tune
 HERE = Path(__file__).resolve().parents[1]
 CONFIG = HERE / "bench" / "configs" / "evidence.toml"
 RESULTS = HERE / "bench" / "results" / "evidence"
+TUNED = HERE / "bench" / "results" / "evidence-tune"  # apart: a bench folder holds one bench
 GROUPS = (
     ("slash", "full", "lora", "pafi", "hiwi"),
     ("jrwarp", "bitfit", "linear", "pafi-random", "peft-vera", "peft-unilora-8k"),
@@ -44,7 +45,7 @@ ARTIFACT_FILES = ("microtune.json", "adapter.safetensors", "metrics.json")
 PAGE = Path("docs") / "evidence.md"
 NOTHING_YET = """
 No cell of the grid has finished yet: the learning rates are being tuned first ({tuned} tuning
-records so far, in bench/results/evidence/tune/).
+records so far, in bench/results/evidence-tune/).
 """
 PLOT_EVERY = 10  # cells between two refreshes of the page's plots
 IMAGES = Path("docs") / "img" / "evidence"
@@ -103,7 +104,7 @@ def publish(repo: Path, plots: bool = True) -> list[Path]:
     results = repo / RESULTS.relative_to(HERE)
     page = repo / PAGE
     if not list((results / CELLS).glob("*.json")):
-        tuned = len(list((results / "tune").glob("*.json")))
+        tuned = len(list((repo / TUNED.relative_to(HERE)).glob("*.json")))
         page.write_text(TITLE + NOTHING_YET.format(tuned=tuned), encoding="utf-8")
         return [page]
     written = report(results)
@@ -162,7 +163,8 @@ def run_grid(repo: Path, jobs: int, commit_cells: bool) -> None:
     scratch = HERE / "runs" / "evidence-tune"
     labels: list[str] = []
     for group in GROUPS:
-        tune_group(group, lrs, scratch, jobs, results / "tune", repo if commit_cells else None)
+        kept = repo / TUNED.relative_to(HERE)
+        tune_group(group, lrs, scratch, jobs, kept, repo if commit_cells else None)
         labels += group
         config = load_config(CONFIG, {"only": labels, "lrs": str(lrs)})
 

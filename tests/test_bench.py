@@ -241,7 +241,8 @@ def test_committed_evidence_records_stay_current_under_todays_code():
     evidence = load_config(CONFIG_FOLDER / "evidence.toml", tuned=False)
     hashes = {c.key: c.cell_hash() for c in cells(tuning_config(evidence, "data"))}
     folder = CONFIG_FOLDER.parent / "results" / "evidence"
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("tune/*.json"))]
+    tuned = sorted((folder.parent / "evidence-tune").glob("*.json"))
+    records = [json.loads(p.read_text()) for p in tuned]
     for path in sorted(folder.glob("cells/*.json")):
         record = json.loads(path.read_text())
         config = load_config(CONFIG_FOLDER / "evidence.toml", {"lrs": ""})

@@ -288,9 +288,11 @@ def report(folder: str | os.PathLike) -> dict[str, Any]:
     )
     rows = summarise(records)
     tasks = _ordered(order.get("tasks", []), [r["task"] for r in records])
-    means = seed_means(records, tasks)
+    # A bench still running: task means and claims wait for every task the bench file names.
+    planned = list(dict.fromkeys([*order.get("tasks", []), *tasks]))
+    means = seed_means(records, planned)
     lines = header(records, folder)
-    lines += ["## Summary", "", *summary_table(rows, tasks, means), ""]
+    lines += ["## Summary", "", *summary_table(rows, planned, means), ""]
     if order.get("claims"):
         lines += ["## Claims", "", *claim_table(order["claims"], means, rows), ""]
     lines += ["## Cost", "", *cost_table(records, tasks), ""]
@@ -302,7 +304,7 @@ def report(folder: str | os.PathLike) -> dict[str, Any]:
     if failed:
         lines += ["## Failed cells", ""]
         lines += [f"- {f['cell']}: {f['error']} (log: {f['log']})" for f in failed] + [""]
-    written = plot(rows, tasks, folder)
+    written = plot(rows, tasks, folder, planned)
     if written:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in written] + [""]
     else:
@@ -320,8 +322,12 @@ def report(folder: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def plot(rows: list[dict[str, Any]], tasks: list[str], folder: Path) -> list[str]:
-    """The four PNGs; returns their file names (none without matplotlib)."""
+def plot(
+    rows: list[dict[str, Any]], tasks: list[str], folder: Path, planned: list[str] | None = None
+) -> list[str]:
+    """The four PNGs, a panel per task of `tasks` and one of the mean over `planned` (default:
+    `tasks`) for the methods that ran them all; returns their file names (none without
+    matplotlib)."""
     try:
         import matplotlib
 
@@ -331,8 +337,10 @@ def plot(rows: list[dict[str, Any]], tasks: list[str], folder: Path) -> list[str
         return []
     labels = list(dict.fromkeys(r["label"] for r in rows))
     colours = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
-    panels = [*tasks, "mean"] if len(tasks) > 1 else tasks
-    points = [*rows, *task_means(rows, tasks)] if len(tasks) > 1 else rows
+    planned = planned or tasks
+    means = task_means(rows, planned) if len(planned) > 1 else []
+    panels = [*tasks, "mean"] if means else tasks
+    points = [*rows, *means]
     written = []
     for name, x_key, x_label in (
         ("frontier", "trained", "numbers trained besides the head (symlog)"),

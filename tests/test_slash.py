@@ -78,7 +78,32 @@ def test_shift_is_z_times_projection_at_the_site(model_type, position, tiny_mode
     assert torch.allclose(seen["output"] - plain, expected.expand_as(plain), atol=1e-5)
 
 
-@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_several_positions_shift_each_site_through_a_projection_of_its_own(
+    model_type, tiny_model_dirs
+):
+    folder = tiny_model_dirs[model_type]
+    model, tokenizer = slash_model(folder, position="output+attention", z_scale=5.0)
+    alone, _ = slash_model(folder, position="output")
+    layers = model.arch.num_layers(model.backbone)
+    bank = model.method.bank
+    assert len(bank.widths) == 2 * layers
+    # The first position keeps the projections it has alone; the second draws new ones.
+    assert torch.equal(bank.matrix(1), alone.method.bank.matrix(1))
+    assert not torch.equal(bank.matrix(layers + 1)[:, :4], bank.matrix(1)[:, :4])
+    seen = {}
+    for position in ("output", "attention"):
+        site = model.arch.block_part(model.backbone, 1, site_part(model.arch, position))
+        site.register_forward_hook(lambda m, i, o, p=position: seen.update({p: (i, o, m)}))
+    with torch.no_grad():
+        model(**tiny_batch(tokenizer))
+        for position, index in (("output", 1), ("attention", layers + 1)):
+            inputs, output, site = seen[position]
+            expected = model.method.z @ bank.matrix(index)
+            assert torch.allclose(output - site.forward(*inputs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", [*POSITIONS, "output+attention"])
 @pytest.mark.parametrize("model_type", ARCH_TYPES)
 def test_merge_is_exact_and_leaves_the_base_architecture(model_type, position, tiny_model_dirs):
     folder = tiny_model_dirs[model_type]
@@ -95,8 +120,9 @@ def test_merge_is_exact_and_leaves_the_base_architecture(model_type, position, t
     assert [type(m) for m in merged_backbone.modules()] == [type(m) for m in base.modules()]
     if model_type == "llama":
         # Llama has no biases to fold into; the merge switches on the config's bias flags.
-        flag = "attention_bias" if position == "attention" else "mlp_bias"
-        assert getattr(merged_backbone.config, flag) is True
+        flags = {"attention": "attention_bias"}
+        for part in position.split("+"):
+            assert getattr(merged_backbone.config, flags.get(part, "mlp_bias")) is True
     else:
         assert sum(p.numel() for p in merged_backbone.parameters()) == sum(
             p.numel() for p in base.parameters()
@@ -126,6 +152,8 @@ def test_bad_options_are_one_line_errors():
 
     for options, fragment in (
         ({"position": "ffn"}, "position 'ffn' unknown"),
+        ({"position": "output+output"}, "position 'output\\+output' unknown"),
+        ({"position": "output+"}, 'several joined by "\\+" without repeats'),
         ({"d": 0}, "d must be an integer in 1..1048576"),
         ({"d": 2**20 + 1}, "d must be an integer in 1..1048576"),
         ({"z_init": "ones"}, "z_init 'ones' unknown"),

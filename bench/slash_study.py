@@ -76,6 +76,7 @@ def table(records: list[dict], order: list[str]) -> list[str]:
 
 
 def keep(folder: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
     shutil.copy2(folder / "bench.json", target / "bench.json")
     for record in sorted((folder / "cells").glob("*.json")):
         (target / "cells").mkdir(parents=True, exist_ok=True)

@@ -75,8 +75,7 @@ class SLaSh(ProjectedZMethod):
         for part in dict.fromkeys(self._parts):
             sites = [site for site, p in zip(self._sites, self._parts, strict=True) if p == part]
             if part not in arch.bias_flags and any(site.bias is None for site in sites):
-                # Checked before any weight changes: no stock model of this family has a bias
-                # there.
+                # Checked before any weight changes: no stock model of the family has one.
                 raise MicrotuneError(
                     f"slash: cannot merge at position '{self.config.position}' on "
                     f"{backbone.config.model_type}: its {getattr(arch, part)} has no bias and no "

@@ -33,8 +33,8 @@ class TrainConfig:
     head_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "peak learning rate of the task head's parameters (None: --lr's). A linear "
-            "head over pooled features wants a far smaller rate than SLaSh's z does.",
+            "help": "peak learning rate of the task head's parameters (None: --lr's), e.g. "
+            "to train SLaSh's z and its head at rates of their own.",
             "flag": "--head-lr",
             "cli_help": "peak learning rate of the task head (default: --lr's)",
         },

@@ -31,6 +31,7 @@ from microtune.bench.config import load_config, read_lrs
 from microtune.bench.report import report
 from microtune.bench.runner import CARVED, CELLS, RUNS, run_bench
 from microtune.bench.tune import carve, tune
+from microtune.common.files import atomic_write
 
 HERE = Path(__file__).resolve().parents[1]
 CONFIG = HERE / "bench" / "configs" / "evidence.toml"
@@ -43,12 +44,12 @@ GROUPS = (
 ARTIFACT_LIMIT = 1 << 20  # bytes: `full` (90 MB) stays out of git
 ARTIFACT_FILES = ("microtune.json", "adapter.safetensors", "metrics.json")
 PAGE = Path("docs") / "evidence.md"
+IMAGES = Path("docs") / "img" / "evidence"
+PLOT_EVERY = 10  # cells between two refreshes of the page's plots
 NOTHING_YET = """
 No cell of the grid has finished yet: the learning rates are being tuned first ({tuned} tuning
 records so far, in bench/results/evidence-tune/).
 """
-PLOT_EVERY = 10  # cells between two refreshes of the page's plots
-IMAGES = Path("docs") / "img" / "evidence"
 TITLE = """# The evidence: five GLUE tasks, on a CPU
 
 The claims of the two papers microtune implements (issue #28), measured with the protocol of
@@ -105,7 +106,7 @@ def publish(repo: Path, plots: bool = True) -> list[Path]:
     page = repo / PAGE
     if not list((results / CELLS).glob("*.json")):
         tuned = len(list((repo / TUNED.relative_to(HERE)).glob("*.json")))
-        page.write_text(TITLE + NOTHING_YET.format(tuned=tuned), encoding="utf-8")
+        write_page(page, TITLE + NOTHING_YET.format(tuned=tuned))
         return [page]
     written = report(results)
     images = repo / IMAGES
@@ -118,8 +119,13 @@ def publish(repo: Path, plots: bool = True) -> list[Path]:
         if plots or not (images / plot.name).is_file():
             copies.append(Path(shutil.copy2(plot, images / plot.name)))
         text = text.replace(f"]({plot.name})", f"]({IMAGES.relative_to('docs') / plot.name})")
-    page.write_text(text, encoding="utf-8")
+    write_page(page, text)
     return [page, *copies]
+
+
+def write_page(page: Path, text: str) -> None:
+    """Replace the page whole (a docs build never reads half of one)."""
+    atomic_write(page, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, kept: Path, repo):

@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from microtune.bench.config import load_config, read_lrs
+from microtune.bench.config import cells, load_config, read_lrs
 from microtune.bench.report import report
 from microtune.bench.runner import CARVED, CELLS, RUNS, run_bench
-from microtune.bench.tune import carve, tune
+from microtune.bench.tune import carve, tune, tuned_methods, tuning_config
 from microtune.common.files import atomic_write
 
 HERE = Path(__file__).resolve().parents[1]
@@ -129,13 +129,15 @@ def write_page(page: Path, text: str) -> None:
 
 
 def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, kept: Path, repo):
-    """Tune the group's rates unless the rates file has them all. Each tuning cell's record
-    is kept in `kept` (and committed, with a `repo`) as it lands, and put back into the
-    scratch folder first, so a new checkout resumes the tuning too."""
+    """Tune the group's rates unless the rates file has them all and every tuning cell of the
+    config is kept (a grid widened in the config tunes again). Each tuning cell's record is
+    kept in `kept` (and committed, with a `repo`) as it lands, and put back into the scratch
+    folder first, so a new checkout resumes the tuning too."""
     overrides = {"only": list(group), "lrs": str(lrs), "tune": {"write": str(lrs)}}
     config = load_config(CONFIG, overrides, tuned=False)
-    wanted = {m.label for m in config.methods if not m.lr_from}
-    if lrs.is_file() and wanted <= set(read_lrs(str(lrs))):
+    wanted = {m.label for m in tuned_methods(config)}
+    untuned = [c for c in cells(tuning_config(config, "")) if not (kept / f"{c.key}.json").exists()]
+    if lrs.is_file() and wanted <= set(read_lrs(str(lrs))) and not untuned:
         return
     kept.mkdir(parents=True, exist_ok=True)
     # Carve first: the bench refuses a folder that holds records but is not yet a bench folder.

@@ -30,7 +30,14 @@ from pathlib import Path
 from microtune.bench.config import cells, load_config, read_lrs
 from microtune.bench.report import report
 from microtune.bench.runner import CARVED, CELLS, RUNS, run_bench
-from microtune.bench.tune import carve, tune, tuned_methods, tuning_config
+from microtune.bench.tune import (
+    carve,
+    lr_grid,
+    rate_means,
+    tune,
+    tuned_methods,
+    tuning_config,
+)
 from microtune.common.files import atomic_write
 
 HERE = Path(__file__).resolve().parents[1]
@@ -119,8 +126,42 @@ def publish(repo: Path, plots: bool = True) -> list[Path]:
         if plots or not (images / plot.name).is_file():
             copies.append(Path(shutil.copy2(plot, images / plot.name)))
         text = text.replace(f"]({plot.name})", f"]({IMAGES.relative_to('docs') / plot.name})")
+    text = text.replace("\n## Plots", rates_section(repo) + "\n## Plots")
     write_page(page, text)
     return [page, *copies]
+
+
+def rates_section(repo: Path) -> str:
+    """Every rate each method was tuned at, with its mean score on the slices: the rate the
+    grid runs with in bold, and where it sits in the grid (one at an edge may be mistuned)."""
+    config = load_config(CONFIG, tuned=False)
+    kept = repo / TUNED.relative_to(HERE)
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(kept.glob("*.json"))]
+    lrs_file = repo / "bench" / "configs" / Path(config.lrs).name
+    running = read_lrs(str(lrs_file)) if lrs_file.is_file() else {}
+    settings = config.tune
+    lines = [
+        "\n## Learning rates\n",
+        f"Tuned by `microtune bench tune`: {settings.protocol.get('max_steps', 'all')} "
+        "steps of each method at each rate, scored on a seeded slice of each training set "
+        f"({settings.slice_fraction:.0%}, at most {settings.slice_max:,} examples; the rest "
+        f"trains), seeds {list(settings.seeds)}; the mean main metric over the "
+        f"{len(config.tasks)} tasks. Bold: the rate the grid runs with.\n",
+        "| method | rate: mean score on the slices | the rate run |",
+        "|---|---|---|",
+    ]
+    for entry in tuned_methods(config):
+        grid = lr_grid(entry, settings.factors)
+        means = rate_means(config, entry, records, echo=lambda _: None)
+        chosen = running.get(entry.label)
+        if not means or chosen is None:
+            continue
+        tried = [f"{lr:g}: {means[lr]:.4f}" if lr in means else f"{lr:g}: –" for lr in grid]
+        tried = [f"**{t}**" if lr == chosen else t for lr, t in zip(grid, tried, strict=True)]
+        edges = {grid[0]: "the grid's lowest", grid[-1]: "the grid's highest"}
+        where = edges.get(chosen, "inside") if len(means) == len(grid) else "tuning"
+        lines.append(f"| {entry.label} | {' · '.join(tried)} | {where} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_page(page: Path, text: str) -> None:

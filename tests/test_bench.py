@@ -320,6 +320,22 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
     claim = {"name": "SLaSh ÷ full", "a": "slash", "b": "full", "kind": "ratio", "goal": 0.95}
     planned["config"]["claims"] = [claim]
     (target / "bench.json").write_text(json.dumps(planned))
+    # The tuning behind the rates: slash's grid done (the middle rate run), full's part-way.
+    tuned = tmp_path / "bench" / "results" / "evidence-tune"
+    tuned.mkdir()
+    scores = {"slash": {0.01: 0.5, 0.02: 0.7, 0.04: 0.6}, "full": {2e-5: 0.4}}
+    for label, grid in scores.items():
+        for lr, score in grid.items():
+            for task in ("sst2", "cola", "mrpc", "rte", "stsb"):
+                cell = f"{label}@lr={lr:g}-{task}-s0"
+                record = {"label": f"{label}@lr={lr:g}", "cell": cell, "score": score}
+                (tuned / f"{cell}.json").write_text(json.dumps(record))
+    (tmp_path / "bench" / "configs").mkdir()
+    write_lrs(
+        tmp_path / "bench" / "configs" / "evidence-lrs.toml",
+        {"slash": {"lr": 0.02, "grid": scores["slash"]}, "full": {"lr": 2e-5, "grid": {}}},
+        "test",
+    )
     script = CONFIG_FOLDER.parent / "evidence.py"
     command = [sys.executable, str(script), "--publish", "--results", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True)
@@ -330,5 +346,7 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
     assert "3-task mean" in page and slash.endswith("| – | – |")
     assert "| SLaSh ÷ full | not run yet |" in page
     assert "bench report bench/results/evidence`" in page and str(tmp_path) not in page
+    assert "| slash | 0.01: 0.5000 · **0.02: 0.7000** · 0.04: 0.6000 | inside |" in page
+    assert "| full | **2e-05: 0.4000** · 5e-05: – · 0.0001: – · 0.0002: – | tuning |" in page
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", page)
     assert images and all((tmp_path / "docs" / image).is_file() for image in images)

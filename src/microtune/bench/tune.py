@@ -114,26 +114,34 @@ def tuning_config(config: BenchConfig, data_dir: str) -> BenchConfig:
     )
 
 
+def rate_means(
+    config: BenchConfig, entry: MethodEntry, records: list[dict[str, Any]], echo=print
+) -> dict[float, float]:
+    """The method's mean main metric on the slices at each rate of its grid whose cells all
+    finished with a score; a rate with an unscored cell is skipped, with a note through `echo`."""
+    cells_needed = len(config.tasks) * len(config.tune.seeds)
+    means = {}
+    for lr in lr_grid(entry, config.tune.factors):
+        label = grid_label(entry.label, lr)
+        mine = [r for r in records if r["label"] == label]
+        unscored = [r["cell"] for r in mine if r["score"] is None]
+        if unscored:
+            echo(f"{label}: skipped, no score (undefined metric) in {', '.join(unscored)}")
+            continue
+        if len(mine) == cells_needed:
+            means[lr] = statistics.mean(r["score"] for r in mine)
+    return means
+
+
 def choose(
     config: BenchConfig, records: list[dict[str, Any]], echo=print
 ) -> dict[str, dict[str, Any]]:
     """Per method: the mean main metric on the slice of every rate whose cells all finished
     with a score, and the best rate (the lower one on a tie). A rate with a cell whose metric
     is undefined (e.g. constant predictions) is skipped, with a note through `echo`."""
-    cells_needed = len(config.tasks) * len(config.tune.seeds)
     chosen = {}
     for entry in tuned_methods(config):
-        means = {}
-        for lr in lr_grid(entry, config.tune.factors):
-            label = grid_label(entry.label, lr)
-            mine = [r for r in records if r["label"] == label]
-            unscored = [r["cell"] for r in mine if r["score"] is None]
-            if unscored:
-                echo(f"{label}: skipped, no score (undefined metric) in {', '.join(unscored)}")
-                continue
-            scores = [r["score"] for r in mine]
-            if len(scores) == cells_needed:
-                means[lr] = statistics.mean(scores)
+        means = rate_means(config, entry, records, echo)
         if not means:
             raise MicrotuneError(
                 f"no learning rate of {entry.label} finished every cell with a score; see "

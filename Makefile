@@ -43,5 +43,7 @@ docs:
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[docs]"
 	$(PYTHON) -m mkdocs build --strict
 
+# Two pytest-xdist workers, one torch thread each (tests/conftest.py): the suite's long tests
+# wait on subprocesses (torchrun, Flower, uvicorn), so two at once fill 2 cores.
 test: install-dev lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2

@@ -32,11 +32,12 @@ from microtune.bench.report import report
 from microtune.bench.runner import CARVED, CELLS, RUNS, run_bench
 from microtune.bench.tune import (
     carve,
-    lr_grid,
     rate_means,
+    tried_rates,
     tune,
     tuned_methods,
     tuning_config,
+    widen,
 )
 from microtune.common.files import atomic_write
 
@@ -151,7 +152,7 @@ def rates_section(repo: Path) -> str:
         "|---|---|---|",
     ]
     for entry in tuned_methods(config):
-        grid = lr_grid(entry, settings.factors)
+        grid = tried_rates(entry, settings.factors, records)
         means = rate_means(config, entry, records, echo=lambda _: None)
         chosen = running.get(entry.label)
         if not means or chosen is None:
@@ -170,15 +171,18 @@ def write_page(page: Path, text: str) -> None:
 
 
 def tune_group(group: tuple[str, ...], lrs: Path, scratch: Path, jobs: int, kept: Path, repo):
-    """Tune the group's rates unless the rates file has them all and every tuning cell of the
-    config is kept (a grid widened in the config tunes again). Each tuning cell's record is
+    """Tune the group's rates unless the rates file has them all, every tuning cell of the
+    config is kept and no best rate is at an edge `tune.extend` would grow past (a grid widened
+    in the config, or allowed to grow, tunes again). Each tuning cell's record is
     kept in `kept` (and committed, with a `repo`) as it lands, and put back into the scratch
     folder first, so a new checkout resumes the tuning too."""
     overrides = {"only": list(group), "lrs": str(lrs), "tune": {"write": str(lrs)}}
     config = load_config(CONFIG, overrides, tuned=False)
     wanted = {m.label for m in tuned_methods(config)}
     untuned = [c for c in cells(tuning_config(config, "")) if not (kept / f"{c.key}.json").exists()]
-    if lrs.is_file() and wanted <= set(read_lrs(str(lrs))) and not untuned:
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in kept.glob("*.json")]
+    edged = widen(config, records, set())  # `tune.extend` has a rate to add
+    if lrs.is_file() and wanted <= set(read_lrs(str(lrs))) and not untuned and not edged:
         return
     kept.mkdir(parents=True, exist_ok=True)
     # Carve first: the bench refuses a folder that holds records but is not yet a bench folder.

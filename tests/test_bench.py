@@ -17,7 +17,7 @@ from microtune.bench.config import CONFIG_FOLDER, Cell, cells, check_config, loa
 from microtune.bench.report import claim_table, seed_means
 from microtune.bench.runner import CELLS, plan, read_records, run_bench
 from microtune.bench.timing import padded_fraction
-from microtune.bench.tune import carve, choose, tune, tuning_config, write_lrs
+from microtune.bench.tune import carve, choose, step_beyond, tune, tuning_config, write_lrs
 from microtune.cli import run as cli_run
 from microtune.errors import MicrotuneError
 from microtune.methods import METHODS
@@ -196,9 +196,9 @@ def test_tuning_slice_comes_from_training_data_only(tmp_path, tiny_model_dirs):
     assert grid.timing.rounds == 0 and grid.data_dir == carved
     # The best mean on the slice wins; a rate with a missing cell is not eligible.
     records = [
-        {"label": "slash@lr=0.01", "score": 0.6},
-        {"label": "slash@lr=0.04", "score": 0.7},
-        {"label": "lora@lr=0.0005", "score": 0.9},
+        {"label": "slash@lr=0.01", "lr": 0.01, "score": 0.6},
+        {"label": "slash@lr=0.04", "lr": 0.04, "score": 0.7},
+        {"label": "lora@lr=0.0005", "lr": 0.0005, "score": 0.9},
     ]
     chosen = choose(config, records)
     assert chosen["slash"]["lr"] == 0.04 and chosen["lora"]["lr"] == 5e-4
@@ -278,6 +278,35 @@ def test_tune_carves_runs_and_writes_rates_into_a_new_folder_and_again(tmp_path,
     assert summary["ran"] == 0
 
 
+def test_tune_grows_a_grid_past_the_edge_its_best_rate_sits_on(tmp_path, tiny_model_dirs):
+    assert step_beyond([1e-3, 2e-3], 2e-3) == 4e-3 and step_beyond([1e-3, 2e-3], 1e-3) == 5e-4
+    assert step_beyond([1e-3, 2e-3, 4e-3], 2e-3) is None
+    overrides = {
+        "model": str(tiny_model_dirs["bert"]),
+        "data_dir": str(toy_glue(tmp_path / "data")),
+        "tasks": ["sst2"],
+        "methods": [{"label": "slash"}],
+        "only": None,
+        "protocol": {"max_steps": 2, "batch_size": 8, "max_train_examples": 0},
+        "tune": {"factors": [0.5, 2.0], "extend": 2, "write": str(tmp_path / "lrs.toml")},
+    }
+    summary = tune(CONFIG_FOLDER / "quick.toml", tmp_path / "t", overrides=overrides, echo=str)
+    scores = {r["lr"]: r["score"] for r in read_records(tmp_path / "t")}
+    # Replay: slash's 2e-2 × the factors, then one step (×4) past the edge the best (the lower
+    # rate on a tie) sits on, while it sits on one, twice at most.
+    tried = [1e-2, 4e-2]
+    while len(tried) < 4:
+        best = max(sorted(tried), key=lambda lr: scores[lr])
+        if min(tried) < best < max(tried):
+            break
+        tried.append(float(f"{best * 4 if best == max(tried) else best / 4:.3g}"))
+    assert sorted(tried) == sorted(scores) and summary["ran"] == len(tried)
+    best = max(sorted(scores), key=lambda lr: scores[lr])
+    assert summary["chosen"] == {"slash": best}
+    with pytest.raises(MicrotuneError, match="tune.extend must be a whole number"):
+        load_config(CONFIG_FOLDER / "quick.toml", {**overrides, "tune": {"extend": -1}})
+
+
 def test_claims_are_settled_seed_by_seed_on_the_mean_over_tasks():
     def record(label, task, seed, score):
         return {"label": label, "task": task, "seed": seed, "score": score}
@@ -328,7 +357,7 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
         for lr, score in grid.items():
             for task in ("sst2", "cola", "mrpc", "rte", "stsb"):
                 cell = f"{label}@lr={lr:g}-{task}-s0"
-                record = {"label": f"{label}@lr={lr:g}", "cell": cell, "score": score}
+                record = {"label": f"{label}@lr={lr:g}", "lr": lr, "cell": cell, "score": score}
                 (tuned / f"{cell}.json").write_text(json.dumps(record))
     (tmp_path / "bench" / "configs").mkdir()
     write_lrs(

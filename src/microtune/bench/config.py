@@ -130,6 +130,9 @@ class TuneSettings:
         write: the file the chosen rates go to, relative to this config (a bench file names it
             as `lrs`).
         protocol: fields of `Protocol` that differ while tuning (e.g. fewer steps).
+        extend: rates a method's grid may grow by, one at a time, while its best rate is the
+            highest or lowest tried (each one step beyond it, at the grid's own ratio): a rate
+            chosen at an edge may be mistuned.
     """
 
     factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -139,8 +142,11 @@ class TuneSettings:
     seeds: tuple[int, ...] = (0,)
     write: str = "lrs.toml"
     protocol: dict[str, Any] = field(default_factory=dict)
+    extend: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.extend, int) or self.extend < 0:
+            raise MicrotuneError("tune.extend must be a whole number >= 0 (0: the grid as given)")
         if not 0 < self.slice_fraction < 1 or self.slice_max < 1:
             raise MicrotuneError("tune.slice_fraction must be in (0, 1) and tune.slice_max >= 1")
         if not self.factors or any(not (f > 0 and math.isfinite(f)) for f in self.factors):

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,41 @@ def grid_label(label: str, lr: float) -> str:
     return f"{label}@lr={lr:g}"
 
 
+def tried_rates(entry: MethodEntry, factors: tuple[float, ...], records: list[dict]) -> list[float]:
+    """The method's grid and every rate beyond it that `extend` added (found in the records)."""
+    extra = {r["lr"] for r in records if r["label"].startswith(f"{entry.label}@lr=")}
+    return sorted(set(lr_grid(entry, factors)) | extra)
+
+
+def step_beyond(rates: list[float], best: float) -> float | None:
+    """The next rate past the grid's edge the best rate sits on (at the ratio of the two rates
+    at that edge), or None when the best is inside the grid."""
+    if len(rates) < 2 or rates[0] < best < rates[-1]:
+        return None
+    if best == rates[-1]:
+        return float(f"{best * rates[-1] / rates[-2]:.3g}")
+    return float(f"{best * rates[0] / rates[1]:.3g}")
+
+
+def widen(
+    config: BenchConfig, records: list[dict[str, Any]], attempted: set[tuple[str, float]]
+) -> dict[str, float]:
+    """Per method whose best rate is its grid's edge, while it has grown by fewer than
+    `tune.extend` rates: the next rate to try (never one in `attempted`)."""
+    wider = {}
+    for entry in tuned_methods(config):
+        means = rate_means(config, entry, records, echo=lambda _: None)
+        rates = tried_rates(entry, config.tune.factors, records)
+        grown = len(rates) - len(lr_grid(entry, config.tune.factors))
+        if not means or grown >= config.tune.extend:
+            continue
+        best = max(sorted(means), key=lambda lr: means[lr])
+        rate = step_beyond(rates, best)
+        if rate is not None and (entry.label, rate) not in attempted:
+            wider[entry.label] = rate
+    return wider
+
+
 def tuning_config(config: BenchConfig, data_dir: str) -> BenchConfig:
     """The grid as a bench: one method entry per (method, rate), on the carved data, with the
     tuning protocol and no timing."""
@@ -121,7 +157,7 @@ def rate_means(
     finished with a score; a rate with an unscored cell is skipped, with a note through `echo`."""
     cells_needed = len(config.tasks) * len(config.tune.seeds)
     means = {}
-    for lr in lr_grid(entry, config.tune.factors):
+    for lr in tried_rates(entry, config.tune.factors, records):
         label = grid_label(entry.label, lr)
         mine = [r for r in records if r["label"] == label]
         unscored = [r["cell"] for r in mine if r["score"] is None]
@@ -175,6 +211,25 @@ def write_lrs(path: str | os.PathLike, chosen: dict[str, dict[str, Any]], how: s
     atomic_write(path, write)
 
 
+def extend_edges(
+    config: BenchConfig, data_dir: str, output: Path, run: Callable, echo=print
+) -> list[dict[str, Any]]:
+    """Grow each grid whose best rate sits on its edge by one rate at a time (`tune.extend`
+    at most), running each new rate's cells with `run`; returns their summaries."""
+    summaries, attempted = [], set()
+    while wider := widen(config, read_records(output), attempted):
+        shown = ", ".join(f"{label} {lr:g}" for label, lr in wider.items())
+        echo(f"best rate at its grid's edge; trying one beyond: {shown}")
+        attempted |= set(wider.items())
+        beyond = tuple(
+            dataclasses.replace(entry, lr_grid=(wider[entry.label],))
+            for entry in tuned_methods(config)
+            if entry.label in wider
+        )
+        summaries.append(run(tuning_config(dataclasses.replace(config, methods=beyond), data_dir)))
+    return summaries
+
+
 def tune(
     config_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -191,8 +246,14 @@ def tune(
     output = Path(output)
     refuse_foreign_folder(output)
     data_dir = carve(config, (output / CARVED).parent)
-    grid = tuning_config(config, data_dir)
-    summary = run_bench(grid, output, device=device, jobs=jobs, echo=echo, on_result=on_result)
+
+    def run(bench: BenchConfig) -> dict[str, Any]:
+        return run_bench(bench, output, device=device, jobs=jobs, echo=echo, on_result=on_result)
+
+    summary = run(tuning_config(config, data_dir))
+    for extension in extend_edges(config, data_dir, output, run, echo):
+        summary["ran"] += extension["ran"]
+        summary["failed"] += extension["failed"]
     chosen = choose(config, read_records(output), echo)
     write_lrs(config.tune.write, chosen, f"microtune bench tune {config_path}")
     echo(f"wrote {config.tune.write}")

@@ -17,6 +17,7 @@ A bench file is TOML (`bench/configs/full.toml` is the reference):
     rounds = 5
     [tune]                               # `TuneSettings`' fields (`microtune bench tune`)
     factors = [0.25, 1, 4]
+    extend = 1                           # a best rate at the grid's edge: one more beyond it
 
     [[methods]]
     label = "slash-d2048"                # unique; the report's name for it

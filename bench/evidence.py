@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from microtune.bench.config import cells, load_config, read_lrs
+from microtune.bench.config import BenchConfig, cells, load_config, read_lrs
 from microtune.bench.report import report
-from microtune.bench.runner import CARVED, CELLS, RUNS, run_bench
+from microtune.bench.runner import CARVED, CELLS, RUNS, plan, run_bench
 from microtune.bench.tune import (
     carve,
     rate_means,
@@ -80,10 +80,11 @@ def git(repo: Path, *words: str) -> bool:
 
 
 def commit(repo: Path, paths: list[Path], message: str) -> None:
-    """Commit only `paths` (other staged work stays staged); retried while git is busy."""
-    names = [str(p.relative_to(repo)) for p in paths if p.exists()]
+    """Commit only `paths`, written or removed (other staged work stays staged); retried while
+    git is busy."""
+    names = [str(p.relative_to(repo)) for p in paths if p.exists() or tracked(repo, p)]
     for _ in range(20):
-        added = git(repo, "add", "--", *names)
+        added = git(repo, "add", "-A", "--", *names)
         if added and git(repo, "commit", "-q", "-m", message, "--", *names):
             return
         if not git(repo, "diff", "--cached", "--quiet", "--", *names):
@@ -91,6 +92,26 @@ def commit(repo: Path, paths: list[Path], message: str) -> None:
             continue
         return  # nothing new to commit
     print(f"evidence: could not commit {names}", file=sys.stderr)
+
+
+def tracked(repo: Path, path: Path) -> bool:
+    return git(repo, "ls-files", "--error-unmatch", "--", str(path.relative_to(repo)))
+
+
+def drop_stale(config: BenchConfig, results: Path, repo: Path, commit_cells: bool) -> None:
+    """Remove the records and artifacts of cells whose settings changed (a new learning rate)
+    and commit that with the page, before they run again: git never holds a stale record."""
+    _, _, stale = plan(config, results)
+    gone = [results / CELLS / f"{c.key}.json" for c in stale]
+    gone += [results / "artifacts" / c.key for c in stale]
+    for path in gone:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if stale and commit_cells:
+        names = ", ".join(c.key for c in stale)
+        commit(repo, [*gone, *publish(repo, plots=False)], f"Evidence: to run again ({names})")
 
 
 def keep_artifact(record: dict, output: Path) -> Path | None:
@@ -234,6 +255,7 @@ def run_grid(repo: Path, jobs: int, commit_cells: bool) -> None:
             shown = "n/a" if score is None else f"{score:.4f}"
             commit(repo, paths, f"Evidence: {record['cell']} {record['metric']} {shown}")
 
+        drop_stale(config, results, repo, commit_cells)
         run_bench(config, results, jobs=jobs, on_result=land)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import random
 import re
@@ -305,6 +306,38 @@ def test_tune_grows_a_grid_past_the_edge_its_best_rate_sits_on(tmp_path, tiny_mo
     assert summary["chosen"] == {"slash": best}
     with pytest.raises(MicrotuneError, match="tune.extend must be a whole number"):
         load_config(CONFIG_FOLDER / "quick.toml", {**overrides, "tune": {"extend": -1}})
+
+
+def test_the_evidence_grid_commits_the_removal_of_cells_whose_rate_changed(tmp_path):
+    spec = importlib.util.spec_from_file_location("evidence", CONFIG_FOLDER.parent / "evidence.py")
+    evidence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evidence)
+    config = load_config(CONFIG_FOLDER / "evidence.toml", {"only": ["slash"], "lrs": ""})
+    # Two records of the quick bench: RTE's made current, SST-2's left with another protocol.
+    quick, results = CONFIG_FOLDER.parent / "results" / "quick", tmp_path / "bench" / "results"
+    results = results / "evidence"
+    (results / CELLS).mkdir(parents=True)
+    shutil.copy2(quick / "bench.json", results / "bench.json")
+    for cell in ("slash-sst2-s0", "slash-rte-s0"):
+        shutil.copy2(quick / CELLS / f"{cell}.json", results / CELLS / f"{cell}.json")
+    rte = json.loads((results / CELLS / "slash-rte-s0.json").read_text())
+    rte["cell_hash"] = Cell(config.methods[0], "rte", 0, config).cell_hash()
+    (results / CELLS / "slash-rte-s0.json").write_text(json.dumps(rte))
+    (results / "artifacts" / "slash-sst2-s0").mkdir(parents=True)
+    (results / "artifacts" / "slash-sst2-s0" / "microtune.json").write_text("{}")
+    (tmp_path / "docs").mkdir()
+    shutil.copy2(CONFIG_FOLDER.parents[1] / ".gitignore", tmp_path / ".gitignore")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "cells"], check=True)
+    evidence.drop_stale(config, results, tmp_path, commit_cells=True)
+    assert sorted(p.name for p in (results / CELLS).iterdir()) == ["slash-rte-s0.json"]
+    assert not (results / "artifacts" / "slash-sst2-s0").exists()
+    log = subprocess.run([*git, "log", "-1", "--format=%s"], capture_output=True, text=True)
+    assert log.stdout.strip() == "Evidence: to run again (slash-sst2-s0)"
+    status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
+    assert status.stdout == ""  # the removal and the page, committed together
 
 
 def test_claims_are_settled_seed_by_seed_on_the_mean_over_tasks():

@@ -289,10 +289,17 @@ def test_tune_grows_a_grid_past_the_edge_its_best_rate_sits_on(tmp_path, tiny_mo
         "methods": [{"label": "slash"}],
         "only": None,
         "protocol": {"max_steps": 2, "batch_size": 8, "max_train_examples": 0},
-        "tune": {"factors": [0.5, 2.0], "extend": 2, "write": str(tmp_path / "lrs.toml")},
+        "tune": {
+            "factors": [0.5, 2.0],
+            "extend": 2,
+            "seeds": [0, 1],
+            "write": str(tmp_path / "lrs.toml"),
+        },
     }
     summary = tune(CONFIG_FOLDER / "quick.toml", tmp_path / "t", overrides=overrides, echo=str)
-    scores = {r["lr"]: r["score"] for r in read_records(tmp_path / "t")}
+    scores = {}
+    for record in read_records(tmp_path / "t"):
+        scores[record["lr"]] = scores.get(record["lr"], 0) + record["score"] / 2
     # Replay: slash's 2e-2 × the factors, then one step (×4) past the edge the best (the lower
     # rate on a tie) sits on, while it sits on one, twice at most.
     tried = [1e-2, 4e-2]
@@ -301,9 +308,13 @@ def test_tune_grows_a_grid_past_the_edge_its_best_rate_sits_on(tmp_path, tiny_mo
         if min(tried) < best < max(tried):
             break
         tried.append(float(f"{best * 4 if best == max(tried) else best / 4:.3g}"))
-    assert sorted(tried) == sorted(scores) and summary["ran"] == len(tried)
+    assert sorted(tried) == sorted(scores) and summary["ran"] == 2 * len(tried)
     best = max(sorted(scores), key=lambda lr: scores[lr])
     assert summary["chosen"] == {"slash": best}
+    # Cut off part-way through the last added rate: the same call runs its missing cell only.
+    (tmp_path / "t" / CELLS / f"slash@lr={tried[-1]:g}-sst2-s1.json").unlink()
+    again = tune(CONFIG_FOLDER / "quick.toml", tmp_path / "t", overrides=overrides, echo=str)
+    assert again["ran"] == 1 and again["chosen"] == summary["chosen"]
     with pytest.raises(MicrotuneError, match="tune.extend must be a whole number"):
         load_config(CONFIG_FOLDER / "quick.toml", {**overrides, "tune": {"extend": -1}})
 

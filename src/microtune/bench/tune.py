@@ -115,8 +115,11 @@ def widen(
     wider = {}
     for entry in tuned_methods(config):
         means = rate_means(config, entry, records, echo=lambda _: None)
-        rates = tried_rates(entry, config.tune.factors, records)
-        grown = len(rates) - len(lr_grid(entry, config.tune.factors))
+        # An added rate counts once all its cells are in: a tuning cut off part-way through
+        # one proposes it again, and the runner runs only its missing cells.
+        grid = lr_grid(entry, config.tune.factors)
+        rates = sorted(set(grid) | set(means))
+        grown = len(rates) - len(grid)
         if not means or grown >= config.tune.extend:
             continue
         best = max(sorted(means), key=lambda lr: means[lr])

@@ -18,7 +18,15 @@ from microtune.bench.config import CONFIG_FOLDER, Cell, cells, check_config, loa
 from microtune.bench.report import claim_table, seed_means
 from microtune.bench.runner import CELLS, plan, read_records, run_bench
 from microtune.bench.timing import padded_fraction
-from microtune.bench.tune import carve, choose, step_beyond, tune, tuning_config, write_lrs
+from microtune.bench.tune import (
+    carve,
+    choose,
+    step_beyond,
+    tried_rates,
+    tune,
+    tuning_config,
+    write_lrs,
+)
 from microtune.cli import run as cli_run
 from microtune.errors import MicrotuneError
 from microtune.methods import METHODS
@@ -240,10 +248,16 @@ def test_evidence_grid_runs_seed_by_seed_and_ablations_keep_their_parents_rate(t
 def test_committed_evidence_records_stay_current_under_todays_code():
     # Hours of CPU: a change to what enters a cell's hash would silently rerun every cell.
     evidence = load_config(CONFIG_FOLDER / "evidence.toml", tuned=False)
-    hashes = {c.key: c.cell_hash() for c in cells(tuning_config(evidence, "data"))}
     folder = CONFIG_FOLDER.parent / "results" / "evidence"
     tuned = sorted((folder.parent / "evidence-tune").glob("*.json"))
     records = [json.loads(p.read_text()) for p in tuned]
+    # Every rate tuned, the ones `tune.extend` added past a grid's edge included.
+    grown = [
+        dataclasses.replace(m, lr_grid=tuple(tried_rates(m, evidence.tune.factors, records)))
+        for m in evidence.methods
+    ]
+    grid = tuning_config(dataclasses.replace(evidence, methods=tuple(grown)), "data")
+    hashes = {c.key: c.cell_hash() for c in cells(grid)}
     for path in sorted(folder.glob("cells/*.json")):
         record = json.loads(path.read_text())
         config = load_config(CONFIG_FOLDER / "evidence.toml", {"lrs": ""})

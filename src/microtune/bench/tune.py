@@ -3,7 +3,8 @@
 `microtune bench tune CONFIG` carves a seeded slice out of each task's training split (the
 rest trains), writes both as a data folder (the slice in the dev split's place), runs every
 method at every learning rate of its grid on it through the ordinary runner (so tuning is as
-resumable as a bench), and writes the rate with the best mean main metric over tasks and seeds
+resumable as a bench), grows a grid whose best rate is at its edge by a rate past it (up to
+`tune.extend` times), and writes the rate with the best mean main metric over tasks and seeds
 into the `lrs` file a bench file names. Nothing of the dev split is read.
 """
 

@@ -168,7 +168,9 @@ def rates_section(repo: Path) -> str:
         "steps of each method at each rate, scored on a seeded slice of each training set "
         f"({settings.slice_fraction:.0%}, at most {settings.slice_max:,} examples; the rest "
         f"trains), seeds {list(settings.seeds)}; the mean main metric over the "
-        f"{len(config.tasks)} tasks. Bold: the rate the grid runs with.\n",
+        f"{len(config.tasks)} tasks. Bold: the rate the grid runs with. Runs this short "
+        f"(the grid's are {config.protocol.max_steps:,} steps) tend to favour higher rates: a rate "
+        "chosen here may be on the high side for the grid.\n",
         "| method | rate: mean score on the slices | the rate run |",
         "|---|---|---|",
     ]

@@ -221,6 +221,31 @@ def test_tuning_slice_comes_from_training_data_only(tmp_path, tiny_model_dirs):
         choose(config, records[1:], notes.append)
 
 
+def test_tuning_on_some_of_the_tasks_carves_and_scores_only_those(tmp_path, tiny_model_dirs):
+    data = toy_glue(toy_glue(tmp_path / "own", task="cola"), sizes=(("train", 50),))
+    config = tiny_quick(
+        tmp_path, tiny_model_dirs["bert"], data_dir=str(data), tasks=["sst2", "cola"]
+    )
+    config = dataclasses.replace(config, tune=dataclasses.replace(config.tune, tasks=("cola",)))
+    carved = tmp_path / "carved"
+    assert carve(config, carved) == str(carved)
+    assert sorted(p.name for p in (carved / "glue").iterdir()) == ["cola"]
+    grid = tuning_config(config, str(carved))
+    assert {c.task for c in cells(grid)} == {"cola"} and grid.tasks == ("cola",)
+    # One cell per rate is all a rate needs: the bench's other task is not waited for.
+    records = [{"label": "slash@lr=0.01", "lr": 0.01, "score": 0.6}]
+    assert (
+        choose(dataclasses.replace(config, methods=config.methods[:1]), records)["slash"]["lr"]
+        == 0.01
+    )
+    # The evidence grid tunes with its own protocol on its three short-input tasks.
+    evidence = load_config(CONFIG_FOLDER / "evidence.toml", tuned=False)
+    tuning = tuning_config(evidence, "data")
+    assert tuning.protocol == evidence.protocol and tuning.tasks == ("sst2", "cola", "stsb")
+    with pytest.raises(MicrotuneError, match=r"tune.tasks \['qnli'\] are not among the bench"):
+        load_config(CONFIG_FOLDER / "quick.toml", {"tune": {"tasks": ["qnli"]}})
+
+
 def test_evidence_grid_runs_seed_by_seed_and_ablations_keep_their_parents_rate(tmp_path):
     evidence = load_config(CONFIG_FOLDER / "evidence.toml", tuned=False)
     grid = cells(evidence)
@@ -413,7 +438,7 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
     scores = {"slash": {0.01: 0.5, 0.02: 0.7, 0.04: 0.6}, "full": {2e-5: 0.4}}
     for label, grid in scores.items():
         for lr, score in grid.items():
-            for task in ("sst2", "cola", "mrpc", "rte", "stsb"):
+            for task in ("sst2", "cola", "stsb"):  # the tuning's tasks
                 cell = f"{label}@lr={lr:g}-{task}-s0"
                 record = {"label": f"{label}@lr={lr:g}", "lr": lr, "cell": cell, "score": score}
                 (tuned / f"{cell}.json").write_text(json.dumps(record))
@@ -435,5 +460,6 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
     assert "bench report bench/results/evidence`" in page and str(tmp_path) not in page
     assert "| slash | 0.01: 0.5000 · **0.02: 0.7000** · 0.04: 0.6000 | inside |" in page
     assert "| full | **2e-05: 0.4000** · 5e-05: – · 0.0001: – · 0.0002: – | tuning |" in page
+    assert "1,000 steps of each method at each rate on sst2, cola, stsb" in page
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", page)
     assert images and all((tmp_path / "docs" / image).is_file() for image in images)

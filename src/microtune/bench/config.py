@@ -134,6 +134,8 @@ class TuneSettings:
         extend: rates a method's grid may grow by, one at a time, while its best rate is the
             highest or lowest tried (each one step beyond it, at the grid's own ratio): a rate
             chosen at an edge may be mistuned.
+        tasks: the tasks tuned on, a subset of the bench's (empty: all of them): the full
+            protocol on a few cheap tasks rather than a shortened one on every task.
     """
 
     factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -144,6 +146,7 @@ class TuneSettings:
     write: str = "lrs.toml"
     protocol: dict[str, Any] = field(default_factory=dict)
     extend: int = 0
+    tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.extend, int) or self.extend < 0:
@@ -467,6 +470,12 @@ def load_config(
         model = os.path.abspath(model)  # the worker runs from anywhere
     data_dir = os.path.abspath(table["data_dir"]) if table.get("data_dir") else ""
     tune = _build(TuneSettings, table.get("tune", {}), "tune")
+    foreign = sorted(set(tune.tasks) - set(table["tasks"]))
+    if foreign:
+        raise MicrotuneError(
+            f"{path}: tune.tasks {foreign} are not among the bench's tasks "
+            f"{list(table['tasks'])}; tune on some of those (or drop tune.tasks for all)"
+        )
     if "write" not in table.get("tune", {}):
         tune = dataclasses.replace(tune, write=str(Path(path).resolve().parent / tune.write))
     return BenchConfig(

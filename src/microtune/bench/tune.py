@@ -42,14 +42,19 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
+def tuning_tasks(config: BenchConfig) -> tuple[str, ...]:
+    """The tasks rates are tuned on: `tune.tasks`, else all of the bench's."""
+    return config.tune.tasks or config.tasks
+
+
 def carve(config: BenchConfig, folder: str | os.PathLike) -> str:
-    """A data folder per task: train = the training split less a seeded slice, the dev split =
-    that slice. Kept when an earlier call made it with the same settings."""
+    """A data folder per tuning task: train = the training split less a seeded slice, the dev
+    split = that slice. Kept when an earlier call made it with the same settings."""
     folder = Path(folder)
     tune = config.tune
     settings = {
         "source": config.data_dir,
-        "tasks": list(config.tasks),
+        "tasks": list(tuning_tasks(config)),
         "slice_fraction": tune.slice_fraction,
         "slice_max": tune.slice_max,
         "slice_seed": tune.slice_seed,
@@ -58,7 +63,7 @@ def carve(config: BenchConfig, folder: str | os.PathLike) -> str:
     if marker.is_file() and json.loads(marker.read_text())["settings"] == settings:
         return str(folder)
     counts = {}
-    for name in config.tasks:
+    for name in tuning_tasks(config):
         task = get_task(name)
         rows, _ = load_rows(task, "train", config.data_dir or None)
         size = min(tune.slice_max, max(1, round(tune.slice_fraction * len(rows))))
@@ -131,8 +136,8 @@ def widen(
 
 
 def tuning_config(config: BenchConfig, data_dir: str) -> BenchConfig:
-    """The grid as a bench: one method entry per (method, rate), on the carved data, with the
-    tuning protocol and no timing."""
+    """The grid as a bench: one method entry per (method, rate), on the carved data of the
+    tuning tasks, with the tuning protocol and no timing."""
     entries = [
         dataclasses.replace(entry, label=grid_label(entry.label, lr), lr=lr, seeds=())
         for entry in tuned_methods(config)
@@ -146,6 +151,7 @@ def tuning_config(config: BenchConfig, data_dir: str) -> BenchConfig:
         config,
         name=f"{config.name}-tune",
         data_dir=data_dir,
+        tasks=tuning_tasks(config),
         seeds=config.tune.seeds,
         methods=tuple(entries),
         protocol=Protocol(**{**protocol, **config.tune.protocol}),
@@ -159,7 +165,7 @@ def rate_means(
 ) -> dict[float, float]:
     """The method's mean main metric on the slices at each rate of its grid whose cells all
     finished with a score; a rate with an unscored cell is skipped, with a note through `echo`."""
-    cells_needed = len(config.tasks) * len(config.tune.seeds)
+    cells_needed = len(tuning_tasks(config)) * len(config.tune.seeds)
     means = {}
     for lr in tried_rates(entry, config.tune.factors, records):
         label = grid_label(entry.label, lr)

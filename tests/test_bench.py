@@ -232,6 +232,10 @@ def test_tuning_on_some_of_the_tasks_carves_and_scores_only_those(tmp_path, tiny
     assert sorted(p.name for p in (carved / "glue").iterdir()) == ["cola"]
     grid = tuning_config(config, str(carved))
     assert {c.task for c in cells(grid)} == {"cola"} and grid.tasks == ("cola",)
+    # Scores on another slice are other results: a tuning cell's identity names its slice.
+    other = dataclasses.replace(config, tune=dataclasses.replace(config.tune, slice_max=5))
+    hashes = [[c.cell_hash() for c in cells(tuning_config(c, "d"))] for c in (config, other)]
+    assert all(a != b for a, b in zip(*hashes, strict=True))
     # One cell per rate is all a rate needs: the bench's other task is not waited for.
     records = [{"label": "slash@lr=0.01", "lr": 0.01, "score": 0.6}]
     assert (

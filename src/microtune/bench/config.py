@@ -229,6 +229,8 @@ class BenchConfig:
         lrs: the tuned learning-rates file (absolute; "" when none).
         claims: the comparisons the report settles (`[[claims]]`).
         source: the bench file this came from.
+        held_out: a tuning bench's slice settings (what its dev split is): part of each cell's
+            identity, so records scored on another slice are rerun.
     """
 
     name: str
@@ -243,6 +245,7 @@ class BenchConfig:
     lrs: str = ""
     claims: tuple[Claim, ...] = ()
     source: str = ""
+    held_out: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -292,10 +295,13 @@ class Cell:
     def cell_hash(self) -> str:
         """Hash of what decides this cell's training: a record with another is stale."""
         spec = self.spec()
-        # head_lr joins the hash only when set, so records from before it stay current.
+        # head_lr and held_out join the hash only when set, so older records stay current.
         keys = ("method", "options", "lr", "task", "seed", "model")
         keys += ("head_lr",) if spec["head_lr"] is not None else ()
-        return digest({k: spec[k] for k in keys} | {"protocol": spec["protocol"]})
+        identity = {k: spec[k] for k in keys} | {"protocol": spec["protocol"]}
+        if self.config.held_out:
+            identity["held_out"] = self.config.held_out
+        return digest(identity)
 
 
 def digest(record: Any) -> str:
@@ -454,7 +460,7 @@ def load_config(
         else:
             table[key] = value
     only = table.pop("only", None)  # labels kept from the (inherited) methods, in that order
-    known = {f.name for f in dataclasses.fields(BenchConfig)} - {"source"}
+    known = {f.name for f in dataclasses.fields(BenchConfig)} - {"source", "held_out"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise MicrotuneError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")

@@ -47,18 +47,23 @@ def tuning_tasks(config: BenchConfig) -> tuple[str, ...]:
     return config.tune.tasks or config.tasks
 
 
+def held_out(config: BenchConfig) -> dict[str, Any]:
+    """What decides each tuning task's slice (not where the data is)."""
+    tune = config.tune
+    return {
+        "slice_fraction": tune.slice_fraction,
+        "slice_max": tune.slice_max,
+        "slice_seed": tune.slice_seed,
+    }
+
+
 def carve(config: BenchConfig, folder: str | os.PathLike) -> str:
     """A data folder per tuning task: train = the training split less a seeded slice, the dev
     split = that slice. Kept when an earlier call made it with the same settings."""
     folder = Path(folder)
     tune = config.tune
-    settings = {
-        "source": config.data_dir,
-        "tasks": list(tuning_tasks(config)),
-        "slice_fraction": tune.slice_fraction,
-        "slice_max": tune.slice_max,
-        "slice_seed": tune.slice_seed,
-    }
+    settings = {"source": config.data_dir, "tasks": list(tuning_tasks(config))}
+    settings |= held_out(config)
     marker = folder / Path(CARVED).name
     if marker.is_file() and json.loads(marker.read_text())["settings"] == settings:
         return str(folder)
@@ -157,6 +162,7 @@ def tuning_config(config: BenchConfig, data_dir: str) -> BenchConfig:
         protocol=Protocol(**{**protocol, **config.tune.protocol}),
         timing=Timing(inference_examples=0, rounds=0, step_rounds=0),
         lrs="",
+        held_out=held_out(config),
     )
 
 

@@ -180,13 +180,12 @@ def rates_section(repo: Path) -> str:
     for entry in tuned_methods(config):
         grid = tried_rates(entry, settings.factors, records)
         means = rate_means(config, entry, records, echo=lambda _: None)
-        chosen = running.get(entry.label)
-        if not means or chosen is None:
-            continue
+        # Until every rate has its mean, the rates file may hold an earlier tuning's choice.
+        chosen = running.get(entry.label) if len(means) == len(grid) else None
         tried = [f"{lr:g}: {means[lr]:.4f}" if lr in means else f"{lr:g}: –" for lr in grid]
         tried = [f"**{t}**" if lr == chosen else t for lr, t in zip(grid, tried, strict=True)]
         edges = {grid[0]: "the grid's lowest", grid[-1]: "the grid's highest"}
-        where = edges.get(chosen, "inside") if len(means) == len(grid) else "tuning"
+        where = edges.get(chosen, "inside") if chosen in grid else "tuning"
         lines.append(f"| {entry.label} | {' · '.join(tried)} | {where} |")
     return "\n".join(lines) + "\n"
 

@@ -1,11 +1,12 @@
 """Fair tuning: each method's learning rate chosen on a slice of the training set, never dev.
 
-`microtune bench tune CONFIG` carves a seeded slice out of each task's training split (the
-rest trains), writes both as a data folder (the slice in the dev split's place), runs every
-method at every learning rate of its grid on it through the ordinary runner (so tuning is as
-resumable as a bench), grows a grid whose best rate is at its edge by a rate past it (up to
-`tune.extend` times), and writes the rate with the best mean main metric over tasks and seeds
-into the `lrs` file a bench file names. Nothing of the dev split is read.
+`microtune bench tune CONFIG` carves a seeded slice out of the training split of each task it
+tunes on (`tune.tasks`, else all; the rest trains), writes both as a data folder (the slice in
+the dev split's place), runs every method at every learning rate of its grid on it through the
+ordinary runner (so tuning is as resumable as a bench), grows a grid whose best rate is at its
+edge by a rate past it (up to `tune.extend` times), and writes the rate with the best mean main
+metric over tasks and seeds into the `lrs` file a bench file names.
+Nothing of the dev split is read.
 """
 
 from __future__ import annotations

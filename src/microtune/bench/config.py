@@ -475,15 +475,6 @@ def load_config(
     if os.path.isdir(model):
         model = os.path.abspath(model)  # the worker runs from anywhere
     data_dir = os.path.abspath(table["data_dir"]) if table.get("data_dir") else ""
-    tune = _build(TuneSettings, table.get("tune", {}), "tune")
-    foreign = sorted(set(tune.tasks) - set(table["tasks"]))
-    if foreign:
-        raise MicrotuneError(
-            f"{path}: tune.tasks {foreign} are not among the bench's tasks "
-            f"{list(table['tasks'])}; tune on some of those (or drop tune.tasks for all)"
-        )
-    if "write" not in table.get("tune", {}):
-        tune = dataclasses.replace(tune, write=str(Path(path).resolve().parent / tune.write))
     return BenchConfig(
         # the default output folder is runs/bench-<name>: never a way out of ./runs
         name=check_path_name(str(table.get("name", Path(path).stem)), "bench name"),
@@ -494,11 +485,25 @@ def load_config(
         methods=methods,
         protocol=_build(Protocol, table.get("protocol", {}), "protocol"),
         timing=_build(Timing, table.get("timing", {}), "timing"),
-        tune=tune,
+        tune=_tune_settings(table, path),
         lrs=lrs,
         claims=_claims(table.get("claims", []), table["methods"], path),
         source=str(Path(path).resolve()),
     )
+
+
+def _tune_settings(table: dict[str, Any], path: str | os.PathLike) -> TuneSettings:
+    """The `[tune]` table: its tasks among the bench's, its `write` beside the bench file."""
+    tune = _build(TuneSettings, table.get("tune", {}), "tune")
+    foreign = sorted(set(tune.tasks) - set(table["tasks"]))
+    if foreign:
+        raise MicrotuneError(
+            f"{path}: tune.tasks {foreign} are not among the bench's tasks "
+            f"{list(table['tasks'])}; tune on some of those (or drop tune.tasks for all)"
+        )
+    if "write" not in table.get("tune", {}):
+        tune = dataclasses.replace(tune, write=str(Path(path).resolve().parent / tune.write))
+    return tune
 
 
 def check_config(config: BenchConfig) -> None:

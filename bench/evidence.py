@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from microtune.bench.config import BenchConfig, Cell, cells, load_config, read_lrs
-from microtune.bench.report import report
+from microtune.bench.report import cpu_hours, report
 from microtune.bench.runner import CARVED, CELLS, RUNS, plan, read_record, run_bench
 from microtune.bench.tune import (
     carve,
@@ -180,14 +180,25 @@ def rates_section(repo: Path) -> str:
     for entry in tuned_methods(config):
         grid = tried_rates(entry, settings.factors, records)
         means = rate_means(config, entry, records, echo=lambda _: None)
-        # Until every rate has its mean, the rates file may hold an earlier tuning's choice.
-        chosen = running.get(entry.label) if len(means) == len(grid) else None
+        # Until the group's tuning writes the rates file, it holds an earlier tuning's choice.
+        best = max(means, key=means.get) if len(means) == len(grid) else None
+        chosen = best if running.get(entry.label) == best else None
         tried = [f"{lr:g}: {means[lr]:.4f}" if lr in means else f"{lr:g}: –" for lr in grid]
         tried = [f"**{t}**" if lr == chosen else t for lr, t in zip(grid, tried, strict=True)]
         edges = {grid[0]: "the grid's lowest", grid[-1]: "the grid's highest"}
         where = edges.get(chosen, "inside") if chosen in grid else "tuning"
         lines.append(f"| {entry.label} | {' · '.join(tried)} | {where} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", tuning_cost(repo, records)]) + "\n"
+
+
+def tuning_cost(repo: Path, records: list[dict]) -> str:
+    """The tuning's share of the grid's CPU hours, the first (200-step) tuning's included."""
+    first = repo / "bench" / "results" / "evidence-tune-200steps"
+    earlier = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(first.glob("*.json"))]
+    return (
+        f"CPU hours of the tuning: {cpu_hours(records):.1f} over {len(records)} runs, and "
+        f"{cpu_hours(earlier):.1f} over the first tuning's {len(earlier)} runs."
+    )
 
 
 def write_page(page: Path, text: str) -> None:

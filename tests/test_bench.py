@@ -439,17 +439,27 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
     # The tuning behind the rates: slash's grid done (the middle rate run), full's part-way.
     tuned = tmp_path / "bench" / "results" / "evidence-tune"
     tuned.mkdir()
+    # lora's done too, but the rates file still holds an earlier tuning's 2e-3.
     scores = {"slash": {0.01: 0.5, 0.02: 0.7, 0.04: 0.6}, "full": {2e-5: 0.4}}
+    scores["lora"] = {5e-4: 0.6, 1e-3: 0.7, 2e-3: 0.5}
     for label, grid in scores.items():
         for lr, score in grid.items():
             for task in ("sst2", "cola", "stsb"):  # the tuning's tasks
                 cell = f"{label}@lr={lr:g}-{task}-s0"
                 record = {"label": f"{label}@lr={lr:g}", "lr": lr, "cell": cell, "score": score}
+                record |= {"cell_time_s": 400.0, "threads": 1}  # 21 runs: 2⅓ CPU hours
                 (tuned / f"{cell}.json").write_text(json.dumps(record))
+    first = tmp_path / "bench" / "results" / "evidence-tune-200steps"
+    first.mkdir()  # one run of an hour on two threads
+    (first / "x.json").write_text(json.dumps({"cell_time_s": 3600.0, "threads": 2}))
     (tmp_path / "bench" / "configs").mkdir()
     write_lrs(
         tmp_path / "bench" / "configs" / "evidence-lrs.toml",
-        {"slash": {"lr": 0.02, "grid": scores["slash"]}, "full": {"lr": 2e-5, "grid": {}}},
+        {
+            "slash": {"lr": 0.02, "grid": scores["slash"]},
+            "full": {"lr": 2e-5, "grid": {}},
+            "lora": {"lr": 2e-3, "grid": {}},
+        },
         "test",
     )
     script = CONFIG_FOLDER.parent / "evidence.py"
@@ -465,5 +475,7 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
     assert "| slash | 0.01: 0.5000 · **0.02: 0.7000** · 0.04: 0.6000 | inside |" in page
     assert "| full | 2e-05: 0.4000 · 5e-05: – · 0.0001: – · 0.0002: – | tuning |" in page
     assert "1,000 steps of each method at each rate on sst2, cola, stsb" in page
+    assert "| lora | 0.0005: 0.6000 · 0.001: 0.7000 · 0.002: 0.5000 | tuning |" in page
+    assert "tuning: 2.3 over 21 runs, and 2.0 over the first tuning's 1 runs." in page
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", page)
     assert images and all((tmp_path / "docs" / image).is_file() for image in images)

@@ -212,8 +212,12 @@ def cost_table(records: list[dict[str, Any]], tasks: list[str]) -> list[str]:
         if minutes:
             spread = f"{statistics.median(minutes):.1f} ({min(minutes):.1f}–{max(minutes):.1f})"
             lines.append(f"| {task} | {len(minutes)} | {spread} |")
-    hours = sum(r.get("cell_time_s", 0) * (r.get("threads") or 1) for r in records) / 3600
-    return [*lines, "", f"CPU hours over {len(records)} cells: {hours:.1f}"]
+    return [*lines, "", f"CPU hours over {len(records)} cells: {cpu_hours(records):.1f}"]
+
+
+def cpu_hours(records: list[dict[str, Any]]) -> float:
+    """What the cells cost in all: each one's process wall time × its threads."""
+    return sum(r.get("cell_time_s", 0) * (r.get("threads") or 1) for r in records) / 3600
 
 
 def failures(folder: Path) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parents[1]
 CONFIG = HERE / "bench" / "configs" / "evidence.toml"
 RESULTS = HERE / "bench" / "results" / "evidence"
 TUNED = HERE / "bench" / "results" / "evidence-tune"  # apart: a bench folder holds one bench
+FIRST_TUNED = HERE / "bench" / "results" / "evidence-tune-200steps"  # superseded, kept
 GROUPS = (
     ("slash", "full", "lora", "pafi", "hiwi"),
     ("jrwarp", "bitfit", "linear", "pafi-random", "peft-vera", "peft-unilora-8k"),
@@ -193,7 +194,7 @@ def rates_section(repo: Path) -> str:
 
 def tuning_cost(repo: Path, records: list[dict]) -> str:
     """The tuning's share of the grid's CPU hours, the first (200-step) tuning's included."""
-    first = repo / "bench" / "results" / "evidence-tune-200steps"
+    first = repo / FIRST_TUNED.relative_to(HERE)
     earlier = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(first.glob("*.json"))]
     return (
         f"CPU hours of the tuning: {cpu_hours(records):.1f} over {len(records)} runs, and "

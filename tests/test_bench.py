@@ -16,6 +16,7 @@ import torch
 
 from microtune.bench.config import CONFIG_FOLDER, Cell, cells, check_config, load_config
 from microtune.bench.report import claim_table, seed_means
+from microtune.bench.reproduce import REPRODUCED, TOLERANCE, reproduce
 from microtune.bench.runner import CELLS, plan, read_records, run_bench
 from microtune.bench.timing import padded_fraction
 from microtune.bench.tune import (
@@ -140,6 +141,41 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
     sst2, mean = records["slash"]["score"], (records["slash"]["score"] + 0.25) / 2
     assert slash_row.endswith(f"| {sst2:.4f} | 0.2500 | {mean:.4f} ± 0.0000 (1) |")
     assert lora_row.endswith("| – | – |")  # no rte score: no mean
+
+
+def test_a_cell_trained_again_from_its_records_command_scores_the_same(tmp_path, tiny_model_dirs):
+    config = tiny_quick(tmp_path, tiny_model_dirs["bert"], methods=[{"label": "lora", "lr": 1e-2}])
+    out = tmp_path / "bench"
+    assert run_bench(config, out, device="cpu", threads=1)["failed"] == []
+    record = read_records(out)[0]
+
+    # The same machine and threads: the `microtune train` command gives the bench's score,
+    # bit for bit (the worker trains through the same api.train).
+    native = cli_run(["bench", "reproduce", str(out), "lora-sst2-s0"])["checks"][0]
+    assert native["rerun"] == record["score"] and native["within"]
+    assert native["command"].startswith("microtune train --task sst2 --method lora")
+    assert not (out / REPRODUCED / "runs" / "lora-sst2-s0").exists()  # scratch removed
+
+    # A record whose score is off by 0.1 fails the check; AVX2 kernels still land within
+    # float rounding of the true score.
+    path = out / CELLS / "lora-sst2-s0.json"
+    path.write_text(json.dumps({**record, "score": record["score"] + 0.1}))
+    avx2 = reproduce(out, ["lora-sst2-s0"], cpu_capability="avx2")
+    assert not avx2["within"] and abs(avx2["checks"][0]["difference"] + 0.1) <= TOLERANCE
+    assert avx2["checks"][0]["cpu_capability"] == "avx2"
+
+    cli_run(["bench", "report", str(out)])
+    table = (out / "report.md").read_text().split("## Reproduction checks")[1].split("##")[0]
+    assert "| lora-sst2-s0 |" in table and "| native |" in table and "| avx2 |" in table
+    # A check of a cell that ran again with other settings is not shown.
+    path.write_text(json.dumps({**record, "cell_hash": "0" * 16}))
+    cli_run(["bench", "report", str(out)])
+    assert "## Reproduction checks" not in (out / "report.md").read_text()
+
+    with pytest.raises(MicrotuneError, match="has no record of cell 'lora-cola-s0'.*lora-sst2"):
+        reproduce(out, ["lora-cola-s0"])
+    with pytest.raises(MicrotuneError, match="cpu capability 'sse'"):
+        reproduce(out, ["lora-sst2-s0"], cpu_capability="sse")
 
 
 def test_configs_in_the_repo_parse_and_cover_the_registry():

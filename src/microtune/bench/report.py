@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from microtune.bench.reproduce import TOLERANCE, read_checks
 from microtune.bench.runner import FAILED, read_record, read_records
 from microtune.common.files import atomic_write
 from microtune.errors import MicrotuneError
@@ -220,6 +221,23 @@ def cpu_hours(records: list[dict[str, Any]]) -> float:
     return sum(r.get("cell_time_s", 0) * (r.get("threads") or 1) for r in records) / 3600
 
 
+def check_table(checks: list[dict[str, Any]]) -> list[str]:
+    """Cells trained again from their records' commands (`microtune bench reproduce`)."""
+    lines = [
+        f"Each cell below was trained again with `microtune bench reproduce`, from the "
+        f"`microtune train` command its record names; goal: within {TOLERANCE} of the record.",
+        "",
+        "| cell | recorded | re-run | difference | kernels | CPU of the re-run | within |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        lines.append(
+            f"| {c['cell']} | {c['recorded']:.4f} | {c['rerun']:.4f} | {c['difference']:+.1e} "
+            f"| {c['cpu_capability']} | {c['cpu']} | {'yes' if c['within'] else 'no'} |"
+        )
+    return lines
+
+
 def failures(folder: Path) -> list[dict[str, Any]]:
     """The failure records of cells that have no record."""
     found = [read_record(p) for p in sorted((folder / FAILED).glob("*.json"))]
@@ -300,6 +318,9 @@ def report(folder: str | os.PathLike) -> dict[str, Any]:
     if order.get("claims"):
         lines += ["## Claims", "", *claim_table(order["claims"], means, rows), ""]
     lines += ["## Cost", "", *cost_table(records, tasks), ""]
+    checks = read_checks(folder, records)
+    if checks:
+        lines += ["## Reproduction checks", "", *check_table(checks), ""]
     for task in tasks:
         metric = next(r["metric"] for r in rows if r["task"] == task)
         lines += [f"## {task} ({metric})", "", *task_table([r for r in rows if r["task"] == task])]

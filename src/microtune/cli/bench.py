@@ -1,4 +1,4 @@
-"""`microtune bench`: methods x tasks x seeds from a bench file: run, tune, report."""
+"""`microtune bench`: methods x tasks x seeds from a bench file: run, tune, report, reproduce."""
 
 from __future__ import annotations
 
@@ -33,6 +33,18 @@ def add(commands) -> None:
             )
     report = actions.add_parser("report", help="write report.md and PNG plots of a bench folder")
     report.add_argument("folder", help="bench folder (a `bench run` --output)")
+    again = actions.add_parser(
+        "reproduce",
+        help="train finished cells again from their records' commands and compare dev scores",
+    )
+    again.add_argument("folder", help="bench folder (a `bench run` --output)")
+    again.add_argument("cells", nargs="+", metavar="CELL", help="cell names, e.g. lora-cola-s0")
+    again.add_argument("--data-dir", help="data folder instead of the one the record names")
+    again.add_argument(
+        "--cpu-capability",
+        choices=["avx2"],
+        help="run the AVX2 kernels, as a CPU without AVX-512 would (default: this CPU's best)",
+    )
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -55,6 +67,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from microtune.bench.report import report
 
         return report(args.folder)
+    if args.bench_command == "reproduce":
+        from microtune.bench.reproduce import reproduce
+
+        return reproduce(args.folder, args.cells, args.data_dir, args.cpu_capability)
     config_path = _config_path(args)
     overrides = {
         k: v for k, v in (("model", args.model), ("data_dir", args.data_dir)) if v is not None

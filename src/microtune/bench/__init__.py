@@ -8,4 +8,5 @@
 - `timing`: interleaved timing (medians with spread), padded-token fraction, versions, hardware.
 - `tune`: each method's learning rate from a grid, on a slice carved out of the training set.
 - `report`: records → report.md and PNG plots.
+- `reproduce`: a finished cell trained again from its record's command, scores compared.
 """

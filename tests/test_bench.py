@@ -174,6 +174,8 @@ def test_a_cell_trained_again_from_its_records_command_scores_the_same(tmp_path,
 
     with pytest.raises(MicrotuneError, match="has no record of cell 'lora-cola-s0'.*lora-sst2"):
         reproduce(out, ["lora-cola-s0"])
+    with pytest.raises(MicrotuneError, match="has no record of cell '../cells/lora-sst2-s0'"):
+        reproduce(out, ["../cells/lora-sst2-s0"])
     with pytest.raises(MicrotuneError, match="cpu capability 'sse'"):
         reproduce(out, ["lora-sst2-s0"], cpu_capability="sse")
 

@@ -3,10 +3,9 @@ fresh process with the record's thread count, and the two dev scores compared:
 `microtune bench reproduce FOLDER CELL...`.
 
 Each check is written to FOLDER/reproduced/<cell>[-<capability>].json (the report's
-reproduction table);
-the re-run's scratch folder is removed once its score is read. `cpu_capability="avx2"` runs
-torch's, MKL's and oneDNN's AVX2 kernels on a CPU that has AVX-512, so that one machine
-can check what a CPU without it would score.
+reproduction table); the re-run's scratch folder is removed once its score is read.
+`cpu_capability="avx2"` runs torch's, MKL's and oneDNN's AVX2 kernels on a CPU that has
+AVX-512, so that one machine can check what a CPU without it would score.
 """
 
 from __future__ import annotations
@@ -63,9 +62,9 @@ def reproduce_cell(
 ) -> dict[str, Any]:
     """Train cell `name` of bench folder `folder` again from its record's command; returns
     (and writes to reproduced/) both scores and their difference."""
-    record = read_record(folder / CELLS / f"{name}.json")
-    if record is None:
-        found = sorted(p.stem for p in (folder / CELLS).glob("*.json"))
+    found = sorted(p.stem for p in (folder / CELLS).glob("*.json"))
+    record = read_record(folder / CELLS / f"{name}.json") if name in found else None
+    if record is None:  # a name outside the list (`../x`) never becomes a path
         raise MicrotuneError(
             f"{folder / CELLS} has no record of cell {name!r}; finished cells: "
             + (", ".join(found) or "none")

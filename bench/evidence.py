@@ -73,6 +73,7 @@ every task.
 ```bash
 nice -n 19 python bench/evidence.py            # tune, run, commit each cell as it lands
 microtune bench report bench/results/evidence   # the report below
+microtune bench reproduce bench/results/evidence lora-cola-s0 --cpu-capability avx2  # a check
 ```
 """
 

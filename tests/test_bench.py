@@ -162,11 +162,13 @@ def test_a_cell_trained_again_from_its_records_command_scores_the_same(tmp_path,
     path.write_text(json.dumps({**record, "score": record["score"] + 0.1}))
     avx2 = reproduce(out, ["lora-sst2-s0"], cpu_capability="avx2")
     assert not avx2["within"] and abs(avx2["checks"][0]["difference"] + 0.1) <= TOLERANCE
-    assert avx2["checks"][0]["cpu_capability"] == "avx2"
+    assert avx2["checks"][0]["kernels"] == "AVX2"
 
     cli_run(["bench", "report", str(out)])
     table = (out / "report.md").read_text().split("## Reproduction checks")[1].split("##")[0]
-    assert "| lora-sst2-s0 |" in table and "| native |" in table and "| avx2 |" in table
+    assert (
+        "| lora-sst2-s0 |" in table and f"| {native['kernels']} |" in table and "| AVX2 |" in table
+    )
     # A check of a cell that ran again with other settings is not shown.
     path.write_text(json.dumps({**record, "cell_hash": "0" * 16}))
     cli_run(["bench", "report", str(out)])

@@ -232,8 +232,8 @@ def check_table(checks: list[dict[str, Any]]) -> list[str]:
     ]
     for c in checks:
         lines.append(
-            f"| {c['cell']} | {c['recorded']:.4f} | {c['rerun']:.4f} | {c['difference']:+.1e} "
-            f"| {c['cpu_capability']} | {c['cpu']} | {'yes' if c['within'] else 'no'} |"
+            f"| {c['cell']} | {c['recorded']:.4f} | {c['rerun']:.4f} | {c['difference']:+.4f} "
+            f"| {c['kernels']} | {c['cpu']} | {'yes' if c['within'] else 'no'} |"
         )
     return lines
 

@@ -57,6 +57,14 @@ def _with_value(words: list[str], flag: str, value: str) -> list[str]:
     return [*words[:at], value, *words[at + 1 :]]
 
 
+def kernels(env: dict[str, str]) -> str:
+    """torch's name for the CPU kernels a process with this environment runs (AVX512, AVX2,
+    DEFAULT): this CPU's best unless the environment asks for less."""
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def reproduce_cell(
     folder: Path, name: str, data_dir: str | None = None, cpu_capability: str | None = None
 ) -> dict[str, Any]:
@@ -94,7 +102,7 @@ def reproduce_cell(
         "within": abs(score - record["score"]) <= TOLERANCE,
         "command": shlex.join(["microtune", *command[3:]]),
         "threads": record.get("threads") or 1,
-        "cpu_capability": cpu_capability or "native",
+        "kernels": kernels(env),
         "cpu": cpu_model(),
         "recorded_cpu": record["hardware"]["cpu"],
         "versions": versions(),

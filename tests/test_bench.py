@@ -92,6 +92,7 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
         assert record["step_vs_forward"]["ratio"] > 0
         assert record["versions"]["torch"] == torch.__version__
         assert record["hardware"]["cores"] >= 1
+        assert record["hardware"]["kernels"] == torch.backends.cpu.get_cpu_capability()
         assert f"--method {record['method']}" in record["train_command"]
         assert record["config_hash"] == config.config_hash()
         assert record["jobs"] == 2 and record["threads"] == 1  # timed beside another cell

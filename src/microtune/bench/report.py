@@ -265,7 +265,8 @@ def header(records: list[dict[str, Any]], folder: Path) -> list[str]:
     )
     hashes = sorted({r["config_hash"] for r in records})
     machine = f"{hardware['cpu']} ({hardware['usable_cores']} usable cores"
-    machine += f", {hardware['torch_threads']} threads per cell)"
+    machine += f", {hardware['torch_threads']} threads per cell"
+    machine += f", {hardware['kernels']} kernels)" if hardware.get("kernels") else ")"
     if hardware.get("gpu"):
         machine = f"{hardware['gpu']}; {machine}"
     return [

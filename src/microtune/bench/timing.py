@@ -185,7 +185,8 @@ def cpu_model() -> str:
 
 
 def hardware(device: torch.device | str) -> dict[str, Any]:
-    """The machine: CPU model, cores (all and usable), torch threads, GPU name."""
+    """The machine: CPU model, cores (all and usable), torch threads and CPU kernels (AVX512,
+    AVX2: float rounding differs between them), GPU name."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     record = {
         "platform": sys.platform,
@@ -193,6 +194,7 @@ def hardware(device: torch.device | str) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "torch_threads": torch.get_num_threads(),
+        "kernels": torch.backends.cpu.get_cpu_capability(),
         "device": str(device),
         "gpu": None,
     }

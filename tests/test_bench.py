@@ -17,7 +17,7 @@ import torch
 from microtune.bench.config import CONFIG_FOLDER, Cell, cells, check_config, load_config
 from microtune.bench.report import claim_table, seed_means
 from microtune.bench.reproduce import REPRODUCED, TOLERANCE, reproduce
-from microtune.bench.runner import CELLS, plan, read_records, run_bench
+from microtune.bench.runner import CELLS, plan, read_records, run_bench, time_left
 from microtune.bench.timing import padded_fraction
 from microtune.bench.tune import (
     carve,
@@ -133,9 +133,12 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
         record = {**json.loads(path.read_text()), "jobs": 1}
         path.write_text(json.dumps(record))
         record.update(task="rte", cell=f"{label}-rte-s0", score=score)
+        record["versions"] = {**record["versions"], "torch": "9.9"}  # a grid across an upgrade
         (out / CELLS / f"{label}-rte-s0.json").write_text(json.dumps(record))
     cli_run(["bench", "report", str(out)])
-    assert "cells at once" not in (out / "report.md").read_text()
+    head = (out / "report.md").read_text().split("## Summary")[0]
+    assert "cells at once" not in head
+    assert f"torch 9.9 (2 cells); {torch.__version__} (2 cells)" in head  # lora-rte first
     summary_rows = (out / "report.md").read_text().split("## Summary")[1].splitlines()
     slash_row = next(line for line in summary_rows if line.startswith("| slash |"))
     lora_row = next(line for line in summary_rows if line.startswith("| lora |"))
@@ -313,6 +316,16 @@ def test_evidence_grid_runs_seed_by_seed_and_ablations_keep_their_parents_rate(t
             CONFIG_FOLDER / "evidence.toml",
             {"methods": [{"label": "pafi-random", "method": "pafi", "lr_from": "nope"}]},
         )
+
+
+def test_time_left_prices_each_cell_at_its_own_tasks_mean():
+    grid = cells(load_config(CONFIG_FOLDER / "evidence.toml", tuned=False))
+    rte = [c for c in grid if c.task == "rte"][:2]
+    cola = [c for c in grid if c.task == "cola"][:1]
+    seconds = {"sst2": [300.0, 500.0], "rte": [1500.0]}
+    # RTE at its own 1,500 s; CoLA, not finished yet, at the mean over all (2,300 / 3).
+    assert time_left(rte + cola, seconds, jobs=2) == pytest.approx((2 * 1500 + 2300 / 3) / 2)
+    assert time_left(rte, {}, jobs=2) == 0.0  # nothing known yet
 
 
 def test_committed_evidence_records_stay_current_under_todays_code():

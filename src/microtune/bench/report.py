@@ -255,20 +255,41 @@ def shared_cores_warning(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def tally(values: list[str]) -> str:
+    """Each distinct value once, in order of first appearance; with how many records hold it
+    when they differ (a grid can span a package upgrade or two machines)."""
+    counts = {value: values.count(value) for value in values}
+    if len(counts) == 1:
+        return values[0]
+    return "; ".join(f"{value} ({count} cells)" for value, count in counts.items())
+
+
+def machine(record: dict[str, Any]) -> str:
+    hardware = record["hardware"]
+    text = f"{hardware['cpu']} ({hardware['usable_cores']} usable cores"
+    text += f", {hardware['torch_threads']} threads per cell"
+    text += f", {hardware['kernels']} kernels)" if hardware.get("kernels") else ")"
+    if hardware.get("gpu"):
+        text = f"{hardware['gpu']}; {text}"
+    return f"{text}; device {record['device']}"
+
+
+def versions(records: list[dict[str, Any]]) -> str:
+    names = dict.fromkeys(name for r in records for name, v in r["versions"].items() if v)
+    return ", ".join(
+        f"{name} {tally([r['versions'].get(name) or '?' for r in records])}" for name in names
+    )
+
+
 def header(records: list[dict[str, Any]], folder: Path) -> list[str]:
     first = records[0]
-    protocol, hardware, versions = first["protocol"], first["hardware"], first["versions"]
+    protocol = first["protocol"]
     length = (
         f"{protocol['max_steps']} steps"
         if protocol["max_steps"] is not None
         else f"{protocol['epochs']} epochs"
     )
     hashes = sorted({r["config_hash"] for r in records})
-    machine = f"{hardware['cpu']} ({hardware['usable_cores']} usable cores"
-    machine += f", {hardware['torch_threads']} threads per cell"
-    machine += f", {hardware['kernels']} kernels)" if hardware.get("kernels") else ")"
-    if hardware.get("gpu"):
-        machine = f"{hardware['gpu']}; {machine}"
     return [
         f"# Bench: {first['bench']}",
         "",
@@ -283,8 +304,8 @@ def header(records: list[dict[str, Any]], folder: Path) -> list[str]:
             if protocol["max_train_examples"]
             else ""
         ),
-        f"- machine: {machine}; device {first['device']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+        f"- machine: {tally([machine(r) for r in records])}",
+        f"- versions: {versions(records)}",
         f"- config hash: {', '.join(hashes)}",
         *shared_cores_warning(records),
         "",

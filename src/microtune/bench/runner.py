@@ -131,6 +131,17 @@ def progress_line(index: int, total: int, result: dict[str, Any], eta: float) ->
     )
 
 
+def time_left(pending: list[Cell], seconds: dict[str, list[float]], jobs: int) -> float:
+    """Seconds until the cells still to run are done: each at the mean time of its task's
+    finished cells (their costs differ several-fold with the tasks' lengths; a resumed grid
+    knows them from its records), a task none has finished at the mean over all tasks."""
+    known = [s for times in seconds.values() for s in times]
+    if not known:
+        return 0.0
+    per_task = {task: statistics.mean(times) for task, times in seconds.items() if times}
+    return sum(per_task.get(c.task, statistics.mean(known)) for c in pending) / jobs
+
+
 def plan(config: BenchConfig, output: Path) -> tuple[list[Cell], list[Cell], list[Cell]]:
     """(all cells, finished cells, stale cells) of the grid in this folder."""
     grid = cells(config)
@@ -172,6 +183,16 @@ def _unfinished(config: BenchConfig, output: Path, echo: Callable[[str], None]) 
     return grid, [c for c in grid if c.key not in done]
 
 
+def finished_seconds(grid: list[Cell], output: Path) -> dict[str, list[float]]:
+    """What the grid's finished cells took, by task, from their records."""
+    seconds: dict[str, list[float]] = {}
+    for cell in grid:
+        record = read_record(output / CELLS / f"{cell.key}.json")
+        if record is not None and record.get("cell_time_s"):
+            seconds.setdefault(cell.task, []).append(record["cell_time_s"])
+    return seconds
+
+
 def _checked_run(config: BenchConfig, output: Path, jobs: int) -> Path:
     """Refusals before any cell runs: the job count, the config, the output folder."""
     if jobs < 1:
@@ -208,16 +229,16 @@ def run_bench(
         f"{config.name}: {len(grid)} cells, {len(grid) - len(todo)} finished, {len(todo)} to "
         f"run ({jobs} at once, {threads} threads each) in {output}"
     )
-    started, durations, failed = time.time(), [], []
+    started, failed, seconds = time.time(), [], finished_seconds(grid, output)
     with ThreadPoolExecutor(jobs) as pool:
         at_once = min(jobs, len(todo))  # what the cells' timings shared the cores with
-        futures = [pool.submit(run_cell, cell, output, device, threads, at_once) for cell in todo]
-        for index, future in enumerate(as_completed(futures), 1):
-            result = future.result()
-            durations.append(result["_seconds"])
+        pending = {pool.submit(run_cell, c, output, device, threads, at_once): c for c in todo}
+        for index, future in enumerate(as_completed(list(pending)), 1):
+            result, cell = future.result(), pending.pop(future)
+            seconds.setdefault(cell.task, []).append(result["_seconds"])
             if result.get("failed"):
                 failed.append(result["cell"])
-            eta = statistics.mean(durations) * (len(todo) - index) / jobs
+            eta = time_left(list(pending.values()), seconds, jobs)
             echo(progress_line(index, len(todo), result, eta))
             if on_result is not None:
                 on_result(result)

@@ -34,7 +34,7 @@ from microtune.tasks.inference import predict
 from microtune.tasks.spec import get_task
 from microtune.tasks.types import loss_fn
 from microtune.training.loop import evaluate
-from microtune.training.steps import linear_schedule
+from microtune.training.steps import lr_schedule
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -73,7 +73,7 @@ class Run:
         self.optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
         warmup = int(args.warmup_ratio * args.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_schedule(warmup, args.max_steps)
+            self.optimizer, lr_schedule(warmup, args.max_steps)
         )
         self.cuda = device.startswith("cuda")
         with torch.random.fork_rng(devices=[device] if self.cuda else []):

@@ -83,7 +83,7 @@ from microtune.peft import SlashConfig
 from microtune.tasks.spec import DataSource, get_task
 from microtune.training.callbacks import TrainerCallback
 from microtune.training.config import TrainConfig
-from microtune.training.steps import linear_schedule
+from microtune.training.steps import lr_schedule
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 WARMUP = TrainConfig.warmup_ratio  # microtune's default schedule, given to the Trainer too
@@ -175,7 +175,7 @@ def trainer_for(model, tokenizer, rows, output: Path, args) -> tuple[Trainer, St
     if "schedule" not in open_:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-        factor = linear_schedule(int(WARMUP * args.steps), args.steps)
+        factor = lr_schedule(int(WARMUP * args.steps), args.steps)
         optimizers = (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
     losses = StepLosses()
     collator = DataCollatorWithPadding(tokenizer)

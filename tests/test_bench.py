@@ -28,6 +28,7 @@ from microtune.bench.tune import (
     tuning_config,
     write_lrs,
 )
+from microtune.bench.worker import train_command, train_config
 from microtune.cli import run as cli_run
 from microtune.errors import MicrotuneError
 from microtune.methods import METHODS
@@ -219,9 +220,28 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(MicrotuneError, match="causal-lm tasks are not supported") as error:
         check_config(causal)
     assert "\n" not in str(error.value)
+    wrong = load_config(path, {"methods": [{"label": "slash", "lr_schedule": "step"}]})
+    with pytest.raises(MicrotuneError, match="slash: lr_schedule must be one of linear, cosine"):
+        check_config(wrong)
     path.write_text('colour = "red"\n' + path.read_text())
     with pytest.raises(MicrotuneError, match=r"unknown key\(s\) \['colour'\]"):
         load_config(path)
+
+
+def test_a_schedule_set_on_a_method_reaches_its_cells_and_their_command():
+    plain = {"label": "slash", "lr": 0.02}
+    cosine = {**plain, "label": "slash-cosine", "method": "slash", "lr_schedule": "cosine"}
+    config = load_config(CONFIG_FOLDER / "quick.toml", {"methods": [plain, cosine], "only": None})
+    first, second = (c for c in cells(config) if c.task == config.tasks[0])
+    assert first.spec()["lr_schedule"] is None and second.spec()["lr_schedule"] == "cosine"
+    # Unset, it leaves the cell's hash as it was before the option (committed records hold).
+    unset = dataclasses.replace(second, entry=dataclasses.replace(second.entry, lr_schedule=None))
+    assert unset.cell_hash() != second.cell_hash()
+    assert unset.cell_hash() == dataclasses.replace(unset, entry=first.entry).cell_hash()
+    spec = {**second.spec(), "output": "runs/x", "device": "cpu"}
+    assert "--lr-schedule cosine" in train_command(spec)
+    assert train_config(spec).lr_schedule == "cosine"
+    assert "--lr-schedule" not in train_command({**first.spec(), "output": "x", "device": "cpu"})
 
 
 def test_padded_fraction_counts_each_micro_batch_to_its_longest_row():

@@ -1,6 +1,7 @@
 """The trainer: determinism, crash and resume, atomic checkpoints, accumulation, schedule."""
 
 import json
+import math
 import random
 
 import datasets
@@ -16,7 +17,7 @@ from microtune.errors import MicrotuneError
 from microtune.tasks.spec import DataSource
 from microtune.training.config import TrainConfig
 from microtune.training.loop import Trainer
-from microtune.training.steps import linear_schedule
+from microtune.training.steps import lr_schedule
 
 from .conftest import WORDS
 
@@ -226,11 +227,21 @@ def test_length_grouped_sampler_pads_less_and_still_sees_every_example_once():
     assert longest != sorted(longest, reverse=True)
 
 
-def test_warmup_then_linear_decay():
-    factor = linear_schedule(warmup_steps=4, total_steps=20)
+def test_warmup_then_linear_cosine_or_no_decay():
+    factor = lr_schedule(warmup_steps=4, total_steps=20)
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(12) == pytest.approx(0.5)
     assert factor(20) == 0.0
+    # The linear decay stays the formula runs recorded before it had siblings: bit for bit.
+    assert all(factor(s) == max(0.0, (20 - s) / 16) for s in range(4, 25))
+    cosine = lr_schedule(warmup_steps=4, total_steps=20, name="cosine")
+    assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cosine(4) == 1.0 and cosine(12) == pytest.approx(0.5) and cosine(20) == 0.0
+    assert cosine(8) == pytest.approx((1 + math.cos(math.pi / 4)) / 2) and cosine(30) == 0.0
+    constant = lr_schedule(warmup_steps=4, total_steps=20, name="constant")
+    assert [constant(s) for s in (0, 3, 4, 19, 20)] == [0.25, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(MicrotuneError, match="--lr-schedule must be one of linear, cosine"):
+        TrainConfig(max_steps=1, lr_schedule="step")
 
 
 def test_training_length_is_required_and_validated():
@@ -252,10 +263,25 @@ def test_resume_refuses_changed_settings_and_survives_a_torn_log_line(
     run_until_crash(tmp_path, toy_files, bert, "run", 6)
     with pytest.raises(MicrotuneError, match=r"other settings \(train_config.seed\)"):
         run(tmp_path, toy_files, bert, "run", resume=True, seed=5)
+    with pytest.raises(MicrotuneError, match=r"other settings \(train_config.lr_schedule\)"):
+        run(tmp_path, toy_files, bert, "run", resume=True, lr_schedule="cosine")
     with (tmp_path / "run" / LOG_FILE).open("a") as log:
         log.write('{"step": 7, "lo')  # what a kill in the middle of a write leaves
     resumed = run(tmp_path, toy_files, bert, "run", resume=True)
     assert resumed["steps"] == 12
+
+
+def test_the_chosen_schedule_sets_the_rate_each_step(tmp_path, toy_files, tiny_model_dirs):
+    # 12 steps, no warmup, logged every step with the rate the schedule has moved to.
+    settings = dict(max_steps=12, warmup_ratio=0.0, log_every=1, checkpoint_every=0)
+    peak, expected = 0.05, {}
+    for name in ("linear", "cosine", "constant"):
+        run(tmp_path, toy_files, tiny_model_dirs["bert"], name, lr_schedule=name, **settings)
+        lines = (tmp_path / name / LOG_FILE).read_text().splitlines()
+        expected[name] = [peak * lr_schedule(0, 12, name)(step) for step in range(1, 13)]
+        logged = [json.loads(line)["lr"] for line in lines if '"loss"' in line]
+        assert logged == pytest.approx(expected[name]), name
+    assert expected["constant"][2] == peak > expected["cosine"][2] > expected["linear"][2]
 
 
 def test_counters_must_not_be_negative():

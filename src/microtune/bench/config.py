@@ -44,7 +44,7 @@ from typing import Any
 from microtune.errors import MicrotuneError
 from microtune.methods import method_class
 from microtune.tasks.spec import check_path_name, get_task
-from microtune.training.config import TrainConfig
+from microtune.training.config import LR_SCHEDULES, TrainConfig
 
 CONFIG_FOLDER = Path(__file__).resolve().parents[3] / "bench" / "configs"  # in a checkout
 QUICK_CONFIG = "quick.toml"
@@ -171,6 +171,7 @@ class MethodEntry:
             keeps its parent's rate, so that only the ablated setting differs).
         seeds: this method's seeds (empty: the bench's), e.g. one seed for an ablation.
         head_lr: the task head's own learning rate (None: the method's `lr`).
+        lr_schedule: the rate's decay after the warmup (None: linear; `--lr-schedule`).
     """
 
     label: str
@@ -181,6 +182,7 @@ class MethodEntry:
     lr_from: str = ""
     seeds: tuple[int, ...] = ()
     head_lr: float | None = None
+    lr_schedule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,7 @@ class Cell:
             "options": self.entry.options,
             "lr": self.entry.lr,
             "head_lr": self.entry.head_lr,
+            "lr_schedule": self.entry.lr_schedule,
             "task": self.task,
             "seed": self.seed,
             "model": config.model,
@@ -295,9 +298,10 @@ class Cell:
     def cell_hash(self) -> str:
         """Hash of what decides this cell's training: a record with another is stale."""
         spec = self.spec()
-        # head_lr and held_out join the hash only when set, so older records stay current.
+        # head_lr, lr_schedule and held_out join the hash only when set, so older records
+        # stay current.
         keys = ("method", "options", "lr", "task", "seed", "model")
-        keys += ("head_lr",) if spec["head_lr"] is not None else ()
+        keys += tuple(k for k in ("head_lr", "lr_schedule") if spec[k] is not None)
         identity = {k: spec[k] for k in keys} | {"protocol": spec["protocol"]}
         if self.config.held_out:
             identity["held_out"] = self.config.held_out
@@ -524,6 +528,11 @@ def check_config(config: BenchConfig) -> None:
         for name, lr in (("lr", entry.lr), ("head_lr", entry.head_lr)):
             if lr is not None and not lr > 0:
                 raise MicrotuneError(f"method {entry.label}: {name} must be positive, got {lr}")
+        if entry.lr_schedule not in (None, *LR_SCHEDULES):
+            raise MicrotuneError(
+                f"method {entry.label}: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                f"got {entry.lr_schedule!r}"
+            )
 
 
 def quick_config_path() -> Path:

@@ -101,6 +101,7 @@ def train_config(spec: dict[str, Any]) -> TrainConfig:
         max_steps=protocol["max_steps"],
         epochs=protocol["epochs"],
         warmup_ratio=protocol["warmup_ratio"],
+        lr_schedule=spec.get("lr_schedule") or "linear",
         weight_decay=protocol["weight_decay"],
         eval_every=0,
         checkpoint_every=0,
@@ -125,6 +126,8 @@ def train_command(spec: dict[str, Any]) -> str:
         words += ["--lr", repr(spec["lr"])]
     if spec.get("head_lr") is not None:
         words += ["--head-lr", repr(spec["head_lr"])]
+    if spec.get("lr_schedule") is not None:
+        words += ["--lr-schedule", spec["lr_schedule"]]
     for key in ("batch_size", "grad_accum", "max_length", "warmup_ratio", "weight_decay"):
         words += ["--" + key.replace("_", "-"), str(protocol[key])]
     if protocol["max_train_examples"]:
@@ -206,6 +209,7 @@ def cell_record(spec: dict[str, Any], report: dict[str, Any], watch: BenchCallba
         "method_config": artifact["method_config"],
         "lr": watch.learning_rate,  # the method's default where the spec gives none
         "head_lr": spec.get("head_lr"),
+        "lr_schedule": spec.get("lr_schedule"),
         "task": spec["task"],
         "seed": spec["seed"],
         "model": spec["model"],

@@ -159,7 +159,14 @@ def spec_from_run_config(config: dict[str, Any]) -> FederationSpec:
         "max_steps": int(values.pop("local_steps", 50)),
         "progress": bool(values.pop("progress", True)),
     }
-    for key in ("learning_rate", "batch_size", "seed", "weight_decay", "warmup_ratio"):
+    for key in (
+        "learning_rate",
+        "batch_size",
+        "seed",
+        "weight_decay",
+        "warmup_ratio",
+        "lr_schedule",
+    ):
         if key in values:
             train[key] = values.pop(key)
     options = json.loads(values.pop("method_options", "{}") or "{}")

@@ -40,9 +40,12 @@ _RESUMABLE = (
 
 def resume_signature(run_signature: dict | None, config: TrainConfig, world: World) -> dict:
     """What must not change between a run and its resumption (method, head, base model...)."""
+    train = {k: v for k, v in asdict(config).items() if k not in _RESUMABLE}
+    if train["lr_schedule"] == "linear":
+        del train["lr_schedule"]  # the default, as checkpoints written before the option say
     return {
         **(run_signature or {}),
-        "train_config": {k: v for k, v in asdict(config).items() if k not in _RESUMABLE},
+        "train_config": train,
         # Each process's RNG state and data share depend on how many there are.
         **({"processes": world.size} if world.size > 1 else {}),
     }

@@ -14,6 +14,7 @@ DEFAULT_MAX_STEPS = 1000  # when neither max_steps nor epochs is given (CLI and 
 # arithmetic (lr / (1 - beta1^t), 1 - lr * wd) inside float32, so a huge value reaches the
 # numerics guard as a diverged step instead of overflowing inside torch.
 MAX_RATE = 1e6
+LR_SCHEDULES = ("linear", "cosine", "constant")  # training.steps.DECAYS computes each
 
 
 @dataclass
@@ -60,7 +61,17 @@ class TrainConfig:
     )
     warmup_ratio: float = field(
         default=0.06,
-        metadata={"help": "fraction of the steps with linear warmup; then linear decay to zero."},
+        metadata={
+            "help": "fraction of the steps with linear warmup, before --lr-schedule's decay."
+        },
+    )
+    lr_schedule: str = field(
+        default="linear",
+        metadata={
+            "help": "how the learning rate moves after the warmup: linear or cosine decay to "
+            "zero at the last step, or constant.",
+            "choices": LR_SCHEDULES,
+        },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
     eval_every: int = field(
@@ -136,6 +147,10 @@ class TrainConfig:
             )
         if not 0 <= self.warmup_ratio < 1:
             raise MicrotuneError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise MicrotuneError(
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
 
     def check_logical_batch(self, num_examples: int) -> None:
         """Refuse accumulation past the training set: the extra micro-batches would be empty,

@@ -1,7 +1,7 @@
 """Steps: how a logical batch, cut into micro-batches, becomes an update. `AdamWStep` is the
 plain one (`privacy.DPStep` the DP-SGD one): the mean loss (`AdamWStep.loss`, the task type's
-by default), backward, AdamW on a warmup/linear-decay schedule (`linear_schedule`; `slice_of`
-makes a run one slice of a longer one).
+by default), backward, AdamW on a warmup-then-decay schedule (`lr_schedule`; `slice_of` makes
+a run one slice of a longer one).
 
 The step also guards the numerics: a non-finite loss, gradient or parameter raises `Diverged`,
 which the trainer turns into a `MicrotuneError` naming the step, so nothing diverged is ever
@@ -25,11 +25,26 @@ from microtune.training.distributed import SINGLE, World
 HEAD_PREFIX = "head."  # `TaskModel.head`'s parameters in `named_parameters()`
 
 
-def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+# The rate's factor after the warmup, `done` of the `span` decay steps gone: the linear one
+# is written (span - done) / span so that it stays bit for bit what runs recorded before.
+DECAYS: dict[str, Callable[[int, int], float]] = {
+    "linear": lambda done, span: max(0.0, (span - done) / span),
+    "cosine": lambda done, span: 0.5 * (1.0 + math.cos(math.pi * min(1.0, done / span))),
+    "constant": lambda done, span: 1.0,
+}
+
+
+def lr_schedule(
+    warmup_steps: int, total_steps: int, name: str = "linear"
+) -> Callable[[int], float]:
+    """The learning rate's factor at each step: a linear warmup to 1, then `name`'s decay
+    (`DECAYS`: linear or cosine to zero at `total_steps`, or constant)."""
+    decay = DECAYS[name]
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return decay(step - warmup_steps, max(1, total_steps - warmup_steps))
 
     return factor
 
@@ -102,7 +117,7 @@ class AdamWStep:
             weight_decay=config.weight_decay,
         )
         start, span = self.schedule_slice or (0, total_steps)
-        factor = linear_schedule(int(config.warmup_ratio * span), span)
+        factor = lr_schedule(int(config.warmup_ratio * span), span, config.lr_schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: factor(start + step)
         )

@@ -496,7 +496,7 @@ def test_claims_are_settled_seed_by_seed_on_the_mean_over_tasks():
     mean = sum(ratios) / 2
     assert table[0] == f"| a ÷ b | {mean:.4f} ({min(ratios):.4f}–1.0000) | 0, 1 | ≥ 0.95 | no |"
     assert table[1].startswith("| a − b | -0.0500 (-0.1000–0.0000) | 0, 1 | ≥ -0.1 | yes |")
-    assert "stored bytes ÷ 0.250 (goal ≤ 0.2) | no |" in table[2]  # the score is met, not bytes
+    assert "stored bytes 0.250 × b's (goal ≤ 0.2) | no |" in table[2]  # the score is met, not bytes
     assert table[3] == "| later | not run yet | – | ≥ 1 | – |"
 
 
@@ -536,10 +536,18 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
         },
         "test",
     )
+    readme = tmp_path / "README.md"
+    block = "<!-- evidence-claims:start -->\nstale\n<!-- evidence-claims:end -->"
+    readme.write_text(f"# intro\n\n{block}\n\noutro\n")
     script = CONFIG_FOLDER.parent / "evidence.py"
     command = [sys.executable, str(script), "--publish", "--results", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True)
     page = (tmp_path / "docs" / "evidence.md").read_text()
+    # The README's claims block is the page's claims table now; the rest of it is untouched.
+    written = readme.read_text()
+    assert written.startswith("# intro\n\n<!-- evidence-claims:start -->\n| claim |")
+    assert "| SLaSh ÷ full | not run yet |" in written and "stale" not in written
+    assert written.endswith("cells so far.)\n<!-- evidence-claims:end -->\n\noutro\n")
     assert page.startswith("# The evidence: five GLUE tasks")
     # The task mean waits for the planned cola: none yet, and no claim settled on two tasks.
     slash = next(line for line in page.splitlines() if line.startswith("| slash | 1,024 |"))

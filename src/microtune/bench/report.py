@@ -191,7 +191,9 @@ def claim_table(claims: list[dict], means: dict[str, dict[int, float]], rows: li
         if claim.get("max_bytes_ratio"):
             size = _median_bytes(rows, claim["a"]) / _median_bytes(rows, claim["b"])
             met = met and size <= claim["max_bytes_ratio"]
-            goal += f"; stored bytes ÷ {size:.3f} (goal ≤ {claim['max_bytes_ratio']:g})"
+            goal += (
+                f"; stored bytes {size:.3f} × {claim['b']}'s (goal ≤ {claim['max_bytes_ratio']:g})"
+            )
         value = f"{statistics.mean(values):.4f} ({min(values):.4f}–{max(values):.4f})"
         seen = ", ".join(map(str, seeds))
         lines.append(f"| {claim['name']} | {value} | {seen} | {goal} | {'yes' if met else 'no'} |")

@@ -31,7 +31,15 @@ from pathlib import Path
 
 from microtune.bench.config import BenchConfig, Cell, cells, load_config, read_lrs
 from microtune.bench.report import cpu_hours, report
-from microtune.bench.runner import CARVED, CELLS, RUNS, plan, read_record, run_bench
+from microtune.bench.runner import (
+    CARVED,
+    CELLS,
+    RUNS,
+    plan,
+    read_record,
+    read_records,
+    run_bench,
+)
 from microtune.bench.tune import (
     carve,
     rate_means,
@@ -221,12 +229,17 @@ def rates_section(repo: Path) -> str:
 
 
 def tuning_cost(repo: Path, records: list[dict]) -> str:
-    """The tuning's share of the grid's CPU hours, the first (200-step) tuning's included."""
+    """The tuning's CPU hours, the first (200-step) tuning's included, and the evidence's
+    total: the grid's cells and both tunings."""
     first = repo / FIRST_TUNED.relative_to(HERE)
     earlier = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(first.glob("*.json"))]
+    grid = read_records(repo / RESULTS.relative_to(HERE))
+    hours = [cpu_hours(grid), cpu_hours(records), cpu_hours(earlier)]
     return (
-        f"CPU hours of the tuning: {cpu_hours(records):.1f} over {len(records)} runs, and "
-        f"{cpu_hours(earlier):.1f} over the first tuning's {len(earlier)} runs."
+        f"CPU hours of the tuning: {hours[1]:.1f} over {len(records)} runs, and "
+        f"{hours[2]:.1f} over the first tuning's {len(earlier)} runs. All told so far: "
+        f"{sum(hours):.1f} CPU hours ({hours[0]:.1f} for the grid's {len(grid)} cells, "
+        f"{hours[1] + hours[2]:.1f} for the tunings)."
     )
 
 

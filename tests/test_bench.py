@@ -559,5 +559,9 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
     assert "1,000 steps of each method at each rate on sst2, cola, stsb" in page
     assert "| lora | 0.0005: 0.6000 · 0.001: 0.7000 · 0.002: 0.5000 | tuning |" in page
     assert "tuning: 2.3 over 21 runs, and 2.0 over the first tuning's 1 runs." in page
+    quick = read_records(target)
+    cells_hours = sum(r["cell_time_s"] * r["threads"] for r in quick) / 3600
+    total = f"{cells_hours + 7 / 3 + 2:.1f} CPU hours ({cells_hours:.1f} for the grid's"
+    assert f"All told so far: {total} {len(quick)} cells, 4.3 for the tunings)." in page
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", page)
     assert images and all((tmp_path / "docs" / image).is_file() for image in images)

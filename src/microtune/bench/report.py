@@ -10,6 +10,7 @@ score against stored bytes, step time, and inference time ÷ base.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -28,6 +29,7 @@ PLOTS = {
     "step": "step_time.png",
     "inference": "inference_over_base.png",
 }
+PANEL_COLUMNS = 3
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -395,13 +397,18 @@ def plot(
         ("frontier", "trained", "numbers trained besides the head (symlog)"),
         ("stored", "stored_bytes", "stored bytes (log)"),
     ):
-        figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-        for axis, task in zip(axes[0], panels, strict=True):
+        figure, axes = _panels(plt, len(panels))
+        for axis, task in zip(axes.flat, panels, strict=False):
             for r in (r for r in points if r["task"] == task and r["mean"] is not None):
                 axis.errorbar(
                     r[x_key], r["mean"], yerr=r["std"], fmt="o", capsize=3,
                     color=colours[r["label"]], label=r["label"],
                 )  # fmt: skip
+                if task == "mean":  # the panel people read first: each point named
+                    axis.annotate(
+                        r["label"], (r[x_key], r["mean"]), xytext=(4, 3),
+                        textcoords="offset points", fontsize=7,
+                    )  # fmt: skip
             if x_key == "trained":
                 axis.set_xscale("symlog", linthresh=100)
             else:
@@ -416,6 +423,17 @@ def plot(
     written.append(_plot_steps(plt, rows, tasks, labels, colours, folder))
     inference = _plot_inference(plt, rows, folder)
     return written + ([inference] if inference else [])
+
+
+def _panels(plt, count: int) -> tuple[Any, Any]:
+    """A figure of `count` panels, PANEL_COLUMNS to a row (five tasks and the mean read as two
+    rows rather than one strip too wide for a page); the unused places are hidden."""
+    columns = min(PANEL_COLUMNS, count)
+    lines = math.ceil(count / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.5 * columns, 4 * lines), squeeze=False)
+    for axis in list(axes.flat)[count:]:
+        axis.set_visible(False)
+    return figure, axes
 
 
 def _plot_steps(plt, rows, tasks, labels, colours, folder: Path) -> str:
@@ -481,7 +499,7 @@ def task_means(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, A
 
 def _legend(figure, axes) -> None:
     found: dict[str, Any] = {}
-    for axis in axes[0]:
+    for axis in axes.flat:
         for handle, name in zip(*axis.get_legend_handles_labels(), strict=True):
             found.setdefault(name, handle)
     handles, names = list(found.values()), list(found)

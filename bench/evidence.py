@@ -169,10 +169,11 @@ def publish(repo: Path, plots: bool = True) -> list[Path]:
         text = text.replace(f"]({plot.name})", f"]({IMAGES.relative_to('docs') / plot.name})")
     text = text.replace("\n## Plots", rates_section(repo) + "\n## Plots")
     write_page(page, text)
-    return [page, *copies, *readme_claims(repo, text)]
+    cells_so_far = len(list((results / CELLS).glob("*.json")))
+    return [page, *copies, *readme_claims(repo, text, cells_so_far)]
 
 
-def readme_claims(repo: Path, page: str) -> list[Path]:
+def readme_claims(repo: Path, page: str, cells_so_far: int) -> list[Path]:
     """Rewrite the README's claims block from the page's "## Claims" table; returns the
     README when it changed."""
     readme = repo / README
@@ -181,8 +182,7 @@ def readme_claims(repo: Path, page: str) -> list[Path]:
     if block is None or "\n## Claims\n" not in page:
         return []
     claims = page.split("\n## Claims\n", 1)[1].split("\n## ", 1)[0].strip("\n")
-    count = re.search(r"from (\d+) cell records", page)
-    source = f"\n\n(From the [evidence page](docs/evidence.md)'s {count.group(1)} cells so far.)\n"
+    source = f"\n\n(From the [evidence page](docs/evidence.md)'s {cells_so_far} cells so far.)\n"
     new = text[: block.start()] + block.group(1) + claims + source + block.group(2)
     new += text[block.end() :]
     if new == text:

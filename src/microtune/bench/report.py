@@ -269,6 +269,7 @@ def tally(values: list[str]) -> str:
 
 
 def machine(record: dict[str, Any]) -> str:
+    """Where a cell ran: CPU, cores, threads, kernels, GPU and device."""
     hardware = record["hardware"]
     text = f"{hardware['cpu']} ({hardware['usable_cores']} usable cores"
     text += f", {hardware['torch_threads']} threads per cell"
@@ -279,6 +280,7 @@ def machine(record: dict[str, Any]) -> str:
 
 
 def versions(records: list[dict[str, Any]]) -> str:
+    """Each package's version over the records, every version named where they differ."""
     names = dict.fromkeys(name for r in records for name, v in r["versions"].items() if v)
     return ", ".join(
         f"{name} {tally([r['versions'].get(name) or '?' for r in records])}" for name in names

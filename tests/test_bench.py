@@ -141,6 +141,13 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
     assert "cells at once" not in head
     assert f"torch 9.9 (2 cells); {torch.__version__} (2 cells)" in head  # lora-rte first
     summary_rows = (out / "report.md").read_text().split("## Summary")[1].splitlines()
+    # Cost: a method's minutes per task, and one seed of every task (the sum of its medians).
+    cost = (out / "report.md").read_text().split("## Cost")[1].split("\n## ")[0].splitlines()
+    cost = [line for line in cost if line.startswith("|")]
+    assert cost[0] == "| minutes per cell | sst2 | rte | one seed of every task |"
+    minutes = records["slash"]["cell_time_s"] / 60  # the rte record is a copy of it
+    assert cost[2] == f"| slash | {minutes:.1f} | {minutes:.1f} | {2 * minutes:.0f} |"
+    assert cost[4].startswith("| every cell: median (min–max) | ")
     slash_row = next(line for line in summary_rows if line.startswith("| slash |"))
     lora_row = next(line for line in summary_rows if line.startswith("| lora |"))
     sst2, mean = records["slash"]["score"], (records["slash"]["score"] + 0.25) / 2

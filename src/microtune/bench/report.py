@@ -207,16 +207,31 @@ def _median_bytes(rows: list[dict[str, Any]], label: str) -> float:
 
 
 def cost_table(records: list[dict[str, Any]], tasks: list[str]) -> list[str]:
-    """What a cell cost per task on this machine (process wall time: training, the dev
-    evaluation and any timing), and the CPU hours of every cell (wall × its threads)."""
-    lines = ["| task | cells | minutes per cell, median (min–max) |", "|---|---|---|"]
-    for task in tasks:
-        minutes = [
-            r["cell_time_s"] / 60 for r in records if r["task"] == task and "cell_time_s" in r
+    """What a cell cost on this machine (process wall time: training, the dev evaluation and
+    any timing), in minutes: each method's median over seeds per task and one seed of all the
+    tasks, each task's median over every cell, and the CPU hours of all (wall × threads)."""
+    timed = [r for r in records if "cell_time_s" in r]
+    minutes = defaultdict(list)
+    for r in timed:
+        minutes[r["label"], r["task"]].append(r["cell_time_s"] / 60)
+    lines = [f"| minutes per cell | {' | '.join(tasks)} | one seed of every task |"]
+    lines.append("|---" * (len(tasks) + 2) + "|")
+    for label in dict.fromkeys(r["label"] for r in timed):
+        medians = [
+            statistics.median(minutes[label, t]) if minutes[label, t] else None for t in tasks
         ]
-        if minutes:
-            spread = f"{statistics.median(minutes):.1f} ({min(minutes):.1f}–{max(minutes):.1f})"
-            lines.append(f"| {task} | {len(minutes)} | {spread} |")
+        whole = f"{sum(medians):.0f}" if None not in medians else "–"
+        shown = [f"{m:.1f}" if m is not None else "–" for m in medians]
+        lines.append(f"| {label} | {' | '.join(shown)} | {whole} |")
+    spreads = []
+    for task in tasks:
+        all_cells = [m for (_, t), times in minutes.items() if t == task for m in times]
+        spreads.append(
+            f"{statistics.median(all_cells):.1f} ({min(all_cells):.1f}–{max(all_cells):.1f})"
+            if all_cells
+            else "–"
+        )
+    lines.append(f"| every cell: median (min–max) | {' | '.join(spreads)} | |")
     return [*lines, "", f"CPU hours over {len(records)} cells: {cpu_hours(records):.1f}"]
 
 

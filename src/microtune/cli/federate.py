@@ -68,8 +68,8 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         choices=SCHEDULES,
         default="federation",
-        help="learning rate: federation = one warmup/linear decay over rounds x local steps, "
-        "as centralised training of that many steps; round = restarted every round",
+        help="learning rate: federation = one warmup and --lr-schedule decay over rounds x "
+        "local steps, as centralised training of that many steps; round = restarted every round",
     )
     group.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
     group.add_argument(

@@ -11,8 +11,8 @@ rates file has them all), then runs every unfinished cell of the groups so far w
 ordinary bench runner, seed by seed. Each finished cell's record, and its artifact when that is
 under 1 MB, is committed to REPO (default: this checkout) at once, with the report rebuilt
 on every record so far (`microtune bench report`, published as docs/evidence.md and its
-plots, and as the README's claims block), so an interruption loses only the cells that were
-running; the same command resumes.
+plots, and as the claims blocks of the README and the site's home page), so an interruption
+loses only the cells that were running; the same command resumes.
 Run it from a separate checkout of the code (a `git worktree`) to keep editing this one while
 it runs: REPO then names this one.
 """
@@ -65,10 +65,11 @@ ARTIFACT_LIMIT = 1 << 20  # bytes: `full` (90 MB) stays out of git
 ARTIFACT_FILES = ("microtune.json", "adapter.safetensors", "metrics.json")
 PAGE = Path("docs") / "evidence.md"
 IMAGES = Path("docs") / "img" / "evidence"
-README = Path("README.md")
-# The README's block that states the claims: the report's table, rewritten on each publish, so
-# the README says what the grid has settled so far and never more.
-README_BLOCK = re.compile(
+# The pages whose block states the claims, with the evidence page's address from each: the
+# report's table, rewritten on each publish, so they say what the grid has settled so far and
+# never more.
+CLAIM_PAGES = {Path("README.md"): "docs/evidence.md", Path("docs") / "index.md": "evidence.md"}
+CLAIMS_BLOCK = re.compile(
     r"(<!-- evidence-claims:start[^>]*-->\n).*?(<!-- evidence-claims:end -->)", re.S
 )
 PLOT_EVERY = 10  # cells between two refreshes of the page's plots
@@ -170,25 +171,29 @@ def publish(repo: Path, plots: bool = True) -> list[Path]:
     text = text.replace("\n## Plots", rates_section(repo) + "\n## Plots")
     write_page(page, text)
     cells_so_far = len(list((results / CELLS).glob("*.json")))
-    return [page, *copies, *readme_claims(repo, text, cells_so_far)]
+    return [page, *copies, *state_claims(repo, text, cells_so_far)]
 
 
-def readme_claims(repo: Path, page: str, cells_so_far: int) -> list[Path]:
-    """Rewrite the README's claims block from the page's "## Claims" table; returns the
-    README when it changed."""
-    readme = repo / README
-    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    block = README_BLOCK.search(text)
-    if block is None or "\n## Claims\n" not in page:
+def state_claims(repo: Path, page: str, cells_so_far: int) -> list[Path]:
+    """Rewrite each of CLAIM_PAGES' claims block from the page's "## Claims" table; returns
+    the pages that changed."""
+    if "\n## Claims\n" not in page:
         return []
     claims = page.split("\n## Claims\n", 1)[1].split("\n## ", 1)[0].strip("\n")
-    source = f"\n\n(From the [evidence page](docs/evidence.md)'s {cells_so_far} cells so far.)\n"
-    new = text[: block.start()] + block.group(1) + claims + source + block.group(2)
-    new += text[block.end() :]
-    if new == text:
-        return []
-    write_page(readme, new)
-    return [readme]
+    changed = []
+    for name, address in CLAIM_PAGES.items():
+        path = repo / name
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        block = CLAIMS_BLOCK.search(text)
+        if block is None:
+            continue
+        source = f"\n\n(From the [evidence page]({address})'s {cells_so_far} cells so far.)\n"
+        new = text[: block.start()] + block.group(1) + claims + source + block.group(2)
+        new += text[block.end() :]
+        if new != text:
+            write_page(path, new)
+            changed.append(path)
+    return changed
 
 
 def rates_section(repo: Path) -> str:

@@ -543,9 +543,11 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
         },
         "test",
     )
-    readme = tmp_path / "README.md"
+    readme, home = tmp_path / "README.md", tmp_path / "docs" / "index.md"
     block = "<!-- evidence-claims:start -->\nstale\n<!-- evidence-claims:end -->"
-    readme.write_text(f"# intro\n\n{block}\n\noutro\n")
+    home.parent.mkdir()
+    for path in (readme, home):
+        path.write_text(f"# intro\n\n{block}\n\noutro\n")
     script = CONFIG_FOLDER.parent / "evidence.py"
     command = [sys.executable, str(script), "--publish", "--results", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True)
@@ -555,6 +557,8 @@ def test_evidence_page_is_published_from_the_records_with_its_plots(tmp_path):
     assert written.startswith("# intro\n\n<!-- evidence-claims:start -->\n| claim |")
     assert "| SLaSh ÷ full | not run yet |" in written and "stale" not in written
     assert written.endswith("cells so far.)\n<!-- evidence-claims:end -->\n\noutro\n")
+    assert "[evidence page](docs/evidence.md)" in written  # from the repository's root
+    assert home.read_text().replace("(evidence.md)", "(docs/evidence.md)") == written
     assert page.startswith("# The evidence: five GLUE tasks")
     # The task mean waits for the planned cola: none yet, and no claim settled on two tasks.
     slash = next(line for line in page.splitlines() if line.startswith("| slash | 1,024 |"))

@@ -139,7 +139,7 @@ def test_bench_runs_every_cell_once_records_it_and_reports(tmp_path, tiny_model_
     cli_run(["bench", "report", str(out)])
     head = (out / "report.md").read_text().split("## Summary")[0]
     assert "cells at once" not in head
-    assert f"torch 9.9 (2 cells); {torch.__version__} (2 cells)" in head  # lora-rte first
+    assert f"torch 9.9 (2 cells) / {torch.__version__} (2 cells)" in head  # lora-rte first
     summary_rows = (out / "report.md").read_text().split("## Summary")[1].splitlines()
     # Cost: a method's minutes per task, and one seed of every task (the sum of its medians).
     cost = (out / "report.md").read_text().split("## Cost")[1].split("\n## ")[0].splitlines()

@@ -280,7 +280,7 @@ def tally(values: list[str]) -> str:
     counts = {value: values.count(value) for value in values}
     if len(counts) == 1:
         return values[0]
-    return "; ".join(f"{value} ({count} cells)" for value, count in counts.items())
+    return " / ".join(f"{value} ({count} cells)" for value, count in counts.items())
 
 
 def machine(record: dict[str, Any]) -> str:
@@ -291,7 +291,7 @@ def machine(record: dict[str, Any]) -> str:
     text += f", {hardware['kernels']} kernels)" if hardware.get("kernels") else ")"
     if hardware.get("gpu"):
         text = f"{hardware['gpu']}; {text}"
-    return f"{text}; device {record['device']}"
+    return f"{text}, device {record['device']}"
 
 
 def versions(records: list[dict[str, Any]]) -> str:
